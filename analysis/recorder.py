@@ -1,0 +1,293 @@
+"""Record per-layer attention statistics (and, on request, text-token states) during a forward.
+
+``record_attention(model, layout)`` is a context manager. Inside it, every forward whose
+sequence is the layout's (the prefill) is observed layer by layer; other forwards (decoding
+steps of generate()) pass through untouched. Attention is reduced to group statistics inside
+the hook: no layer's map is kept.
+
+Two ways to observe attention give the same numbers:
+- ``attention="sdpa"`` (fast, default): the decoder runs the registered attention function
+  ``OBSERVED_SDPA``, whose output is SDPA's; the statistics are recomputed on the side from
+  query and key in query chunks, so extra memory stays below one layer's head x query x key map.
+- ``attention="eager"``: the decoder runs eager attention and the weights it returns are read in
+  a forward hook on each self-attention module.
+The decoder's attention implementation is switched for the block and restored afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pyarrow as pa
+import torch
+from torch import nn
+
+from analysis.adapters import ModelAdapter, resolve_adapter
+from analysis.hooks import OBSERVED_SDPA, Hook, attached
+from analysis.layout import TokenLayout
+from analysis.stats import GroupSums, group_sums
+
+AttentionPath = Literal["sdpa", "eager"]
+ATTENTION_PATHS: tuple[str, ...] = ("sdpa", "eager")
+
+
+class RecordingError(RuntimeError):
+    """Attention could not be observed the way that was asked for."""
+
+
+@dataclass
+class LayerRecord:
+    """What was observed at one decoder layer during one prefill.
+
+    Attributes:
+        layer: index of the decoder layer.
+        mass: (batch, head, query_group, key_group) float32 mean attention mass, or None when
+            attention was not recorded. Groups follow QUERY_GROUPS and KEY_GROUPS.
+        entropy: (batch, head, query_group) float32 mean row entropy in nats, or None.
+        text_mean: (batch, hidden) float32 mean of the layer's output states over the text tokens
+            after the image excluding the last token, or None when states were not asked for.
+        last: (batch, hidden) float32 output state of the last prompt token, or None.
+    """
+
+    layer: int
+    mass: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    text_mean: torch.Tensor | None = None
+    last: torch.Tensor | None = None
+
+
+@dataclass
+class AttentionRecorder:
+    """The result of a recording block; filled while the block runs.
+
+    Attributes:
+        layout: the token groups of the batch being recorded.
+        attention: how attention was observed ("sdpa" or "eager").
+        records: one LayerRecord per decoder layer and recorded forward, in layer order
+            (empty when ``keep=False``: consumers then receive them through ``on_layer``).
+        forwards_recorded: prefills observed; forwards_skipped: other forwards (decoding steps).
+    """
+
+    layout: TokenLayout
+    attention: str
+    num_layers: int
+    records: list[LayerRecord] = field(default_factory=list)
+    forwards_recorded: int = 0
+    forwards_skipped: int = 0
+
+    def to_table(self, sample_ids: Sequence[str], heads: str = "mean") -> pa.Table:
+        """The recorded statistics as a long-format table following ``analysis.schema``."""
+        from analysis.schema import statistics_table
+
+        if not self.records or self.records[0].mass is None:
+            raise RecordingError(
+                "expected recorded attention statistics, found none: run a forward over the layout's "
+                f"{self.layout.seq_len} tokens inside the recording block"
+            )
+        if len(self.records) != self.num_layers:
+            raise RecordingError(
+                f"expected one record per decoder layer ({self.num_layers}) from a single forward, "
+                f"found {len(self.records)}; record each forward in its own block"
+            )
+        return statistics_table(self.records, self.layout, sample_ids, heads)
+
+    def to_frame(self, sample_ids: Sequence[str], heads: str = "mean") -> Any:
+        """The recorded statistics as a pandas DataFrame (see ``to_table``)."""
+        return self.to_table(sample_ids, heads).to_pandas()
+
+
+def default_query_chunk(num_queries: int) -> int:
+    """Queries per chunk of the fast path: a quarter of the map, so its three fp32 buffers
+    (scores, probabilities, entropy terms) stay below one layer's full head x query x key map."""
+    return max(1, math.ceil(num_queries / 4))
+
+
+def observed_group_sums(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    query_membership: torch.Tensor,
+    key_membership: torch.Tensor,
+    query_chunk: int,
+) -> GroupSums:
+    """Group sums of softmax(q k^T * scaling + mask) computed chunk by chunk, in fp32.
+
+    Args:
+        query: (batch, head, q, dim); key: (batch, kv_head, k, dim) with head = kv_head * groups.
+        attention_mask: bool (batch, 1, q, k) with True = attend, an additive float mask, or None
+            for a plain causal mask (what SDPA's mask function returns for unpadded prefill).
+        query_membership: (batch, q, query_group); key_membership: (batch, k, key_group).
+    """
+    batch, heads, num_queries, dim = query.shape
+    kv_heads, num_keys = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    key = key.float()
+    lowest = torch.finfo(torch.float32).min
+    total: GroupSums | None = None
+    for start in range(0, num_queries, query_chunk):
+        stop = min(num_queries, start + query_chunk)
+        size = stop - start
+        chunk_mask = None if attention_mask is None else attention_mask[:, :, start:stop]
+        # Keys after the chunk's last query are invisible under a causal mask: skip them.
+        visible = stop
+        if chunk_mask is not None:
+            later = chunk_mask[..., stop:]
+            if later.numel() and (bool(later.any()) if later.dtype == torch.bool else bool((later > lowest / 2).any())):
+                visible = num_keys
+        # Query heads sharing a KV head multiply against it together, so K/V are never repeated.
+        chunk_query = query[:, :, start:stop].float().reshape(batch, kv_heads, groups * size, dim)
+        scores = torch.matmul(chunk_query, key[:, :, :visible].transpose(-1, -2))
+        scores = scores.view(batch, heads, size, visible).mul_(scaling)
+        if chunk_mask is None:
+            query_positions = torch.arange(start, stop, device=query.device)[:, None]
+            key_positions = torch.arange(visible, device=query.device)[None, :]
+            scores.masked_fill_(key_positions > query_positions, lowest)
+        elif chunk_mask.dtype == torch.bool:
+            scores.masked_fill_(~chunk_mask[..., :visible], lowest)
+        else:
+            scores.add_(chunk_mask[..., :visible].float()).clamp_(min=lowest)
+        probs = torch.softmax(scores, dim=-1)
+        del scores
+        sums = group_sums(probs, query_membership[:, start:stop], key_membership[:, :visible])
+        if total is None:
+            total = sums
+        else:
+            total.add(sums)
+    assert total is not None
+    return total
+
+
+def _text_states(hidden: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    hidden = hidden.detach().float()
+    text = layout.text_mask_excluding_last().to(hidden.dtype)
+    counts = text.sum(dim=1, keepdim=True)
+    text_mean = torch.einsum("bs,bsd->bd", text, hidden) / torch.where(counts > 0, counts, torch.nan)
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), layout.last_index]
+    return text_mean, last
+
+
+@contextmanager
+def record_attention(
+    model: nn.Module,
+    layout: TokenLayout,
+    *,
+    attention: AttentionPath = "sdpa",
+    record_attention: bool = True,
+    record_states: bool = False,
+    keep: bool = True,
+    on_layer: Callable[[LayerRecord], None] | None = None,
+    query_chunk: int | None = None,
+    adapter: ModelAdapter | None = None,
+) -> Iterator[AttentionRecorder]:
+    """Observe a model's decoder layer by layer for the duration of the block.
+
+    Args:
+        model: a supported image-text model (see ``analysis.adapters``).
+        layout: token groups of the batch that will be run (``analysis.layout.token_layout``).
+        attention: "sdpa" (fast path, statistics on the side) or "eager" (weights from the hook).
+        record_attention: compute group masses and entropies.
+        record_states: also compute the text-token states the exit gates consume.
+        keep: keep every LayerRecord on the recorder; False hands them to ``on_layer`` only.
+        on_layer: called with each LayerRecord right after its decoder layer ran.
+        query_chunk: queries per chunk on the fast path (default: ``default_query_chunk``).
+
+    Yields:
+        The AttentionRecorder that fills up while the block runs.
+    """
+    if attention not in ATTENTION_PATHS:
+        raise ValueError(f"expected attention to be one of {list(ATTENTION_PATHS)}, found {attention!r}")
+    adapter = adapter or resolve_adapter(model)
+    layers = adapter.decoder_layers(model)
+    layer_paths = adapter.layer_paths(model)
+    attention_paths = adapter.attention_paths(model)
+    index_of_attention = {id(layers[i].get_submodule(adapter.attention_attr)): i for i in range(len(layers))}
+    recorder = AttentionRecorder(layout=layout, attention=attention, num_layers=len(layers))
+    device = next(model.parameters()).device
+    layout_on_device = layout.to(device)
+    query_membership = layout_on_device.query_membership()
+    key_membership = layout_on_device.key_membership()
+    query_counts = layout_on_device.query_counts()
+    pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def is_prefill(num_queries: int, num_keys: int, batch: int) -> bool:
+        return num_queries == num_keys == layout.seq_len and batch == layout.batch_size
+
+    def reduce_sums(layer: int, sums: GroupSums) -> None:
+        pending[layer] = sums.means(query_counts)
+
+    def observe_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: float) -> None:
+        if not is_prefill(query.shape[2], key.shape[2], query.shape[0]):
+            return
+        chunk = query_chunk or default_query_chunk(query.shape[2])
+        with torch.no_grad():
+            sums = observed_group_sums(query, key, mask, scaling, query_membership, key_membership, chunk)
+        reduce_sums(index_of_attention[id(module)], sums)
+
+    def observe_eager(module: nn.Module, args: Any, output: Any) -> None:
+        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if weights is None:
+            raise RecordingError(
+                "expected attention weights as the second output of the self-attention module under "
+                f"eager attention, found None (the decoder runs {adapter.attention_implementation(model)!r})"
+            )
+        if not is_prefill(weights.shape[2], weights.shape[3], weights.shape[0]):
+            return
+        chunk = query_chunk or default_query_chunk(weights.shape[2])
+        with torch.no_grad():
+            sums = None
+            for start in range(0, weights.shape[2], chunk):
+                part = group_sums(weights[:, :, start : start + chunk], query_membership[:, start : start + chunk], key_membership)
+                if sums is None:
+                    sums = part
+                else:
+                    sums.add(part)
+        assert sums is not None
+        reduce_sums(index_of_attention[id(module)], sums)
+
+    def after_layer(layer: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output
+            if not is_prefill(hidden.shape[1], hidden.shape[1], hidden.shape[0]):
+                if layer == 0:
+                    recorder.forwards_skipped += 1
+                return
+            record = LayerRecord(layer=layer)
+            if record_attention:
+                if layer not in pending:
+                    raise RecordingError(
+                        f"expected attention statistics for decoder layer {layer} before its output, found "
+                        f"none: its self-attention did not run {attention!r} attention as requested"
+                    )
+                record.mass, record.entropy = pending.pop(layer)
+            if record_states:
+                record.text_mean, record.last = _text_states(hidden, layout_on_device)
+            if layer == 0:
+                recorder.forwards_recorded += 1
+            if keep:
+                recorder.records.append(record)
+            if on_layer is not None:
+                on_layer(record)
+
+        return hook
+
+    hooks = [Hook(path, after_layer(i)) for i, path in enumerate(layer_paths)]
+    if record_attention:
+        if attention == "sdpa":
+            hooks += [Hook(path, observe_sdpa, kind="attention_observer") for path in attention_paths]
+        else:
+            hooks += [Hook(path, observe_eager) for path in attention_paths]
+    wanted = (OBSERVED_SDPA if attention == "sdpa" else "eager") if record_attention else None
+    previous = adapter.attention_implementation(model)
+    with attached(model, hooks):
+        try:
+            if wanted is not None and wanted != previous:
+                adapter.set_attention_implementation(model, wanted)
+            yield recorder
+        finally:
+            if adapter.attention_implementation(model) != previous:
+                adapter.set_attention_implementation(model, previous)

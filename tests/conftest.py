@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny random LLaVA models (MHA and GQA) and batches built by the real processor."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+from dataclasses import dataclass  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from analysis.data import Question, build_prompt  # noqa: E402
+from analysis.tiny import TinyLlavaSpec, tiny_llava, tiny_processor  # noqa: E402
+
+IMAGE_SIZE = 28  # 4 image tokens per image
+
+
+@dataclass
+class Batch:
+    name: str
+    inputs: dict[str, torch.Tensor]
+
+
+def make_batch(processor, questions: list[Question]) -> dict[str, torch.Tensor]:
+    colours = ["red", "blue", "green", "yellow"]
+    images = [Image.new("RGB", (40, 30), colours[i % 4]) for i, q in enumerate(questions) for _ in q.images]
+    prompts = [build_prompt(processor, q) for q in questions]
+    return dict(processor(images=images, text=prompts, return_tensors="pt", padding=True))
+
+
+BATCH_CASES = {
+    "batch1": [Question("a", ("x.png",), "What colour is the square?")],
+    "batch2_left_padding": [
+        Question("a", ("x.png",), "What colour?"),
+        Question("b", ("y.png",), "Is there a large circle on the left of the picture?"),
+    ],
+    "two_images": [Question("c", ("x.png", "y.png"), "Which image is brighter?")],
+}
+
+
+@pytest.fixture(scope="session")
+def processor():
+    return tiny_processor(IMAGE_SIZE)
+
+
+@pytest.fixture(scope="session", params=["mha", "gqa"])
+def attention_kind(request) -> str:
+    return request.param
+
+
+def tiny_spec(kind: str) -> TinyLlavaSpec:
+    return TinyLlavaSpec(num_heads=4, num_kv_heads=4 if kind == "mha" else 2, image_size=IMAGE_SIZE)
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """Lazily built tiny models keyed by (kind, attn_implementation)."""
+    cache: dict[tuple[str, str], torch.nn.Module] = {}
+
+    def get(kind: str, implementation: str = "sdpa") -> torch.nn.Module:
+        if (kind, implementation) not in cache:
+            cache[(kind, implementation)] = tiny_llava(tiny_spec(kind), attn_implementation=implementation)
+        return cache[(kind, implementation)]
+
+    return get
+
+
+@pytest.fixture(params=sorted(BATCH_CASES))
+def batch(request, processor) -> Batch:
+    return Batch(request.param, make_batch(processor, BATCH_CASES[request.param]))

@@ -1,0 +1,164 @@
+"""Both observation paths against the stock model's output_attentions; logits unchanged; cleanup."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from analysis import KEY_GROUPS, QUERY_GROUPS, record_attention, resolve_adapter, token_layout
+from analysis.hooks import Hook, attached, attached_count
+from analysis.recorder import RecordingError
+from analysis.stats import group_means
+
+
+def layout_of(model, inputs):
+    return token_layout(inputs["input_ids"], inputs["attention_mask"], resolve_adapter(model).image_token_id(model))
+
+
+def reference_statistics(eager_model, inputs, layout):
+    """Reduce the stock eager model's output_attentions with the plain (unchunked) mathematics."""
+    with torch.no_grad():
+        attentions = eager_model(**inputs, output_attentions=True).attentions
+    return [group_means(a, layout.query_membership(), layout.key_membership()) for a in attentions]
+
+
+def assert_relative_close(found: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None:
+    both = ~torch.isnan(expected)
+    assert torch.equal(torch.isnan(found), ~both), "NaN (empty groups) must match"
+    scale = expected[both].abs().clamp_min(1e-6)
+    assert ((found[both] - expected[both]).abs() / scale).max().item() <= rtol
+
+
+@pytest.mark.parametrize("path", ["sdpa", "eager"])
+def test_statistics_equal_stock_output_attentions(tiny_models, attention_kind, batch, path):
+    eager_model = tiny_models(attention_kind, "eager")
+    model = tiny_models(attention_kind, "sdpa" if path == "sdpa" else "eager")
+    layout = layout_of(model, batch.inputs)
+    expected = reference_statistics(eager_model, batch.inputs, layout)
+    with torch.no_grad(), record_attention(model, layout, attention=path, query_chunk=7) as recording:
+        model(**batch.inputs)
+    assert [r.layer for r in recording.records] == list(range(len(expected)))
+    for record, (mass, entropy) in zip(recording.records, expected):
+        assert record.mass.shape == (layout.batch_size, 4, len(QUERY_GROUPS), len(KEY_GROUPS))
+        assert_relative_close(record.mass, mass)
+        assert_relative_close(record.entropy, entropy)
+
+
+@pytest.mark.parametrize("path", ["sdpa", "eager"])
+def test_recording_leaves_logits_bit_identical(tiny_models, attention_kind, batch, path):
+    model = tiny_models(attention_kind, path)
+    layout = layout_of(model, batch.inputs)
+    with torch.no_grad():
+        plain = model(**batch.inputs).logits
+        with record_attention(model, layout, attention=path, record_states=True):
+            recorded = model(**batch.inputs).logits
+    assert torch.equal(plain, recorded)
+    assert resolve_adapter(model).attention_implementation(model) == path
+
+
+def test_text_query_masses_sum_to_one_in_a_real_forward(tiny_models, batch):
+    model = tiny_models("gqa")
+    layout = layout_of(model, batch.inputs)
+    with torch.no_grad(), record_attention(model, layout) as recording:
+        model(**batch.inputs)
+    text = QUERY_GROUPS.index("text")
+    for record in recording.records:
+        torch.testing.assert_close(record.mass[:, :, text].sum(-1), torch.ones_like(record.mass[:, :, text, 0]))
+
+
+def test_text_states_are_the_layer_outputs_reduced_over_text_tokens(tiny_models, processor):
+    from tests.conftest import BATCH_CASES, make_batch
+
+    model = tiny_models("mha")
+    inputs = make_batch(processor, BATCH_CASES["batch2_left_padding"])
+    layout = layout_of(model, inputs)
+    seen = []
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+        with record_attention(model, layout, record_attention=False, record_states=True, keep=False, on_layer=seen.append) as rec:
+            model(**inputs)
+    assert rec.records == [] and [r.layer for r in seen] == list(range(4))
+    text = layout.text_mask_excluding_last()
+    for record in seen:
+        output = hidden[record.layer + 1]  # hidden_states[0] is the embedding output
+        if record.layer + 1 == len(hidden) - 1:
+            continue  # the last entry of hidden_states is after the final norm
+        for row in range(2):
+            torch.testing.assert_close(record.text_mean[row], output[row, text[row]].mean(0))
+            torch.testing.assert_close(record.last[row], output[row, layout.last_index[row]])
+        assert record.mass is None
+
+
+def test_generate_records_the_prefill_only(tiny_models, processor):
+    from tests.conftest import BATCH_CASES, make_batch
+
+    model = tiny_models("gqa")
+    inputs = make_batch(processor, BATCH_CASES["batch1"])
+    layout = layout_of(model, inputs)
+    with torch.no_grad(), record_attention(model, layout) as recording:
+        model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=2)
+    assert recording.forwards_recorded == 1 and recording.forwards_skipped == 2
+    assert len(recording.records) == 4
+
+
+def test_no_hook_left_after_exit_exception_and_nesting(tiny_models, processor):
+    from tests.conftest import BATCH_CASES, make_batch
+
+    model = tiny_models("mha")
+    inputs = make_batch(processor, BATCH_CASES["batch1"])
+    layout = layout_of(model, inputs)
+    baseline = attached_count(model)  # transformers attaches a few hooks of its own
+    with record_attention(model, layout):
+        assert attached_count(model) == baseline + 8  # a layer hook and an attention observer per layer
+    assert attached_count(model) == baseline
+    with pytest.raises(RuntimeError, match="boom"):
+        with record_attention(model, layout, attention="eager"):
+            assert resolve_adapter(model).attention_implementation(model) == "eager"
+            raise RuntimeError("boom")
+    assert attached_count(model) == baseline
+    assert resolve_adapter(model).attention_implementation(model) == "sdpa"
+    with record_attention(model, layout) as outer:
+        with record_attention(model, layout, record_attention=False, record_states=True) as inner:
+            assert attached_count(model) == baseline + 12
+            with torch.no_grad():
+                model(**inputs)
+        assert attached_count(model) == baseline + 8
+    assert attached_count(model) == baseline
+    assert len(outer.records) == 4 and inner.records[0].last is not None
+
+
+def test_bad_module_path_attaches_nothing(tiny_models):
+    model = tiny_models("mha")
+    baseline = attached_count(model)
+    hooks = [Hook("model.language_model.layers.0", lambda *a: None), Hook("model.no_such_module", lambda *a: None)]
+    with pytest.raises(KeyError, match="no_such_module"):
+        with attached(model, hooks):
+            pass
+    assert attached_count(model) == baseline
+
+
+def test_eager_path_on_a_model_whose_attention_returns_no_weights_fails_loudly(tiny_models, processor):
+    from tests.conftest import BATCH_CASES, make_batch
+
+    model = tiny_models("mha")
+    inputs = make_batch(processor, BATCH_CASES["batch1"])
+    layout = layout_of(model, inputs)
+    adapter = resolve_adapter(model)
+    baseline = attached_count(model)
+    with pytest.raises(RecordingError, match="expected attention weights"):
+        with record_attention(model, layout, attention="eager"):
+            adapter.set_attention_implementation(model, "sdpa")  # something switched it back
+            with torch.no_grad():
+                model(**inputs)
+    assert attached_count(model) == baseline and adapter.attention_implementation(model) == "sdpa"
+
+
+def test_to_table_without_a_forward_is_an_error(tiny_models, processor):
+    from tests.conftest import BATCH_CASES, make_batch
+
+    model = tiny_models("mha")
+    layout = layout_of(model, make_batch(processor, BATCH_CASES["batch1"]))
+    with record_attention(model, layout) as recording:
+        pass
+    with pytest.raises(RecordingError, match="found none"):
+        recording.to_table(["a"])
