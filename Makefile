@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export MPLBACKEND := Agg
 
-.PHONY: setup demo test benchmark clean
+.PHONY: setup demo test benchmark clean figures
 
 $(STAMP): setup.cfg pyproject.toml requirements-demo.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ setup: $(STAMP)
 
 demo: setup
 	$(BIN)/dyvte-stats demo
+
+# The figures of the README: every figure of the demo model's dump (runs/demo, from `make demo`).
+# Another dump: make figures STATS=path/to/stats
+STATS ?= runs/demo
+figures: setup
+	$(BIN)/dyvte-stats figures $(STATS) --out figures
 
 test: setup
 	$(BIN)/python -m pytest -q

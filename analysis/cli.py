@@ -6,6 +6,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from analysis.stages import StageSettings
 
 EPILOG = """examples:
   dyvte-stats demo
@@ -16,6 +20,9 @@ EPILOG = """examples:
   dyvte-stats summary stats/
   dyvte-stats schema
   dyvte-stats tiny-model --out /tmp/tiny-llava
+  dyvte-stats stages stats/ --out stages.parquet
+  dyvte-stats plot stats/ --kind stages --out stages.svg
+  dyvte-stats figures runs/demo --out figures/
 """
 
 
@@ -42,6 +49,18 @@ def _cmd_dump(args: argparse.Namespace) -> int:
     print(f"wrote {result.rows} rows for {result.samples} samples to {result.out_dir}")
     if not args.quiet:
         print(summarize(read_statistics(result.out_dir)).to_string(float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from analysis.demo import run_demo
+
+    result = run_demo(args.out, args.data, samples=args.samples, heads=args.heads, attention=args.attn,
+                      progress=not args.no_progress)
+    print(f"wrote {result.dump.rows} rows for {result.dump.samples} ShapesVQA test samples "
+          f"({result.questions}) to {result.dump.out_dir}")
+    print("mean attention mass by layer of the demo model (mean over heads, queries and samples)")
+    print(result.summary.to_string(float_format=lambda v: f"{v:.3f}"))
     return 0
 
 
@@ -79,6 +98,62 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage_settings(args: argparse.Namespace) -> StageSettings:
+    from analysis.stages import StageSettings
+
+    return StageSettings(
+        boundary_curve=args.curve, smoothing=args.smoothing, min_contrast=args.min_contrast, min_quality=args.min_quality
+    )
+
+
+def _cmd_stages(args: argparse.Namespace) -> int:
+    from analysis.io import read_statistics
+    from analysis.stages import detect_dataset_stages, format_stages, write_stages
+
+    result = detect_dataset_stages(read_statistics(args.stats), _stage_settings(args))
+    path = write_stages(result, args.out, source=args.stats)
+    print(format_stages(result))
+    print(f"wrote the stages of {result.per_sample['sample_id'].nunique()} samples and their consensus to {path}")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from analysis.io import read_statistics
+    from analysis.plots import save_plot
+    from analysis.stages import detect_dataset_stages
+
+    statistics = read_statistics(args.stats)
+    stages = detect_dataset_stages(statistics, _stage_settings(args))
+    print(f"wrote {save_plot(statistics, args.kind, args.out, stages)}")
+    return 0
+
+
+def _cmd_figures(args: argparse.Namespace) -> int:
+    from analysis.plots import make_figures
+
+    result = make_figures(args.stats, args.out, _stage_settings(args))
+    for path in result.files:
+        print(f"wrote {path}")
+    for kind, reason in result.skipped.items():
+        print(f"skipped {kind}: {reason}")
+    return 0
+
+
+def _add_stage_settings(parser: argparse.ArgumentParser) -> None:
+    from analysis.stages import StageSettings
+
+    defaults = StageSettings()
+    group = parser.add_argument_group("stage detection (see analysis/stages.py)")
+    group.add_argument("--curve", default=defaults.boundary_curve,
+                       help=f"boundary curve, 'query->key' or 'entropy:query' (default: {defaults.boundary_curve})")
+    group.add_argument("--smoothing", type=int, default=defaults.smoothing,
+                       help=f"running-median window in layers, odd (default: {defaults.smoothing})")
+    group.add_argument("--min-contrast", type=float, default=defaults.min_contrast,
+                       help=f"smallest level difference between stages (default: {defaults.min_contrast})")
+    group.add_argument("--min-quality", type=float, default=defaults.min_quality,
+                       help=f"smallest quality score for any stage (default: {defaults.min_quality})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dyvte-stats",
@@ -94,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    dump.add_argument("--model", required=True, help="checkpoint id or folder (from_pretrained)")
+    dump.add_argument("--model", required=True, help="checkpoint id or folder (from_pretrained), or 'demo' for the demo model")
     dump.add_argument("--questions", required=True, type=Path, help="LLaVA question file (JSONL: question_id, image, text)")
     dump.add_argument("--image-folder", required=True, type=Path, help="folder the questions' image paths are relative to")
     dump.add_argument("--out", required=True, type=Path, help="output folder for parquet shards")
@@ -108,6 +183,22 @@ def build_parser() -> argparse.ArgumentParser:
     dump.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     dump.add_argument("--quiet", action="store_true", help="do not print the per-layer summary")
     dump.set_defaults(run=_cmd_dump)
+
+    demo = commands.add_parser(
+        "demo",
+        help="the main job: statistics of the demo model on 64 ShapesVQA test samples, then the summary",
+        description="Build the demo model (cached after the first run) and the ShapesVQA test split if missing, "
+        "dump the attention statistics of one question per test image to parquet and print the per-layer summary.",
+        epilog="examples:\n  dyvte-stats demo\n  dyvte-stats demo --samples 8 --heads all --out runs/demo-heads\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder, replaced when the new dump is complete (default: runs/demo)")
+    demo.add_argument("--data", type=Path, default=None, help="folder of the ShapesVQA splits (default: .cache/shapesvqa in the repository)")
+    demo.add_argument("--samples", type=int, default=64, help="number of test questions, one per image (default: 64)")
+    demo.add_argument("--heads", choices=["all", "mean", "max"], default="all", help="default: all (the layer x head figure needs them)")
+    demo.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
+    demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    demo.set_defaults(run=_cmd_demo)
 
     validate = commands.add_parser("validate", help="check a parquet file or folder against the schema")
     validate.add_argument("path", type=Path)
@@ -125,6 +216,25 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--layers", type=int, default=4)
     tiny.add_argument("--image-size", type=int, default=28, help="pixels; (size/14)^2 image tokens")
     tiny.set_defaults(run=_cmd_tiny_model)
+
+    stages = commands.add_parser("stages", help="find the three inference stages per sample and for the data set")
+    stages.add_argument("stats", type=Path, help="statistics folder or file (a dump)")
+    stages.add_argument("--out", required=True, type=Path, help="parquet file for the per-sample and consensus stages")
+    _add_stage_settings(stages)
+    stages.set_defaults(run=_cmd_stages)
+
+    plot = commands.add_parser("plot", help="draw one figure of a dump to PNG or SVG")
+    plot.add_argument("stats", type=Path, help="statistics folder or file (a dump)")
+    plot.add_argument("--kind", required=True, choices=["stages", "heads", "boundaries", "entropy"])
+    plot.add_argument("--out", required=True, type=Path, help="output file, .png or .svg")
+    _add_stage_settings(plot)
+    plot.set_defaults(run=_cmd_plot)
+
+    figures = commands.add_parser("figures", help="every figure of a dump, as figures/<kind>.png (behind `make figures`)")
+    figures.add_argument("stats", type=Path, nargs="?", default=Path("runs/demo"), help="statistics folder (default: runs/demo, from `make demo`)")
+    figures.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default: figures)")
+    _add_stage_settings(figures)
+    figures.set_defaults(run=_cmd_figures)
     return parser
 
 
@@ -132,14 +242,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dyvte-stats`` and ``python -m analysis``; errors print one line and exit 2."""
     from analysis.adapters import UnsupportedModelError
     from analysis.data import DataError
+    from analysis.demo_model import DemoModelUnavailable
     from analysis.layout import LayoutError
     from analysis.recorder import RecordingError
+    from analysis.plots import PlotError
     from analysis.schema import SchemaError
+    from analysis.stages import StageError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))
-    except (DataError, LayoutError, SchemaError, UnsupportedModelError, RecordingError, FileNotFoundError) as error:
+    except (DataError, LayoutError, SchemaError, UnsupportedModelError, RecordingError, DemoModelUnavailable,
+            StageError, PlotError, FileNotFoundError) as error:
         print(f"dyvte-stats {args.command}: error: {error}", file=sys.stderr)
         return 2
 

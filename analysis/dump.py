@@ -46,10 +46,16 @@ def load_model(
     """Load a supported image-text model and its processor with ``from_pretrained``.
 
     The family is checked from the config before any weights are read, so an unsupported model
-    fails in a second with the list of supported families.
+    fails in a second with the list of supported families. ``"demo"`` names the demo model
+    (:mod:`analysis.demo_model`): it resolves to the folder where the assembled model is cached
+    (built on first use), which then loads exactly like any checkpoint folder.
     """
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+    from analysis.demo import DEMO_MODEL_ID, demo_model_folder  # late: analysis.demo imports this module
+
+    if str(model_id) == DEMO_MODEL_ID:
+        model_id = demo_model_folder()
     if dtype not in DTYPES:
         raise ValueError(f"expected dtype to be one of {list(DTYPES)}, found {dtype!r}")
     config = AutoConfig.from_pretrained(model_id)
@@ -142,6 +148,12 @@ def dump_statistics(
     adapter = adapter or resolve_adapter(model)
     image_token_id = adapter.image_token_id(model)
     check_questions(questions, image_folder)
+    existing = sorted(Path(out_dir).glob("statistics-*.parquet"))
+    if existing:
+        raise DataError(
+            f"expected a new or empty output folder, found {len(existing)} statistics shard(s) in {out_dir} "
+            "(a second dump there would mix two runs); choose another --out or remove the folder"
+        )
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype

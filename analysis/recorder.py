@@ -29,7 +29,7 @@ from torch import nn
 from analysis.adapters import ModelAdapter, resolve_adapter
 from analysis.hooks import OBSERVED_SDPA, Hook, attached
 from analysis.layout import TokenLayout
-from analysis.stats import GroupSums, group_sums
+from analysis.stats import GroupSums, group_sums, logit_group_sums
 
 AttentionPath = Literal["sdpa", "eager"]
 ATTENTION_PATHS: tuple[str, ...] = ("sdpa", "eager")
@@ -139,21 +139,22 @@ def observed_group_sums(
             later = chunk_mask[..., stop:]
             if later.numel() and (bool(later.any()) if later.dtype == torch.bool else bool((later > lowest / 2).any())):
                 visible = num_keys
-        # Query heads sharing a KV head multiply against it together, so K/V are never repeated.
-        chunk_query = query[:, :, start:stop].float().reshape(batch, kv_heads, groups * size, dim)
+        # Query heads sharing a KV head multiply against it together, so K/V are never repeated;
+        # the scaling goes on the (small) query chunk rather than on the (large) logits.
+        chunk_query = query[:, :, start:stop].float().mul(scaling).reshape(batch, kv_heads, groups * size, dim)
         scores = torch.matmul(chunk_query, key[:, :, :visible].transpose(-1, -2))
-        scores = scores.view(batch, heads, size, visible).mul_(scaling)
+        scores = scores.view(batch, heads, size, visible)
         if chunk_mask is None:
-            query_positions = torch.arange(start, stop, device=query.device)[:, None]
-            key_positions = torch.arange(visible, device=query.device)[None, :]
-            scores.masked_fill_(key_positions > query_positions, lowest)
+            # Plain causal: keys before the chunk are visible to all its queries, so only the
+            # diagonal block needs masking.
+            above_diagonal = torch.ones(size, size, dtype=torch.bool, device=query.device).triu_(1)
+            scores[..., start:stop].masked_fill_(above_diagonal, lowest)
         elif chunk_mask.dtype == torch.bool:
             scores.masked_fill_(~chunk_mask[..., :visible], lowest)
         else:
             scores.add_(chunk_mask[..., :visible].float()).clamp_(min=lowest)
-        probs = torch.softmax(scores, dim=-1)
+        sums = logit_group_sums(scores, query_membership[:, start:stop], key_membership[:, :visible])
         del scores
-        sums = group_sums(probs, query_membership[:, start:stop], key_membership[:, :visible])
         if total is None:
             total = sums
         else:

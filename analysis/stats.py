@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 HEAD_MEAN = -1
 """``head`` value of a row that holds the mean over heads."""
@@ -62,6 +63,43 @@ def group_sums(
     key_mass = torch.matmul(probs, key_membership.float()[:, None])  # batch head query key_group
     mass = torch.einsum("bhqk,bqg->bhgk", key_mass, query_membership)
     row_entropy = -torch.special.xlogy(probs, probs).sum(dim=-1)  # batch head query
+    entropy = torch.einsum("bhq,bqg->bhg", row_entropy, query_membership)
+    return GroupSums(mass=mass, entropy=entropy)
+
+
+def logit_group_sums(
+    logits: torch.Tensor,
+    query_membership: torch.Tensor,
+    key_membership: torch.Tensor,
+) -> GroupSums:
+    """:func:`group_sums` of ``softmax(logits)``, without forming the normalised map or its log.
+
+    With t = logits - max, e = exp(t) and Z = sum e over a row, the row's key-group mass is
+    (e @ key_membership) / Z and its entropy is log Z - (sum e * t) / Z, so the only full-size
+    passes are the shift, the exponential and one multiply-add (no division, no log over the
+    map), which is what keeps the SDPA fast path close to a plain forward. ``logits`` (fp32,
+    already scaled and masked with a large finite negative value, never -inf) is overwritten.
+
+    Args:
+        logits: (batch, head, query, key) attention logits; modified in place.
+        query_membership: (batch, query, query_group) 0/1 weights of these query rows.
+        key_membership: (batch, key, key_group) 0/1 weights of the keys.
+    """
+    shifted = logits.sub_(logits.amax(dim=-1, keepdim=True))
+    weights = torch.exp(shifted)
+    key_membership = key_membership.float()
+    # One more column for keys in no group (padding), so the row normaliser Z comes out of the same
+    # product instead of another pass over the map. F.linear with a contiguous (group, key) matrix
+    # is several times faster on CPU than matmul against a broadcast (key, group) one.
+    outside = 1.0 - key_membership.sum(dim=-1, keepdim=True)
+    membership = torch.cat([key_membership, outside], dim=-1).transpose(1, 2).contiguous()  # batch group+1 key
+    rows = torch.stack([F.linear(weights[b], membership[b]) for b in range(weights.shape[0])])
+    normaliser = rows.sum(dim=-1)  # batch head query
+    key_mass = rows[..., :-1] / normaliser[..., None]
+    weighted_logits = torch.einsum("bhqk,bhqk->bhq", weights, shifted)
+    row_entropy = torch.log(normaliser) - weighted_logits / normaliser
+    query_membership = query_membership.float()
+    mass = torch.einsum("bhqk,bqg->bhgk", key_mass, query_membership)
     entropy = torch.einsum("bhq,bqg->bhg", row_entropy, query_membership)
     return GroupSums(mass=mass, entropy=entropy)
 

@@ -7,7 +7,7 @@ import torch
 
 from analysis.layout import token_layout
 from analysis.recorder import observed_group_sums
-from analysis.stats import HEAD_MAX, HEAD_MEAN, group_means, reduce_heads
+from analysis.stats import HEAD_MAX, HEAD_MEAN, group_means, group_sums, logit_group_sums, reduce_heads
 
 IMG = 9
 # system: 0,1   image: 2,3,4   text: 5,6,7 (7 = last)
@@ -88,3 +88,22 @@ def test_chunked_recomputation_matches_full_softmax(chunk, mask_kind):
     ref_mass, ref_entropy = group_means(scores.softmax(-1), layout.query_membership(), layout.key_membership())
     torch.testing.assert_close(mass, ref_mass, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(entropy, ref_entropy, rtol=1e-5, atol=1e-7)
+
+
+def test_logit_group_sums_known_answers_and_softmax_equivalence():
+    """Uniform logits give entropy log(visible keys); random logits agree with softmax + xlogy."""
+    layout = token_layout(INPUT_IDS, None, IMG)
+    causal = torch.ones(8, 8).tril().bool()[None, None]
+    lowest = torch.finfo(torch.float32).min
+    uniform = torch.zeros(1, 2, 8, 8).masked_fill(~causal, lowest)
+    sums = logit_group_sums(uniform, layout.query_membership(), layout.key_membership())
+    visible = torch.arange(1, 9, dtype=torch.float32)
+    expected = torch.einsum("q,bqg->bg", visible.log(), layout.query_membership().float())
+    torch.testing.assert_close(sums.entropy, expected[:, None].expand(1, 2, -1))
+
+    torch.manual_seed(2)
+    logits = (torch.randn(1, 2, 8, 8) * 6).masked_fill(~causal, lowest)
+    reference = group_sums(logits.softmax(-1), layout.query_membership(), layout.key_membership())
+    sums = logit_group_sums(logits.clone(), layout.query_membership(), layout.key_membership())
+    torch.testing.assert_close(sums.mass, reference.mass, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sums.entropy, reference.entropy, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,118 @@
+"""The main job: attention statistics of the demo model on the ShapesVQA test split.
+
+``run_demo`` is what ``make demo`` / ``dyvte-stats demo`` runs with no arguments: it generates the
+ShapesVQA test split if it is not on disk yet, loads the demo model through the same
+``load_model`` path as any checkpoint id (``--model demo`` resolves to the folder where the
+assembled model is cached), dumps the statistics of the first question of each of the first 64
+test images to parquet and returns the dump and its per-layer summary.
+
+The output folder is written as a whole: the new dump goes to a temporary sibling folder that
+replaces the old one only when it is complete, so an interrupted run never leaves a half-written
+``runs/demo`` nor destroys the previous complete one.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.data import Question, read_questions
+from analysis.dump import DumpResult, dump_statistics, load_model, summarize
+from analysis.io import read_statistics
+
+DEMO_MODEL_ID = "demo"
+"""The model id that ``load_model`` (and ``--model`` on the command line) resolves to the demo model."""
+
+DEFAULT_OUT = Path("runs/demo")
+DEFAULT_SAMPLES = 64
+
+
+def default_data_root() -> Path:
+    """``.cache/shapesvqa`` under the repository root (git-ignored), where ShapesVQA splits are generated."""
+    return Path(__file__).resolve().parents[1] / ".cache" / "shapesvqa"
+
+
+def demo_model_folder() -> Path:
+    """The folder of the assembled demo model, built and cached on first use (about 20 s).
+
+    Raises:
+        DemoModelUnavailable: a wheel or loading package of the demo model is missing.
+    """
+    from analysis.demo_model import default_cache_dir, load_demo_model
+
+    load_demo_model()  # validates the cache against the installed parts; rebuilds it if stale
+    return default_cache_dir()
+
+
+def one_question_per_image(questions: Sequence[Question], limit: int) -> list[Question]:
+    """The first question of each image, in file order, until ``limit`` questions (each image once)."""
+    chosen: list[Question] = []
+    seen: set[tuple[str, ...]] = set()
+    for question in questions:
+        if question.images not in seen:
+            seen.add(question.images)
+            chosen.append(question)
+            if len(chosen) == limit:
+                break
+    return chosen
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    dump: DumpResult
+    summary: pd.DataFrame
+    questions: Path
+
+
+def run_demo(
+    out_dir: str | Path = DEFAULT_OUT,
+    data_root: str | Path | None = None,
+    samples: int = DEFAULT_SAMPLES,
+    heads: str = "all",
+    attention: str = "sdpa",
+    progress: bool = True,
+) -> DemoResult:
+    """Dump the statistics of ``samples`` ShapesVQA test questions (one per image) of the demo model.
+
+    Args:
+        out_dir: output folder; an earlier dump there is replaced only once the new one is complete.
+        data_root: where the ShapesVQA splits live (default :func:`default_data_root`).
+        samples: number of questions (at most one per test image).
+        heads: "all" (default: every head, which the layer x head figure needs), "mean" or "max"
+            (as ``dyvte-stats dump --heads``).
+        attention: "sdpa" (the fast path) or "eager".
+        progress: show a progress bar.
+
+    Raises:
+        DemoModelUnavailable: the demo model's wheels are not installed (the message says how).
+        ValueError: ``samples`` < 1.
+    """
+    from analysis.shapes import QUESTIONS_FILE, ensure_split
+
+    if samples < 1:
+        raise ValueError(f"expected at least 1 sample, found {samples}")
+    split = ensure_split(data_root or default_data_root(), "test")
+    questions = one_question_per_image(read_questions(split / QUESTIONS_FILE), samples)
+    model, processor = load_model(DEMO_MODEL_ID, attention=attention)
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        result = dump_statistics(
+            model, processor, questions, split, staging,
+            model_id=DEMO_MODEL_ID, heads=heads, attention=attention, progress=progress,
+        )
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    dump = DumpResult(out_dir, result.samples, result.rows, [out_dir / f.name for f in result.files])
+    return DemoResult(dump, summarize(read_statistics(out_dir)), split / QUESTIONS_FILE)
