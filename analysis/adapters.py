@@ -29,6 +29,8 @@ class ModelAdapter:
         image_token_fields: config fields that may hold the image token id, tried in order.
         text_config_key: name of the text decoder's sub-config (None: the top config itself).
         image_token_groups: how the family's extra vision tokens map to the token groups.
+        final_norm_path: dotted path of the decoder's final norm (applied after the last layer,
+            before the output head ``model.get_output_embeddings()``).
     """
 
     model_type: str
@@ -37,6 +39,7 @@ class ModelAdapter:
     image_token_fields: tuple[str, ...] = ("image_token_id", "image_token_index")
     text_config_key: str | None = "text_config"
     image_token_groups: str = "image tokens = positions equal to the image token id"
+    final_norm_path: str = "model.language_model.norm"
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """The decoder's layers, found at ``layers_path``."""
@@ -54,6 +57,15 @@ class ModelAdapter:
                 f"found {type(module).__name__}"
             )
         return module
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        """The decoder's final norm, found at ``final_norm_path``."""
+        try:
+            return model.get_submodule(self.final_norm_path)
+        except AttributeError as error:
+            raise UnsupportedModelError(
+                f"expected the final norm of a {self.model_type!r} model at model.{self.final_norm_path}, found none"
+            ) from error
 
     def layer_paths(self, model: nn.Module) -> list[str]:
         """Dotted module names of every decoder layer, as ``model.named_modules()`` spells them."""

@@ -1,8 +1,71 @@
 """exit: DyVTE visual-token exit, built on what ``analysis`` records.
 
 Use ``from exit import ...`` rather than ``import exit``, which would shadow the ``exit`` builtin
-in the importing module. Gates, surgery, the label sweep and the baselines are planned here
-(see the project's open issues); this package has no public API yet.
+in the importing module.
+
+Typical use::
+
+    from exit import DyVTEGates, GateConfig, dyvte_exit, visual_token_exit
+
+    # a fixed exit layer per row (None = keep the image throughout)
+    with visual_token_exit(model, exit_layers=[6, None]) as surgery:
+        out = model.generate(**batch, max_new_tokens=16)
+
+    # learned gates decide during the prefill
+    gates = DyVTEGates.load("gates/", model)
+    with dyvte_exit(model, gates, batch["input_ids"], batch["attention_mask"]) as surgery:
+        out = model.generate(**batch, max_new_tokens=16)
+    surgery.exit_layers  # the layer each row exited after, or None
+
+    # exit labels per (sample, layer), and gate training from the cached features
+    from exit import exit_sweep, teacher_forced_inputs, train_offline
+    inputs, answer_mask = teacher_forced_inputs(processor, prompts, images, answers)
+    result = exit_sweep(model, inputs, answer_mask, features="hidden")  # result.label: (batch, layers)
+
+Modules: ``surgery`` (reversible per-row removal of image tokens, KV-cache aware), ``gates``
+(GateConfig, one gate per layer, features from the recorder, save/load, gated inference),
+``sweep`` (exit labels per sample and layer, parquet), ``train`` (offline and online gate
+training), ``cli`` (``dyvte-exit sweep | train | generate``).
 """
 
-__all__: list[str] = []
+from exit.gates import (
+    GATE_INPUTS,
+    DyVTEGates,
+    GateConfig,
+    GateMismatchError,
+    ModelSignature,
+    answer_with_gates,
+    dyvte_exit,
+    feature_size,
+    gate_features,
+)
+from exit.surgery import ExitSurgeryError, VisualExit, compact_layout, visual_token_exit
+from exit.sweep import LabelRule, SweepError, SweepResult, SweepWriter, exit_sweep, read_sweep, teacher_forced_inputs
+from exit.train import TrainReport, TrainSettings, train_offline, train_online
+
+__all__ = [
+    "DyVTEGates",
+    "ExitSurgeryError",
+    "GATE_INPUTS",
+    "GateConfig",
+    "GateMismatchError",
+    "LabelRule",
+    "ModelSignature",
+    "SweepError",
+    "SweepResult",
+    "SweepWriter",
+    "TrainReport",
+    "TrainSettings",
+    "VisualExit",
+    "answer_with_gates",
+    "compact_layout",
+    "dyvte_exit",
+    "exit_sweep",
+    "feature_size",
+    "gate_features",
+    "read_sweep",
+    "teacher_forced_inputs",
+    "train_offline",
+    "train_online",
+    "visual_token_exit",
+]

@@ -72,3 +72,16 @@ def tiny_models():
 @pytest.fixture(params=sorted(BATCH_CASES))
 def batch(request, processor) -> Batch:
     return Batch(request.param, make_batch(processor, BATCH_CASES[request.param]))
+
+
+@pytest.fixture(scope="session")
+def case_inputs(processor):
+    """Inputs of a named BATCH_CASES entry, built once per name: ``case_inputs("batch1")``."""
+    cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    def get(name: str) -> dict[str, torch.Tensor]:
+        if name not in cache:
+            cache[name] = make_batch(processor, BATCH_CASES[name])
+        return cache[name]
+
+    return get

@@ -1,0 +1,209 @@
+"""`dyvte-exit`: the command line of the exit half. Thin shells over plain functions."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EPILOG = """examples:
+  dyvte-exit sweep --model demo --questions .cache/shapesvqa/train/questions.jsonl \\
+      --image-folder .cache/shapesvqa/train --out runs/sweep --features hidden --limit 256
+  dyvte-exit train --sweep runs/sweep --model demo --out runs/gates --hidden-width 2048 --epochs 1
+  dyvte-exit train --online --model demo --questions .cache/shapesvqa/train/questions.jsonl \\
+      --image-folder .cache/shapesvqa/train --out runs/gates-online --batch-size 8 --lr 6e-5
+  dyvte-exit generate --model demo --gates runs/gates --image .cache/shapesvqa/val/images/000000.png \\
+      --question "What colour is the triangle? Answer with one word."
+"""
+
+
+class UsageError(ValueError):
+    """The options given do not make a complete command."""
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from analysis.data import read_questions
+    from analysis.dump import load_model, provenance
+    from exit.sweep import LabelRule, read_sweep, run_sweep
+
+    questions = read_questions(args.questions, limit=args.limit)
+    model, processor = load_model(args.model, dtype=args.dtype, device=args.device, attention=args.attn)
+    features = None if args.features == "none" else args.features
+    run = run_sweep(
+        model,
+        processor,
+        questions,
+        args.image_folder,
+        args.out,
+        provenance={**provenance(str(args.model), model, args.attn, "none", args.seed), "features": str(features)},
+        features=features,
+        batch_size=args.batch_size,
+        rule=LabelRule(args.min_agreement, args.max_ce_ratio),
+        progress=not args.no_progress,
+    )
+    print(f"wrote {run.rows} rows for {run.samples} samples to {run.out_dir}")
+    frame = read_sweep(run.out_dir)
+    print("fraction of samples whose exit after the layer is safe (label), by layer")
+    print(frame.groupby("layer")["label"].mean().to_string(float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from analysis.data import read_questions
+    from analysis.dump import load_model
+    from exit.gates import DyVTEGates, GateConfig
+    from exit.sweep import LabelRule
+    from exit.train import TrainSettings, feature_shards, read_shard, train_offline, train_online_on_questions
+
+    settings = TrainSettings(
+        lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, holdout_fraction=args.holdout, seed=args.seed
+    )
+    if args.online:
+        if args.questions is None or args.image_folder is None:
+            raise UsageError("expected --questions and --image-folder with --online, found them missing")
+        questions = read_questions(args.questions, limit=args.limit)
+        model, processor = load_model(args.model, dtype="float32", device=args.device, attention="sdpa")
+        config = GateConfig(inputs=args.features, hidden_width=args.hidden_width, tau=args.tau, seed=args.seed)
+        gates = DyVTEGates.for_model(model, config)
+        progress = None if args.no_progress else (lambda items: tqdm(items, desc="train (online)", unit="step"))
+        rule = LabelRule(args.min_agreement, args.max_ce_ratio)
+        report = train_online_on_questions(gates, model, processor, questions, args.image_folder, settings, rule, progress)
+    else:
+        if args.sweep is None:
+            raise UsageError("expected --sweep (a folder written by `dyvte-exit sweep`) or --online, found neither")
+        model, _ = load_model(args.model, dtype="float32", device="cpu", attention="sdpa")
+        kind = read_shard(feature_shards(args.sweep)[0])[3]
+        gates = DyVTEGates.for_model(model, GateConfig(inputs=kind, hidden_width=args.hidden_width, tau=args.tau, seed=args.seed))
+        del model
+        progress = None if args.no_progress else (lambda items: tqdm(items, desc="train", unit="epoch"))
+        report = train_offline(gates, args.sweep, settings, progress=progress)
+    gates.save(args.out)
+    (Path(args.out) / "train_report.json").write_text(report.to_json() + "\n")
+    print(f"trained {report.steps} steps on {report.train_examples} samples; saved the gates to {args.out}")
+    print(f"held-out accuracy by layer ({report.heldout_samples} samples; p(exit) > {args.tau}):")
+    for layer, (accuracy, positive) in enumerate(zip(report.layer_accuracy, report.layer_positive_rate)):
+        shown = "n/a" if accuracy is None else f"{accuracy:.3f}"
+        rate = "n/a" if positive is None else f"{positive:.3f}"
+        print(f"  layer {layer:3d}  accuracy {shown}  (share labelled exit {rate})")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from analysis.data import load_image
+    from analysis.dump import load_model
+    from exit.gates import DyVTEGates, answer_with_gates
+
+    gates_folder = Path(args.gates)
+    DyVTEGates.load(gates_folder)  # fail on a missing or broken gate folder before loading the model
+    model, processor = load_model(args.model, dtype=args.dtype, device=args.device, attention=args.attn)
+    gates = DyVTEGates.load(gates_folder, model, tau=args.tau)
+    images = [load_image(Path(path).parent, Path(path).name) for path in args.image]
+    answer, layer = answer_with_gates(model, processor, gates, images, args.question, args.max_new_tokens)
+    print(f"answer: {answer}")
+    print(f"exit layer: {'none (the image was kept in every layer)' if layer is None else layer}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dyvte-exit",
+        description="DyVTE visual-token exit: label exit layers, train the gates, answer with them.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="exit labels for every question and layer (parquet) and the gate features (safetensors)",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sweep.add_argument("--model", required=True, help="checkpoint id or folder, or 'demo' for the demo model")
+    sweep.add_argument("--questions", required=True, type=Path,
+                       help="question file (JSONL with question_id, image, text, answer)")
+    sweep.add_argument("--image-folder", required=True, type=Path)
+    sweep.add_argument("--out", required=True, type=Path, help="output folder (exit_sweep-*.parquet, features-*.safetensors)")
+    sweep.add_argument("--features", choices=["hidden", "attention", "both", "none"], default="hidden",
+                       help="gate features to cache for training (default: hidden, the paper's)")
+    sweep.add_argument("--min-agreement", type=float, default=0.99, help="label: argmax agreement above this (default 0.99)")
+    sweep.add_argument("--max-ce-ratio", type=float, default=1.03, help="label: cross-entropy ratio below this (default 1.03)")
+    sweep.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
+    sweep.add_argument("--batch-size", type=int, default=1)
+    sweep.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    sweep.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    sweep.add_argument("--device", default="cpu")
+    sweep.add_argument("--seed", type=int, default=0)
+    sweep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    sweep.set_defaults(run=_cmd_sweep)
+
+    train = commands.add_parser(
+        "train", help="train one gate per layer on a sweep's cached features (model frozen)", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("--sweep", type=Path, help="offline: folder written by `dyvte-exit sweep` (features cached)")
+    train.add_argument("--online", action="store_true",
+                       help="the paper's online scheme instead: one random exit layer per step, labelled on the fly")
+    train.add_argument("--questions", type=Path, help="--online: question file with reference answers")
+    train.add_argument("--image-folder", type=Path, help="--online: folder of the questions' images")
+    train.add_argument("--features", choices=["hidden", "attention", "both"], default="hidden", help="--online: gate input")
+    train.add_argument("--limit", type=int, default=None, help="--online: only the first N questions")
+    train.add_argument("--min-agreement", type=float, default=0.99, help="--online: label threshold (default 0.99)")
+    train.add_argument("--max-ce-ratio", type=float, default=1.03, help="--online: label threshold (default 1.03)")
+    train.add_argument("--device", default="cpu", help="--online: device of the model")
+    train.add_argument("--model", required=True, help="the model the sweep was run on (its shape goes into the gates' config)")
+    train.add_argument("--out", required=True, type=Path,
+                       help="folder for gates.safetensors, gate_config.json, train_report.json")
+    train.add_argument("--hidden-width", type=int, default=2048, help="gate hidden width (default 2048, the paper's)")
+    train.add_argument("--tau", type=float, default=0.5, help="exit when p(exit) > tau (default 0.5)")
+    train.add_argument("--lr", type=float, default=6e-5)
+    train.add_argument("--epochs", type=int, default=1)
+    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--holdout", type=float, default=0.2, help="fraction of samples held out for the accuracy report")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(run=_cmd_train)
+
+    generate = commands.add_parser(
+        "generate", help="answer a question about an image with the gates; print the answer and the exit layer",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    generate.add_argument("--model", required=True)
+    generate.add_argument("--gates", required=True, type=Path, help="folder written by `dyvte-exit train`")
+    generate.add_argument("--image", required=True, action="append", help="image file (repeat for several images)")
+    generate.add_argument("--question", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("--tau", type=float, default=None, help="override the saved threshold")
+    generate.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
+    generate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    generate.add_argument("--device", default="cpu")
+    generate.add_argument("--no-progress", action="store_true", help="accepted for symmetry; generation prints no bar")
+    generate.set_defaults(run=_cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``dyvte-exit``; errors print one line and exit 2."""
+    from analysis.adapters import UnsupportedModelError
+    from analysis.data import DataError
+    from analysis.demo_model import DemoModelUnavailable
+    from analysis.layout import LayoutError
+    from analysis.schema import SchemaError
+    from exit.gates import GateMismatchError
+    from exit.surgery import ExitSurgeryError
+    from exit.sweep import SweepError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except (DataError, LayoutError, SchemaError, UnsupportedModelError, DemoModelUnavailable, GateMismatchError,
+            ExitSurgeryError, SweepError, FileNotFoundError, UsageError) as error:
+        print(f"dyvte-exit {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

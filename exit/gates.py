@@ -1,0 +1,316 @@
+"""DyVTE gates: one small classifier per decoder layer that decides when the image tokens may go.
+
+A gate reads what ``analysis.recorder`` hands over right after its layer (a ``LayerRecord``):
+- "hidden" (the paper's input): concat(mean of the text tokens after the image excluding the last,
+  the last prompt token), 2 x hidden_size features;
+- "attention": that layer's attention statistics, per head: the group masses of the text and the
+  last queries over (system, image, text) keys and their row entropies, 8 x heads features;
+- "both": the two concatenated (hidden first).
+Empty groups (NaN in the record, e.g. no text token besides the last) become 0.
+
+Each gate is Linear(features -> width, no bias) -> GELU -> Linear(width -> 2, no bias), xavier
+initialised from the config's seed; logit index 1 = exit; a row exits when p(exit) > tau.
+
+During a prefill (``dyvte_exit``) the gates are asked after each layer, for the rows that have not
+exited, until one fires; decoding does not ask again. ``save`` writes ``gates.safetensors`` and
+``gate_config.json`` (the GateConfig and the model the gates were made for: type, layer count,
+hidden size, heads); ``DyVTEGates.load(folder, model)`` refuses gates made for another model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from analysis.adapters import ModelAdapter, resolve_adapter
+from analysis.layout import QUERY_GROUPS, TokenLayout, token_layout
+from analysis.recorder import AttentionRecorder, LayerRecord, record_attention
+from exit.surgery import VisualExit, visual_token_exit
+
+GateInput = Literal["hidden", "attention", "both"]
+GATE_INPUTS: tuple[str, ...] = ("hidden", "attention", "both")
+WEIGHTS_FILE = "gates.safetensors"
+CONFIG_FILE = "gate_config.json"
+FORMAT_VERSION = 1
+_ATTENTION_QUERIES = [QUERY_GROUPS.index("text"), QUERY_GROUPS.index("last")]
+
+
+class GateMismatchError(ValueError):
+    """Gates were made for a different model (or a different input) than the one at hand."""
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Settings of a set of DyVTE gates.
+
+    Attributes:
+        inputs: "hidden" (the paper's), "attention" or "both".
+        hidden_width: width of each gate's hidden layer (the paper uses 2048).
+        tau: a row exits when p(exit) > tau.
+        seed: seed of the xavier initialisation.
+    """
+
+    inputs: str = "hidden"
+    hidden_width: int = 2048
+    tau: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.inputs not in GATE_INPUTS:
+            raise ValueError(f"expected gate inputs to be one of {list(GATE_INPUTS)}, found {self.inputs!r}")
+        if self.hidden_width < 1:
+            raise ValueError(f"expected a positive hidden width, found {self.hidden_width}")
+        if not 0.0 <= self.tau <= 1.0:
+            raise ValueError(f"expected tau in [0, 1], found {self.tau}")
+
+
+@dataclass(frozen=True)
+class ModelSignature:
+    """What the gates must match in a model: family, decoder layers, hidden size, heads."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelSignature:
+        adapter = resolve_adapter(model)
+        text = adapter.text_config(model)
+        return cls(
+            model_type=str(model.config.model_type),
+            num_layers=len(adapter.decoder_layers(model)),
+            hidden_size=int(text.hidden_size),
+            num_heads=int(text.num_attention_heads),
+        )
+
+
+def feature_size(config: GateConfig, signature: ModelSignature) -> int:
+    """Number of input features of one gate."""
+    hidden = 2 * signature.hidden_size
+    attention = signature.num_heads * len(_ATTENTION_QUERIES) * 4  # 3 key-group masses + 1 entropy
+    return {"hidden": hidden, "attention": attention, "both": hidden + attention}[config.inputs]
+
+
+def gate_features(record: LayerRecord, inputs: str) -> torch.Tensor:
+    """(batch, features) float32 gate input from one layer's record (see the module docstring).
+
+    Raises:
+        ValueError: the record lacks what ``inputs`` needs (ask the recorder for states or attention).
+    """
+    parts: list[torch.Tensor] = []
+    if inputs in ("hidden", "both"):
+        if record.text_mean is None or record.last is None:
+            raise ValueError(f"expected text states in the record of layer {record.layer} (record_states=True), found none")
+        parts.append(torch.cat([record.text_mean, record.last], dim=-1).float())
+    if inputs in ("attention", "both"):
+        if record.mass is None or record.entropy is None:
+            raise ValueError(f"expected attention statistics in the record of layer {record.layer}, found none")
+        mass = record.mass[:, :, _ATTENTION_QUERIES, :].flatten(1)  # (batch, head * 2 * 3)
+        entropy = record.entropy[:, :, _ATTENTION_QUERIES].flatten(1)  # (batch, head * 2)
+        parts.append(torch.cat([mass, entropy], dim=-1).float())
+    if not parts:
+        raise ValueError(f"expected gate inputs to be one of {list(GATE_INPUTS)}, found {inputs!r}")
+    return torch.nan_to_num(torch.cat(parts, dim=-1), nan=0.0)
+
+
+def _gate(features: int, width: int, generator: torch.Generator) -> nn.Sequential:
+    gate = nn.Sequential(nn.Linear(features, width, bias=False), nn.GELU(), nn.Linear(width, 2, bias=False))
+    for linear in (gate[0], gate[2]):
+        nn.init.xavier_uniform_(linear.weight, generator=generator)
+    return gate
+
+
+class DyVTEGates(nn.Module):
+    """One gate per decoder layer of the model described by ``signature``."""
+
+    def __init__(self, config: GateConfig, signature: ModelSignature) -> None:
+        super().__init__()
+        self.config = config
+        self.signature = signature
+        generator = torch.Generator().manual_seed(config.seed)
+        size = feature_size(config, signature)
+        self.gates = nn.ModuleList(_gate(size, config.hidden_width, generator) for _ in range(signature.num_layers))
+
+    @classmethod
+    def for_model(cls, model: nn.Module, config: GateConfig = GateConfig()) -> DyVTEGates:
+        """Freshly initialised gates for ``model``, on the model's device."""
+        gates = cls(config, ModelSignature.of(model))
+        return gates.to(next(model.parameters()).device)
+
+    def forward(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        """(batch, 2) logits of gate ``layer``; index 1 = exit."""
+        if not 0 <= layer < len(self.gates):
+            raise IndexError(f"expected a layer in 0..{len(self.gates) - 1}, found {layer}")
+        weight = self.gates[layer][0].weight
+        return self.gates[layer](features.to(weight.device, weight.dtype))
+
+    def p_exit(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        """(batch,) probability that exiting after ``layer`` is safe."""
+        return self(layer, features).softmax(dim=-1)[:, 1]
+
+    def fires(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        """(batch,) bool: p(exit) > tau."""
+        return self.p_exit(layer, features) > self.config.tau
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise GateMismatchError unless ``model`` is the kind of model these gates were made for."""
+        found = ModelSignature.of(model)
+        if found != self.signature:
+            raise GateMismatchError(f"expected a model matching the gates {asdict(self.signature)}, found {asdict(found)}")
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``gates.safetensors`` and ``gate_config.json`` into ``folder``; returns the folder."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
+        save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "dyvte-gates", "version": str(FORMAT_VERSION)})
+        meta = {"format_version": FORMAT_VERSION, "gate": asdict(self.config), "model": asdict(self.signature)}
+        (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, model: nn.Module | None = None, *, tau: float | None = None) -> DyVTEGates:
+        """Gates saved by ``save``; with ``model``, checked against it and moved to its device.
+
+        Raises:
+            FileNotFoundError: a file is missing. GateMismatchError: the gates were made for another model.
+        """
+        folder = Path(folder)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"expected {name} in {folder}, found none (save gates with DyVTEGates.save)")
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise GateMismatchError(f"expected gate format version {FORMAT_VERSION}, found {meta.get('format_version')!r}")
+        config = GateConfig(**meta["gate"])
+        if tau is not None:
+            config = GateConfig(**{**asdict(config), "tau": tau})
+        gates = cls(config, ModelSignature(**meta["model"]))
+        if model is not None:
+            gates.check_model(model)
+        gates.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+        if model is not None:
+            gates = gates.to(next(model.parameters()).device)
+        return gates.eval()
+
+
+def gate_recording(
+    model: nn.Module,
+    layout: TokenLayout,
+    inputs: str,
+    *,
+    keep: bool = True,
+    on_layer: Callable[[LayerRecord], None] | None = None,
+    adapter: ModelAdapter | None = None,
+) -> AbstractContextManager[AttentionRecorder]:
+    """``record_attention`` set up for the gate input ``inputs``: states and/or attention statistics,
+    observed the way the model already runs (eager weights under eager, else the SDPA fast path),
+    so the model's outputs are unchanged."""
+    adapter = adapter or resolve_adapter(model)
+    return record_attention(
+        model,
+        layout,
+        attention="eager" if adapter.attention_implementation(model) == "eager" else "sdpa",
+        record_attention=inputs in ("attention", "both"),
+        record_states=inputs in ("hidden", "both"),
+        keep=keep,
+        on_layer=on_layer,
+        adapter=adapter,
+    )
+
+
+@contextmanager
+def dyvte_exit(
+    model: nn.Module,
+    gates: DyVTEGates,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+) -> Iterator[VisualExit]:
+    """Run ``model`` with gated visual-token exit for the batch ``input_ids`` (the prompt).
+
+    During the prefill, after each decoder layer, the gate of that layer is asked for every row
+    that has not exited; rows whose gate fires exit after that layer. Decoding steps (generate())
+    are not asked again. The yielded handle tells each row's exit layer after the prefill.
+    The block serves this one batch and generation with the KV cache (the default): a forward of
+    another length inside it (``use_cache=False`` re-runs the whole sequence each step) is not
+    gated, so it runs with the image in every layer.
+
+    Example::
+
+        with dyvte_exit(model, gates, batch["input_ids"], batch["attention_mask"]) as surgery:
+            out = model.generate(**batch, max_new_tokens=16)
+        print(surgery.exit_layers)
+    """
+    gates.check_model(model)
+    adapter = resolve_adapter(model)
+    layout = token_layout(input_ids, attention_mask, adapter.image_token_id(model))
+    inputs = gates.config.inputs
+
+    with visual_token_exit(model, None) as surgery:
+
+        def on_layer(record: LayerRecord) -> None:
+            pending = surgery.pending_rows()
+            if record.layer == surgery.num_layers - 1 or not bool(pending.any()):
+                return
+            with torch.no_grad():
+                fires = gates.fires(record.layer, gate_features(record, inputs)).to(pending.device)
+            if bool((fires & pending).any()):
+                surgery.request_exit(record.layer, fires & pending)
+
+        with gate_recording(model, layout, inputs, keep=False, on_layer=on_layer, adapter=adapter):
+            yield surgery
+
+
+def gate_parameters(gates: DyVTEGates) -> int:
+    """Number of parameters of all gates."""
+    return sum(p.numel() for p in gates.parameters())
+
+
+
+
+def answer_with_gates(
+    model: nn.Module,
+    processor: object,
+    gates: DyVTEGates,
+    images: list[object],
+    question: str,
+    max_new_tokens: int = 32,
+) -> tuple[str, int | None]:
+    """Greedy answer to one question about ``images`` with gated exit; returns (answer, exit layer or None)."""
+    from analysis.data import Question, build_prompt
+
+    prompt = build_prompt(processor, Question("q", tuple(f"image-{i}" for i in range(len(images))), question))
+    inputs = processor(images=images, text=prompt, return_tensors="pt")  # type: ignore[operator]
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    with torch.no_grad(), dyvte_exit(model, gates, inputs["input_ids"], inputs.get("attention_mask")) as surgery:
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)  # type: ignore[operator]
+    new_tokens = output[:, inputs["input_ids"].shape[1] :]
+    answer = processor.batch_decode(new_tokens, skip_special_tokens=True)[0]  # type: ignore[attr-defined]
+    return answer.strip(), surgery.exit_layers[0]
+
+
+__all__ = [
+    "DyVTEGates",
+    "GATE_INPUTS",
+    "GateConfig",
+    "GateInput",
+    "GateMismatchError",
+    "ModelSignature",
+    "answer_with_gates",
+    "dyvte_exit",
+    "feature_size",
+    "gate_features",
+    "gate_parameters",
+    "gate_recording",
+]

@@ -1,0 +1,538 @@
+"""Exit labels per (sample, layer): the exit sweep, and its parquet table.
+
+For every sample and every decoder layer k, the model with the image tokens removed after k is
+compared with the full model, teacher-forced on the reference answer:
+  agreement = fraction of answer tokens whose argmax prediction is the same in both;
+  ce_ratio  = answer cross-entropy with exit after k / answer cross-entropy of the full model;
+  label     = agreement > 0.99 and ce_ratio < 1.03 (``LabelRule``).
+At k = L-1 both are the same model, so the label is always 1.
+
+Cost: the full model runs once; each layer's output states at the non-image tokens are kept, and
+the exit branch for k runs only those tokens through layers k+1..L-1 (all branches that are
+active at a layer go through it as one batch). The branch is exactly the surgery of
+``exit.surgery`` (non-image tokens right-aligned, original positions, padding masked), and
+removing the image tokens after k is exactly masking them (tests/test_exit_surgery.py).
+
+The sweep is also an analysis result: ``sweep_table`` follows the conventions of
+``analysis.schema`` (columns with dtypes and units, ``dyvte.table`` = "exit_sweep", a schema
+version and provenance in the parquet metadata) and ``SweepWriter`` streams it to shards. With
+``features=...`` the per-layer gate features of the same forward are returned too, and the
+writer caches them (with the labels) as safetensors shards for ``exit.train``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from analysis.adapters import ModelAdapter, resolve_adapter
+from analysis.hooks import Hook, attached
+from analysis.layout import IMAGE, PADDING, TokenLayout, token_layout
+from analysis.schema import PROVENANCE_KEY, TABLE_KEY, VERSION_KEY, Column, SchemaError
+from exit.gates import GATE_INPUTS, gate_features, gate_recording
+from exit.surgery import attention_mask_for_keys, compact_layout
+
+SWEEP_TABLE = "exit_sweep"
+SWEEP_SCHEMA_VERSION = 1
+FEATURES_PREFIX = "features"
+
+SWEEP_COLUMNS: tuple[Column, ...] = (
+    Column("sample_id", pa.string(), "", "identifier of the sample (the question id)"),
+    Column("layer", pa.int32(), "index", "exit after this decoder layer (0 = first); L-1 = no removal"),
+    Column("agreement", pa.float32(), "fraction", "answer tokens whose argmax equals the full model's"),
+    Column("ce_exit", pa.float32(), "nats / token", "mean answer cross-entropy with the image removed after the layer"),
+    Column("ce_full", pa.float32(), "nats / token", "mean answer cross-entropy of the full model"),
+    Column("ce_ratio", pa.float32(), "ratio", "ce_exit / ce_full"),
+    Column("label", pa.bool_(), "", "exit is safe: agreement > min_agreement and ce_ratio < max_ce_ratio"),
+    Column("n_answer", pa.int32(), "tokens", "answer tokens (teacher-forced)"),
+    Column("n_image", pa.int32(), "tokens", "image tokens removed after the layer"),
+    Column("n_kept", pa.int32(), "tokens", "tokens left in the layers after the exit"),
+)
+
+
+class SweepError(ValueError):
+    """The sweep's inputs do not describe a teacher-forced answer after an image prompt."""
+
+
+@dataclass(frozen=True)
+class LabelRule:
+    """When exiting after a layer counts as safe (the paper's thresholds by default)."""
+
+    min_agreement: float = 0.99
+    max_ce_ratio: float = 1.03
+
+    def label(self, agreement: torch.Tensor, ce_ratio: torch.Tensor) -> torch.Tensor:
+        return (agreement > self.min_agreement) & (ce_ratio < self.max_ce_ratio)
+
+
+@dataclass
+class SweepResult:
+    """The sweep of one batch; every tensor is (batch, layers) unless noted.
+
+    Attributes:
+        features: (batch, layers, features) float32 gate features of the full forward, or None.
+        features_kind: which gate input the features are ("hidden", "attention", "both") or None.
+    """
+
+    agreement: torch.Tensor
+    ce_exit: torch.Tensor
+    ce_full: torch.Tensor  # (batch,)
+    ce_ratio: torch.Tensor
+    label: torch.Tensor
+    n_answer: torch.Tensor  # (batch,)
+    n_image: torch.Tensor  # (batch,)
+    n_kept: torch.Tensor  # (batch,)
+    rule: LabelRule
+    features: torch.Tensor | None = None
+    features_kind: str | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.agreement.shape[1])
+
+
+def teacher_forced_inputs(
+    processor: Any, prompts: list[str], images: list[list[Any]], answers: list[str], append_eos: bool = True
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Prompt + reference answer per row, left-padded, and the (batch, seq) bool mask of answer tokens.
+
+    Each prompt is tokenized by the processor (which expands its image placeholders); the answer is
+    tokenized on its own (no special tokens) and appended, with the tokenizer's eos if asked, so the
+    answer tokens are exactly known.
+    """
+    if not len(prompts) == len(images) == len(answers):
+        raise SweepError(
+            f"expected as many prompts, image lists and answers, found {len(prompts)}, {len(images)}, {len(answers)}"
+        )
+    tokenizer = processor.tokenizer
+    rows, pixels = [], []
+    for prompt, row_images, answer in zip(prompts, images, answers):
+        encoded = processor(images=row_images, text=prompt, return_tensors="pt")
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if append_eos and tokenizer.eos_token_id is not None:
+            answer_ids = [*answer_ids, tokenizer.eos_token_id]
+        if not answer_ids:
+            raise SweepError(f"expected a non-empty reference answer, found {answer!r}")
+        rows.append((encoded["input_ids"][0], torch.tensor(answer_ids, dtype=torch.long)))
+        pixels.append(encoded["pixel_values"])
+    length = max(len(p) + len(a) for p, a in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
+    answer_mask = torch.zeros(len(rows), length, dtype=torch.bool)
+    for row, (prompt_ids, answer_ids) in enumerate(rows):
+        ids = torch.cat([prompt_ids, answer_ids])
+        input_ids[row, length - len(ids) :] = ids
+        attention_mask[row, length - len(ids) :] = 1
+        answer_mask[row, length - len(answer_ids) :] = True
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": torch.cat(pixels)}
+    return inputs, answer_mask
+
+
+def prompt_layout(layout: TokenLayout, answer_mask: torch.Tensor) -> TokenLayout:
+    """The layout of the prompt alone inside a teacher-forced sequence: answer tokens belong to no
+    group and ``last`` is the last prompt token. By causality, statistics and states recorded with
+    it over prompt + answer equal those of a prompt-only forward, which is what the gates see at
+    inference."""
+    answer_mask = answer_mask.to(layout.group.device)
+    positions = torch.arange(layout.seq_len, device=layout.group.device).expand_as(layout.group)
+    first_answer = torch.where(answer_mask, positions, layout.seq_len).min(dim=1).values
+    group = torch.where(answer_mask, PADDING, layout.group)
+    return TokenLayout(group=group, last_index=first_answer - 1, image_token_id=layout.image_token_id)
+
+
+def exit_sweep(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    answer_mask: torch.Tensor,
+    *,
+    rule: LabelRule = LabelRule(),
+    features: str | None = None,
+    adapter: ModelAdapter | None = None,
+) -> SweepResult:
+    """Exit statistics and labels for every row of ``inputs`` and every decoder layer.
+
+    Args:
+        model: a supported image-text model (eager or SDPA attention), frozen.
+        inputs: model inputs (input_ids, attention_mask, pixel_values, ...) of prompt + answer.
+        answer_mask: (batch, seq) bool, True at the reference answer's tokens (teacher-forced).
+        rule: the label thresholds.
+        features: also return the gate features of the full forward ("hidden", "attention", "both"),
+            computed over the prompt only (``prompt_layout``), as the gates see it at inference.
+
+    Raises:
+        SweepError: an answer token is an image token or padding, or a row has no answer token.
+    """
+    adapter = adapter or resolve_adapter(model)
+    if features is not None and features not in GATE_INPUTS:
+        raise SweepError(f"expected features to be one of {list(GATE_INPUTS)} or None, found {features!r}")
+    layers = adapter.decoder_layers(model)
+    paths = adapter.layer_paths(model)
+    num_layers = len(layers)
+    device = next(model.parameters()).device
+    input_ids = inputs["input_ids"]
+    layout = token_layout(input_ids, inputs.get("attention_mask"), adapter.image_token_id(model))
+    group = layout.group
+    answer_mask = answer_mask.to(group.device).bool()
+    if answer_mask.shape != group.shape:
+        raise SweepError(f"expected an answer mask of shape {tuple(group.shape)}, found {tuple(answer_mask.shape)}")
+    keep = (group != PADDING) & (group != IMAGE)
+    if bool((answer_mask & ~keep).any()):
+        raise SweepError("expected answer tokens to be real, non-image tokens, found padding or image positions marked")
+    if not bool(answer_mask.any(dim=1).all()):
+        empty = (~answer_mask.any(1)).nonzero().flatten().tolist()
+        raise SweepError(f"expected at least one answer token in every row, found rows {empty} without")
+    positions = torch.arange(layout.seq_len, device=group.device).expand_as(group)
+    first_answer = torch.where(answer_mask, positions, layout.seq_len).min(dim=1).values
+    if not torch.equal(answer_mask, (positions >= first_answer[:, None]) & (group != PADDING)):
+        raise SweepError("expected each row's answer to be its last real tokens (prompt, then the whole answer)")
+    compact = compact_layout(keep.to(device))
+    slot_of = torch.full(group.shape, -1, dtype=torch.long, device=device)
+    rows, slots = compact.valid.nonzero(as_tuple=True)
+    slot_of[rows, compact.index[rows, slots]] = slots
+    answer_rows, answer_positions = answer_mask.to(device).nonzero(as_tuple=True)
+    predict_slots = slot_of[answer_rows, answer_positions - 1]
+    if bool((answer_positions == 0).any()) or bool((predict_slots < 0).any()):
+        raise SweepError("expected every answer token to follow a real non-image token (the one that predicts it)")
+    targets = input_ids.to(device)[answer_rows, answer_positions]
+
+    states: list[torch.Tensor | None] = [None] * num_layers
+    rotary: dict[str, Any] = {}
+
+    def grab_positions(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        rotary["position_embeddings"] = kwargs["position_embeddings"]
+        rotary["position_ids"] = kwargs.get("position_ids")
+
+    def keep_state(layer: int) -> Any:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output
+            states[layer] = compact.gather(hidden.detach())
+
+        return hook
+
+    hooks = [Hook(paths[0], grab_positions, kind="forward_pre", with_kwargs=True)]
+    hooks += [Hook(path, keep_state(i)) for i, path in enumerate(paths)]
+    records = []
+    with torch.no_grad(), attached(model, hooks):
+        if features is None:
+            model(**inputs, logits_to_keep=1)
+        else:
+            with gate_recording(model, prompt_layout(layout, answer_mask), features, adapter=adapter) as recording:
+                model(**inputs, logits_to_keep=1)
+            records = recording.records
+
+    norm, head = adapter.final_norm(model), model.get_output_embeddings()
+    config = adapter.text_config(model)
+    batch = layout.batch_size
+
+    def answer_logits(hidden: torch.Tensor) -> torch.Tensor:
+        return head(norm(hidden[answer_rows, predict_slots])).float()  # (n_answer_tokens, vocab)
+
+    with torch.no_grad():
+        full_logits = answer_logits(states[-1])
+        cos, sin = rotary["position_embeddings"]
+        cos, sin = compact.gather(cos), compact.gather(sin)
+        position_ids = rotary["position_ids"]
+        position_ids = compact.gather(position_ids) if position_ids is not None else None
+        mask = attention_mask_for_keys(config, compact.valid, compact.length, states[-1].dtype)
+        exit_logits: list[torch.Tensor] = [torch.empty(0)] * num_layers
+        branches: list[torch.Tensor] = []
+        for layer in range(1, num_layers):
+            branches.append(states[layer - 1])  # the branch that exits after layer - 1 starts here
+            count = len(branches)
+            hidden = layers[layer](
+                torch.cat(branches),
+                attention_mask=mask.repeat(count, *[1] * (mask.dim() - 1)),
+                position_embeddings=(cos.repeat(count, 1, 1), sin.repeat(count, 1, 1)),
+                position_ids=None if position_ids is None else position_ids.repeat(count, 1),
+                cache=None,
+                use_cache=False,
+            )
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+            branches = list(hidden.split(batch))
+            states[layer - 1] = None  # no longer needed
+        for k, branch in enumerate(branches):
+            exit_logits[k] = answer_logits(branch)
+        exit_logits[num_layers - 1] = full_logits
+
+        agreement, ce_exit, ce_full, counts = answer_metrics(full_logits, exit_logits, targets, answer_rows, batch)
+    ce_ratio = ce_exit / ce_full.clamp_min(1e-12)[:, None]
+    gate_inputs = None
+    if features is not None:
+        gate_inputs = torch.stack([gate_features(record, features) for record in records], dim=1).cpu()
+    return SweepResult(
+        agreement=agreement.cpu(),
+        ce_exit=ce_exit.cpu(),
+        ce_full=ce_full.cpu(),
+        ce_ratio=ce_ratio.cpu(),
+        label=rule.label(agreement, ce_ratio).cpu(),
+        n_answer=counts.long().cpu(),
+        n_image=(group == IMAGE).sum(1).cpu(),
+        n_kept=keep.sum(1).cpu(),
+        rule=rule,
+        features=gate_inputs,
+        features_kind=features,
+    )
+
+
+def answer_metrics(
+    full_logits: torch.Tensor, exit_logits: list[torch.Tensor], targets: torch.Tensor, rows: torch.Tensor, batch: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row answer metrics from logits at the answer tokens' predicting positions.
+
+    Args:
+        full_logits: (n_answer_tokens, vocab) of the full model; exit_logits: one such tensor per exit.
+        targets: (n_answer_tokens,) the answer token ids; rows: (n_answer_tokens,) their batch row.
+
+    Returns:
+        agreement (batch, exits), ce_exit (batch, exits), ce_full (batch,), answer tokens per row (batch,).
+    """
+    rows = rows.to(full_logits.device)
+    targets = targets.to(full_logits.device)
+    counts = torch.zeros(batch, device=full_logits.device).index_add_(0, rows, torch.ones_like(targets, dtype=torch.float))
+
+    def per_row(values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(batch, device=full_logits.device).index_add_(0, rows, values.float()) / counts
+
+    full_argmax = full_logits.argmax(-1)
+    ce_full = per_row(nn.functional.cross_entropy(full_logits, targets, reduction="none"))
+    agreement = torch.stack([per_row(logits.argmax(-1) == full_argmax) for logits in exit_logits], dim=1)
+    ce_exit = torch.stack(
+        [per_row(nn.functional.cross_entropy(logits, targets, reduction="none")) for logits in exit_logits], dim=1
+    )
+    return agreement, ce_exit, ce_full, counts
+
+
+# The table --------------------------------------------------------------------------------
+
+
+def sweep_schema(provenance: dict[str, Any] | None = None) -> pa.Schema:
+    """The arrow schema of the sweep table with the toolkit's metadata keys."""
+    metadata = {TABLE_KEY: SWEEP_TABLE.encode(), VERSION_KEY: str(SWEEP_SCHEMA_VERSION).encode()}
+    if provenance is not None:
+        metadata[PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True).encode()
+    return pa.schema([pa.field(c.name, c.dtype, nullable=False) for c in SWEEP_COLUMNS], metadata=metadata)
+
+
+def validate_sweep_schema(schema: pa.Schema, where: str = "table") -> None:
+    """Raise SchemaError unless ``schema`` is the sweep table's (metadata, version, columns)."""
+    metadata = schema.metadata or {}
+    table = metadata.get(TABLE_KEY, b"").decode()
+    version = metadata.get(VERSION_KEY, b"").decode()
+    if table != SWEEP_TABLE or version != str(SWEEP_SCHEMA_VERSION):
+        raise SchemaError(
+            f"{where}: expected an {SWEEP_TABLE} table of schema version {SWEEP_SCHEMA_VERSION}, "
+            f"found table {table or None!r} version {version or None!r}"
+        )
+    expected = [(c.name, c.dtype) for c in SWEEP_COLUMNS]
+    found = [(f.name, f.type) for f in schema]
+    if expected != found:
+        raise SchemaError(
+            f"{where}: expected columns {[f'{n}:{t}' for n, t in expected]}, found {[f'{n}:{t}' for n, t in found]}"
+        )
+
+
+def sweep_table(result: SweepResult, sample_ids: list[str]) -> pa.Table:
+    """One row per (sample, layer), ordered by sample then layer."""
+    batch, layers = result.agreement.shape
+    if len(sample_ids) != batch:
+        raise SchemaError(f"expected {batch} sample ids (one per row), found {len(sample_ids)}")
+    row = np.repeat(np.arange(batch), layers)
+
+    def flat(tensor: torch.Tensor) -> np.ndarray:
+        return tensor.reshape(-1).numpy()
+
+    columns = {
+        "sample_id": pa.array(np.asarray(sample_ids, dtype=object)[row], pa.string()),
+        "layer": pa.array(np.tile(np.arange(layers, dtype=np.int32), batch), pa.int32()),
+        "agreement": pa.array(flat(result.agreement).astype(np.float32), pa.float32()),
+        "ce_exit": pa.array(flat(result.ce_exit).astype(np.float32), pa.float32()),
+        "ce_full": pa.array(result.ce_full.numpy()[row].astype(np.float32), pa.float32()),
+        "ce_ratio": pa.array(flat(result.ce_ratio).astype(np.float32), pa.float32()),
+        "label": pa.array(flat(result.label).astype(bool), pa.bool_()),
+        "n_answer": pa.array(result.n_answer.numpy()[row].astype(np.int32), pa.int32()),
+        "n_image": pa.array(result.n_image.numpy()[row].astype(np.int32), pa.int32()),
+        "n_kept": pa.array(result.n_kept.numpy()[row].astype(np.int32), pa.int32()),
+    }
+    return pa.Table.from_pydict(columns, schema=sweep_schema())
+
+
+class SweepWriter:
+    """Stream sweep tables (and cached gate features) into ``out_dir``; a context manager.
+
+    Files: ``exit_sweep-NNNNN.parquet`` (one row group per batch; written under a hidden
+    temporary name and renamed when complete) and, for batches with features,
+    ``features-NNNNN-BBBBB.safetensors`` holding ``features`` (batch, layers, F) float32 and
+    ``label`` (batch, layers) uint8, with the sample ids in the metadata.
+    """
+
+    def __init__(self, out_dir: str | Path, provenance: dict[str, Any], rule: LabelRule = LabelRule()) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.provenance = {**provenance, "label_rule": asdict(rule)}
+        taken = [int(p.stem.rsplit("-", 1)[1]) for p in self.out_dir.glob(f"{SWEEP_TABLE}-*.parquet")]
+        self.shard = max(taken, default=-1) + 1
+        self.final = self.out_dir / f"{SWEEP_TABLE}-{self.shard:05d}.parquet"
+        self.partial = self.out_dir / f".{self.final.name}.partial"
+        self._writer: pq.ParquetWriter | None = None
+        self.batches = 0
+        self.rows_written = 0
+        self.files: list[Path] = []
+
+    def write(self, result: SweepResult, sample_ids: list[str]) -> None:
+        table = sweep_table(result, sample_ids)
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.partial, sweep_schema(self.provenance))
+        self._writer.write_table(table.replace_schema_metadata(self._writer.schema.metadata))
+        if result.features is not None:
+            path = self.out_dir / f"{FEATURES_PREFIX}-{self.shard:05d}-{self.batches:05d}.safetensors"
+            tensors = {"features": result.features.float().contiguous(), "label": result.label.to(torch.uint8).contiguous()}
+            metadata = {"sample_ids": json.dumps(list(sample_ids)), "features_kind": str(result.features_kind)}
+            save_file(tensors, str(path), metadata=metadata)
+            self.files.append(path)
+        self.batches += 1
+        self.rows_written += table.num_rows
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            os.replace(self.partial, self.final)
+            self.files.append(self.final)
+            self._writer = None
+
+    def __enter__(self) -> SweepWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+def read_sweep(path: str | Path) -> pd.DataFrame:
+    """The sweep table of a file or a folder of ``exit_sweep-*.parquet`` shards, validated."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.glob(f"{SWEEP_TABLE}-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"expected {SWEEP_TABLE}-*.parquet at {path}, found none")
+    frames = []
+    for file in files:
+        validate_sweep_schema(pq.read_schema(file), str(file))
+        frames.append(pq.read_table(file).to_pandas())
+    return pd.concat(frames, ignore_index=True)
+
+
+def exit_labels_at(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    answer_mask: torch.Tensor,
+    layer: int,
+    features: str,
+    rule: LabelRule = LabelRule(),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate features at ``layer`` ((batch, F), prompt only) and exit labels at ``layer`` ((batch,) bool).
+
+    Two forwards, as in the paper's online scheme: the full model (recorded) and the model with the
+    image removed after ``layer`` (``exit.surgery``), both teacher-forced on the answer.
+    """
+    from exit.surgery import visual_token_exit
+
+    adapter = resolve_adapter(model)
+    layout = token_layout(inputs["input_ids"], inputs.get("attention_mask"), adapter.image_token_id(model))
+    answer_mask = answer_mask.to(layout.group.device).bool()
+    rows, positions = answer_mask.nonzero(as_tuple=True)
+    if positions.numel() == 0 or bool((positions == 0).any()):
+        raise SweepError("expected answer tokens after a prompt in every row, found none or one at position 0")
+    targets = inputs["input_ids"][rows, positions]
+    with torch.no_grad():
+        with gate_recording(model, prompt_layout(layout, answer_mask), features, adapter=adapter) as recording:
+            full = model(**inputs).logits[rows, positions - 1].float()
+        with visual_token_exit(model, layer):
+            exited = model(**inputs).logits[rows, positions - 1].float()
+        agreement, ce_exit, ce_full, _ = answer_metrics(full, [exited], targets, rows, layout.batch_size)
+    labels = rule.label(agreement[:, 0], ce_exit[:, 0] / ce_full.clamp_min(1e-12))
+    return gate_features(recording.records[layer], features), labels
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """What ``run_sweep`` wrote."""
+
+    out_dir: Path
+    samples: int
+    rows: int
+    files: list[Path]
+
+
+def run_sweep(
+    model: nn.Module,
+    processor: Any,
+    questions: list[Any],
+    image_folder: str | Path,
+    out_dir: str | Path,
+    *,
+    provenance: dict[str, Any],
+    features: str | None = "hidden",
+    batch_size: int = 1,
+    rule: LabelRule = LabelRule(),
+    progress: bool = True,
+) -> SweepRun:
+    """Sweep every question (its ``answer`` is the reference) and stream the table and features to ``out_dir``.
+
+    Raises:
+        SweepError: a question has no reference answer, or the folder already holds a sweep.
+    """
+    from tqdm import tqdm
+
+    from analysis.data import build_prompt, load_image
+    from analysis.dump import check_questions
+
+    check_questions(questions, image_folder)
+    missing = [q.question_id for q in questions if not q.answer]
+    if missing:
+        raise SweepError(f"expected a reference answer for every question, found none for {missing[:5]}")
+    if list(Path(out_dir).glob(f"{SWEEP_TABLE}-*.parquet")):
+        raise SweepError(f"expected a new or empty output folder, found a sweep in {out_dir}; choose another --out")
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    batches = [questions[i : i + batch_size] for i in range(0, len(questions), batch_size)]
+    with SweepWriter(out_dir, provenance, rule) as writer:
+        for batch in tqdm(batches, desc="sweep", unit="batch", disable=not progress):
+            prompts = [build_prompt(processor, q) for q in batch]
+            images = [[load_image(image_folder, name) for name in q.images] for q in batch]
+            inputs, answer_mask = teacher_forced_inputs(processor, prompts, images, [str(q.answer) for q in batch])
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+            result = exit_sweep(model, inputs, answer_mask, rule=rule, features=features)
+            writer.write(result, [q.question_id for q in batch])
+    return SweepRun(Path(out_dir), len(questions), writer.rows_written, writer.files)
+
+
+__all__ = [
+    "LabelRule",
+    "SWEEP_COLUMNS",
+    "SweepError",
+    "SweepResult",
+    "SweepRun",
+    "SweepWriter",
+    "answer_metrics",
+    "exit_labels_at",
+    "exit_sweep",
+    "prompt_layout",
+    "read_sweep",
+    "run_sweep",
+    "sweep_schema",
+    "sweep_table",
+    "teacher_forced_inputs",
+    "validate_sweep_schema",
+]

@@ -1,0 +1,344 @@
+"""Training the DyVTE gates, the model frozen.
+
+Two schemes, both seeded (all randomness comes from the ``seed`` argument):
+- offline (``train_offline``): from the sweep's cached feature shards (``features-*.safetensors``
+  written by ``exit.sweep.SweepWriter``), streamed shard by shard; every (sample, layer) pair is a
+  training example of that layer's gate; cross-entropy per layer, summed over layers.
+- online (``train_online``), the paper's: each step draws one exit layer k for the batch, labels
+  the batch at k (full model vs. image removed after k, teacher-forced), and updates gate k only.
+Held-out samples (a seeded split by sample id) are never trained on; ``evaluate`` reports each
+layer's gate accuracy on them.
+
+Optimiser: AdamW, cosine schedule with linear warm-up (3% of the steps by default), as in the
+paper's script.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from exit.gates import DyVTEGates
+from exit.sweep import FEATURES_PREFIX, LabelRule, SweepError
+
+ProgressFn = Callable[[Iterable], Iterable]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Optimisation settings (paper: lr 4e-5 in the text, 6e-5 in the script; 1 epoch; 3% warm-up)."""
+
+    lr: float = 6e-5
+    weight_decay: float = 0.0
+    epochs: int = 1
+    batch_size: int = 128
+    warmup_fraction: float = 0.03
+    holdout_fraction: float = 0.2
+    seed: int = 0
+
+
+@dataclass
+class TrainReport:
+    """What training did and how well each layer's gate does on the held-out samples.
+
+    Attributes:
+        steps: optimiser steps taken. train_examples / heldout_samples: counts.
+        layer_accuracy: per layer, accuracy on held-out samples (None: no held-out sample).
+        layer_positive_rate: per layer, the fraction of held-out labels that say "exit".
+        losses: mean training loss per step.
+    """
+
+    steps: int = 0
+    train_examples: int = 0
+    heldout_samples: int = 0
+    layer_accuracy: list[float | None] = field(default_factory=list)
+    layer_positive_rate: list[float | None] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2)
+
+
+def is_heldout(sample_id: str, fraction: float, seed: int) -> bool:
+    """Seeded, order-independent split: a sample is held out iff its hash falls below ``fraction``."""
+    digest = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def feature_shards(folder: str | Path) -> list[Path]:
+    """The cached feature shards of a sweep folder, in order."""
+    files = sorted(Path(folder).glob(f"{FEATURES_PREFIX}-*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"expected {FEATURES_PREFIX}-*.safetensors in {folder} (run the sweep with features), found none"
+        )
+    return files
+
+
+def read_shard(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str], str]:
+    """(features (batch, layers, F), labels (batch, layers) int64, sample ids, features kind) of one shard."""
+    with safe_open(str(path), "pt") as shard:
+        metadata = shard.metadata() or {}
+        features, labels = shard.get_tensor("features"), shard.get_tensor("label").long()
+    return features, labels, json.loads(metadata.get("sample_ids", "[]")), metadata.get("features_kind", "")
+
+
+def _split(folder: str | Path, settings: TrainSettings, heldout: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for path in feature_shards(folder):
+        features, labels, ids, _ = read_shard(path)
+        keep = torch.tensor([is_heldout(i, settings.holdout_fraction, settings.seed) == heldout for i in ids], dtype=torch.bool)
+        if bool(keep.any()):
+            yield features[keep], labels[keep]
+
+
+def _schedule(optimizer: torch.optim.Optimizer, total: int, warmup_fraction: float) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = max(1, math.ceil(total * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_offline(
+    gates: DyVTEGates, folder: str | Path, settings: TrainSettings = TrainSettings(), progress: ProgressFn | None = None
+) -> TrainReport:
+    """Train ``gates`` in place on the cached features of a sweep folder; report held-out accuracy.
+
+    Raises:
+        FileNotFoundError: no feature shards. SweepError: the shards' features do not fit the gates.
+    """
+    kind = read_shard(feature_shards(folder)[0])[3]
+    if kind != gates.config.inputs:
+        raise SweepError(f"expected features of kind {gates.config.inputs!r} for these gates, found {kind!r} in {folder}")
+    examples = sum(int(f.shape[0]) for f, _ in _split(folder, settings, heldout=False))
+    if examples == 0:
+        raise SweepError(f"expected training samples in {folder} after holding out {settings.holdout_fraction:.0%}, found none")
+    steps_per_epoch = math.ceil(examples / settings.batch_size)
+    total = steps_per_epoch * settings.epochs
+    generator = torch.Generator().manual_seed(settings.seed)
+    optimizer = torch.optim.AdamW(gates.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = _schedule(optimizer, total, settings.warmup_fraction)
+    report = TrainReport(train_examples=examples)
+    gates.train()
+    epochs: Iterable[int] = range(settings.epochs)
+    for _ in progress(epochs) if progress else epochs:
+        # Stream shards; shuffle within a buffer of up to batch_size * 8 samples.
+        buffer_f: list[torch.Tensor] = []
+        buffer_l: list[torch.Tensor] = []
+        for features, labels in _split(folder, settings, heldout=False):
+            buffer_f.append(features)
+            buffer_l.append(labels)
+            if sum(len(b) for b in buffer_f) >= settings.batch_size * 8:
+                _train_buffer(gates, optimizer, scheduler, buffer_f, buffer_l, settings, generator, report, final=False)
+        _train_buffer(gates, optimizer, scheduler, buffer_f, buffer_l, settings, generator, report, final=True)
+    gates.eval()
+    evaluate(gates, folder, settings, report)
+    return report
+
+
+def _train_buffer(
+    gates: DyVTEGates,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    buffer_f: list[torch.Tensor],
+    buffer_l: list[torch.Tensor],
+    settings: TrainSettings,
+    generator: torch.Generator,
+    report: TrainReport,
+    final: bool,
+) -> None:
+    if not buffer_f:
+        return
+    features, labels = torch.cat(buffer_f), torch.cat(buffer_l)
+    buffer_f.clear()
+    buffer_l.clear()
+    order = torch.randperm(len(features), generator=generator)
+    stop = len(order) if final else len(order) - len(order) % settings.batch_size
+    for start in range(0, stop, settings.batch_size):
+        index = order[start : start + settings.batch_size]
+        loss = sum(
+            nn.functional.cross_entropy(gates(layer, features[index, layer]), labels[index, layer])
+            for layer in range(features.shape[1])
+        ) / features.shape[1]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        report.steps += 1
+        report.losses.append(float(loss.detach()))
+    if stop < len(order):  # carry the remainder into the next buffer
+        buffer_f.append(features[order[stop:]])
+        buffer_l.append(labels[order[stop:]])
+
+
+def evaluate(gates: DyVTEGates, folder: str | Path, settings: TrainSettings, report: TrainReport | None = None) -> TrainReport:
+    """Per-layer accuracy of the gates (p(exit) > tau) on the held-out samples of a sweep folder."""
+    return evaluate_examples(gates, _split(folder, settings, heldout=True), report)
+
+
+def evaluate_examples(
+    gates: DyVTEGates, examples: Iterable[tuple[torch.Tensor, torch.Tensor]], report: TrainReport | None = None
+) -> TrainReport:
+    """Per-layer accuracy of the gates on (features (batch, layers, F), labels (batch, layers)) pairs."""
+    report = report or TrainReport()
+    layers = gates.signature.num_layers
+    correct = torch.zeros(layers)
+    positive = torch.zeros(layers)
+    count = 0
+    with torch.no_grad():
+        for features, labels in examples:
+            labels = labels.long().cpu()
+            count += len(features)
+            for layer in range(layers):
+                fires = gates.fires(layer, features[:, layer]).cpu()
+                correct[layer] += (fires.long() == labels[:, layer]).sum()
+                positive[layer] += labels[:, layer].sum()
+    report.heldout_samples = count
+    report.layer_accuracy = [float(c / count) if count else None for c in correct]
+    report.layer_positive_rate = [float(p / count) if count else None for p in positive]
+    return report
+
+
+def online_step(
+    gates: DyVTEGates,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: dict[str, torch.Tensor],
+    answer_mask: torch.Tensor,
+    generator: torch.Generator,
+    rule: LabelRule = LabelRule(),
+) -> tuple[int, float]:
+    """One step of the paper's online scheme: draw a layer k, label the batch at k, update gate k.
+
+    Returns (k, loss). The model is frozen (no gradient reaches it).
+    """
+    from exit.sweep import exit_labels_at
+
+    layer = int(torch.randint(gates.signature.num_layers, (1,), generator=generator))
+    features, labels = exit_labels_at(model, inputs, answer_mask, layer, gates.config.inputs, rule)
+    loss = nn.functional.cross_entropy(gates(layer, features), labels.long().to(features.device))
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return layer, float(loss.detach())
+
+
+def train_online(
+    gates: DyVTEGates,
+    model: nn.Module,
+    batches: Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]],
+    settings: TrainSettings = TrainSettings(),
+    steps: int | None = None,
+    progress: ProgressFn | None = None,
+    rule: LabelRule = LabelRule(),
+) -> TrainReport:
+    """The online scheme over ``batches`` of (teacher-forced inputs, answer mask); gates trained in place.
+
+    The learning rate follows the cosine schedule over ``steps`` (or ``len(batches)``) when known.
+    """
+    generator = torch.Generator().manual_seed(settings.seed)
+    optimizer = torch.optim.AdamW(gates.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    total = steps if steps is not None else (len(batches) if hasattr(batches, "__len__") else None)  # type: ignore[arg-type]
+    scheduler = _schedule(optimizer, total, settings.warmup_fraction) if total else None
+    report = TrainReport()
+    gates.train()
+    iterator: Iterable = batches if progress is None else progress(batches)
+    for inputs, answer_mask in iterator:
+        if steps is not None and report.steps >= steps:
+            break
+        _, loss = online_step(gates, model, optimizer, inputs, answer_mask, generator, rule)
+        if scheduler is not None:
+            scheduler.step()
+        report.steps += 1
+        report.train_examples += int(answer_mask.shape[0])
+        report.losses.append(loss)
+    gates.eval()
+    return report
+
+
+def train_online_on_questions(
+    gates: DyVTEGates,
+    model: nn.Module,
+    processor: Any,
+    questions: Sequence[Any],
+    image_folder: str | Path,
+    settings: TrainSettings = TrainSettings(),
+    rule: LabelRule = LabelRule(),
+    progress: ProgressFn | None = None,
+) -> TrainReport:
+    """The online scheme on a question file's samples (reference answers teacher-forced).
+
+    Samples are split by ``is_heldout``; the training ones are shuffled (seeded) each epoch and
+    batched; afterwards every held-out sample is swept over all layers and each gate's accuracy
+    is reported.
+    """
+    from analysis.data import build_prompt, load_image
+    from exit.sweep import exit_sweep, teacher_forced_inputs
+
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    train = [q for q in questions if not is_heldout(q.question_id, settings.holdout_fraction, settings.seed)]
+    heldout = [q for q in questions if is_heldout(q.question_id, settings.holdout_fraction, settings.seed)]
+    if not train:
+        raise SweepError(f"expected training samples after holding out {settings.holdout_fraction:.0%}, found none")
+    missing = [q.question_id for q in questions if not q.answer]
+    if missing:
+        raise SweepError(f"expected a reference answer for every question, found none for {missing[:5]}")
+
+    def prepared(batch: Sequence[Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        prompts = [build_prompt(processor, q) for q in batch]
+        images = [[load_image(image_folder, name) for name in q.images] for q in batch]
+        inputs, answer_mask = teacher_forced_inputs(processor, prompts, images, [str(q.answer) for q in batch])
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        return inputs, answer_mask
+
+    generator = torch.Generator().manual_seed(settings.seed)
+    order = [i for _ in range(settings.epochs) for i in torch.randperm(len(train), generator=generator).tolist()]
+    batches = [[train[i] for i in order[s : s + settings.batch_size]] for s in range(0, len(order), settings.batch_size)]
+
+    class _Batches:
+        def __len__(self) -> int:
+            return len(batches)
+
+        def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+            return (prepared(batch) for batch in batches)
+
+    report = train_online(gates, model, _Batches(), settings, progress=progress, rule=rule)
+    kind = gates.config.inputs
+
+    def swept() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(heldout), settings.batch_size):
+            inputs, answer_mask = prepared(heldout[start : start + settings.batch_size])
+            result = exit_sweep(model, inputs, answer_mask, rule=rule, features=kind)
+            assert result.features is not None
+            yield result.features, result.label
+
+    return evaluate_examples(gates, swept(), report)
+
+
+__all__ = [
+    "TrainReport",
+    "TrainSettings",
+    "evaluate",
+    "evaluate_examples",
+    "feature_shards",
+    "is_heldout",
+    "online_step",
+    "read_shard",
+    "train_offline",
+    "train_online",
+    "train_online_on_questions",
+]

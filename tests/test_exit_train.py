@@ -1,0 +1,95 @@
+"""Gate training (offline from cached features, online one layer per step) and the dyvte-exit command line."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from PIL import Image
+
+from analysis.tiny import TinyLlavaSpec, save_tiny_llava
+from exit import DyVTEGates, GateConfig, ModelSignature
+from exit.sweep import LabelRule, SweepResult, SweepWriter, teacher_forced_inputs
+from exit.train import TrainSettings, is_heldout, online_step, train_offline
+
+
+def synthetic_sweep(folder, samples=240, layers=3, hidden=4, shards=3):
+    """Feature shards whose label at layer l is sign(feature l)."""
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(samples, layers, 2 * hidden, generator=generator)
+    labels = features[:, torch.arange(layers), torch.arange(layers)] > 0
+    per = samples // shards
+    with SweepWriter(folder, {"model": "synthetic"}) as writer:
+        for shard in range(shards):
+            part = slice(shard * per, (shard + 1) * per)
+            zeros = torch.zeros(per, layers)
+            result = SweepResult(
+                agreement=zeros, ce_exit=zeros, ce_full=torch.ones(per), ce_ratio=zeros, label=labels[part],
+                n_answer=torch.ones(per, dtype=torch.long), n_image=torch.ones(per, dtype=torch.long),
+                n_kept=torch.ones(per, dtype=torch.long), rule=LabelRule(), features=features[part], features_kind="hidden",
+            )
+            writer.write(result, [f"s{i}" for i in range(shard * per, (shard + 1) * per)])
+    return ModelSignature("llava", layers, hidden, 1)
+
+
+def test_offline_training_learns_and_is_seeded(tmp_path):
+    signature = synthetic_sweep(tmp_path)
+    settings = TrainSettings(lr=3e-2, epochs=15, batch_size=32, seed=7)
+    runs = []
+    for _ in range(2):
+        gates = DyVTEGates(GateConfig(hidden_width=16, seed=7), signature)
+        report = train_offline(gates, tmp_path, settings)
+        runs.append(gates)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].state_dict().values(), runs[1].state_dict().values()))
+    heldout = sum(is_heldout(f"s{i}", settings.holdout_fraction, settings.seed) for i in range(240))
+    assert report.heldout_samples == heldout and report.train_examples == 240 - heldout
+    assert min(report.layer_accuracy) >= 0.85, report.layer_accuracy  # a chance gate scores about 0.5
+    assert report.losses[-1] < report.losses[0]
+
+
+def test_online_step_updates_only_the_drawn_gate(tiny_models, processor):
+    model = tiny_models("gqa")
+    from analysis.data import Question, build_prompt
+
+    prompts = [build_prompt(processor, Question("a", ("x.png",), "What colour?"))]
+    inputs, answer_mask = teacher_forced_inputs(processor, prompts, [[Image.new("RGB", (40, 30), "red")]], ["Red."])
+    gates = DyVTEGates.for_model(model, GateConfig(hidden_width=8))
+    before = [p.detach().clone() for p in gates.parameters()]
+    model_before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.AdamW(gates.parameters(), lr=1e-2)
+    layer, loss = online_step(gates, model, optimizer, inputs, answer_mask, torch.Generator().manual_seed(0))
+    changed = [not torch.equal(a, b) for a, b in zip(before, gates.parameters())]
+    assert changed == [i // 2 == layer for i in range(len(changed))] and loss > 0
+    assert all(torch.equal(a, b) for a, b in zip(model_before, model.parameters()))
+
+
+def test_command_line_sweep_train_generate(tmp_path, capsys):
+    from exit.cli import main
+
+    model_dir = save_tiny_llava(tmp_path / "model", TinyLlavaSpec(image_size=28))
+    (tmp_path / "img").mkdir()
+    lines = []
+    for i, colour in enumerate(["red", "blue", "green", "yellow", "red", "blue"]):
+        Image.new("RGB", (40, 30), colour).save(tmp_path / "img" / f"{i}.png")
+        lines.append(json.dumps({"question_id": f"q{i}", "image": f"{i}.png", "text": "What colour?", "answer": colour}))
+    (tmp_path / "q.jsonl").write_text("\n".join(lines) + "\n")
+    common = ["--model", str(model_dir), "--no-progress"]
+    assert main(["sweep", *common, "--questions", str(tmp_path / "q.jsonl"), "--image-folder", str(tmp_path / "img"),
+                 "--out", str(tmp_path / "sweep"), "--batch-size", "2"]) == 0
+    assert "wrote 24 rows for 6 samples" in capsys.readouterr().out
+    assert main(["train", "--sweep", str(tmp_path / "sweep"), "--model", str(model_dir), "--out", str(tmp_path / "gates"),
+                 "--hidden-width", "8", "--epochs", "2", "--batch-size", "2", "--holdout", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out accuracy by layer" in out and (tmp_path / "gates" / "gates.safetensors").is_file()
+    assert main(["train", "--online", "--model", str(model_dir), "--questions", str(tmp_path / "q.jsonl"),
+                 "--image-folder", str(tmp_path / "img"), "--out", str(tmp_path / "gates-online"), "--hidden-width", "8",
+                 "--batch-size", "2", "--holdout", "0.5", "--no-progress"]) == 0
+    assert "held-out accuracy by layer" in capsys.readouterr().out
+    assert main(["train", "--model", str(model_dir), "--out", str(tmp_path / "x")]) == 2
+    assert "expected --sweep" in capsys.readouterr().err
+    assert main(["generate", *common, "--gates", str(tmp_path / "gates"), "--image", str(tmp_path / "img" / "0.png"),
+                 "--question", "What colour?", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "answer:" in out and "exit layer:" in out
+    assert main(["generate", *common, "--gates", str(tmp_path / "missing"), "--image", str(tmp_path / "img" / "0.png"),
+                 "--question", "?"]) == 2

@@ -1,0 +1,150 @@
+"""DyVTE gates: structure, features from the recorder, gated inference, save/load."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from analysis import record_attention, resolve_adapter, token_layout
+from analysis.hooks import attached_count
+from analysis.tiny import TinyLlavaSpec, tiny_llava
+from exit import DyVTEGates, GateConfig, GateMismatchError, ModelSignature, dyvte_exit, gate_features, visual_token_exit
+from exit.gates import feature_size
+
+IMPLEMENTATIONS = ["eager", "sdpa"]
+GENERATE_WITH_LOGITS = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+
+
+class CountingGates(DyVTEGates):
+    """Gates that count how often each layer's gate was asked."""
+
+    asked: list[int]
+
+    def forward(self, layer, features):
+        self.asked.append(layer)
+        return super().forward(layer, features)
+
+
+def counting(model, **settings) -> CountingGates:
+    gates = CountingGates(GateConfig(hidden_width=16, **settings), ModelSignature.of(model))
+    gates.asked = []
+    return gates
+
+
+def test_gate_structure_and_seeded_xavier_init(tiny_models):
+    model = tiny_models("gqa")
+    assert GateConfig().hidden_width == 2048 and GateConfig().tau == 0.5 and GateConfig().inputs == "hidden"
+    gates = DyVTEGates.for_model(model, GateConfig(hidden_width=32, seed=3))
+    assert len(gates.gates) == 4
+    first, act, second = gates.gates[0]
+    assert (first.in_features, first.out_features, first.bias) == (2 * 64, 32, None)
+    assert isinstance(act, torch.nn.GELU) and (second.out_features, second.bias) == (2, None)
+    bound = math.sqrt(6 / (128 + 32))
+    assert first.weight.abs().max() <= bound and first.weight.abs().max() > 0.9 * bound
+    again = DyVTEGates.for_model(model, GateConfig(hidden_width=32, seed=3))
+    assert all(torch.equal(a, b) for a, b in zip(gates.state_dict().values(), again.state_dict().values()))
+    assert not torch.equal(gates.gates[0][0].weight, gates.gates[1][0].weight)
+    with pytest.raises(ValueError, match="expected gate inputs"):
+        GateConfig(inputs="pixels")
+
+
+@pytest.mark.parametrize("inputs", ["hidden", "attention", "both"])
+def test_features_come_from_the_recorder(tiny_models, case_inputs, inputs):
+    model = tiny_models("gqa")
+    batch = case_inputs("batch2_left_padding")
+    layout = token_layout(batch["input_ids"], batch["attention_mask"], resolve_adapter(model).image_token_id(model))
+    with torch.no_grad(), record_attention(model, layout, record_states=True) as recording:
+        model(**batch)
+    record = recording.records[2]
+    features = gate_features(record, inputs)
+    signature = ModelSignature.of(model)
+    assert features.shape == (2, feature_size(GateConfig(inputs=inputs), signature))
+    if inputs != "attention":
+        assert torch.equal(features[:, :64], record.text_mean) and torch.equal(features[:, 64:128], record.last)
+    if inputs != "hidden":
+        assert torch.equal(features[:, -signature.num_heads * 8 :][:, : 4 * 6].view(2, 4, 2, 3), record.mass[:, :, 2:4])
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("inputs", ["hidden", "attention", "both"])
+def test_gate_that_never_fires_is_bit_identical_and_asked_once_per_layer(tiny_models, case_inputs, implementation, inputs):
+    model = tiny_models("gqa", implementation)
+    batch = case_inputs("batch2_left_padding")
+    gates = counting(model, inputs=inputs, tau=1.0)
+    with torch.no_grad():
+        stock = model(**batch).logits
+        stock_tokens = model.generate(**batch, max_new_tokens=3, do_sample=False)
+        before = attached_count(model)
+        with dyvte_exit(model, gates, batch["input_ids"], batch["attention_mask"]) as surgery:
+            assert torch.equal(model(**batch).logits, stock)
+            assert surgery.exit_layers == [None, None]
+            gates.asked.clear()
+            assert torch.equal(model.generate(**batch, max_new_tokens=3, do_sample=False), stock_tokens)
+        assert attached_count(model) == before
+    assert gates.asked == [0, 1, 2]  # the prefill asks every layer but the last; decoding asks nothing
+    assert resolve_adapter(model).attention_implementation(model) == implementation
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_gate_that_fires_exits_at_the_first_layer(tiny_models, case_inputs, implementation):
+    model = tiny_models("mha", implementation)
+    batch = case_inputs("batch2_left_padding")
+    gates = counting(model, tau=0.0)
+    with torch.no_grad():
+        with visual_token_exit(model, 0):
+            expected = model.generate(**batch, **GENERATE_WITH_LOGITS)
+        with dyvte_exit(model, gates, batch["input_ids"], batch["attention_mask"]) as surgery:
+            found = model.generate(**batch, **GENERATE_WITH_LOGITS)
+    assert surgery.exit_layers == [0, 0]
+    assert gates.asked == [0]
+    assert torch.equal(found.sequences, expected.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(found.logits, expected.logits))
+
+
+def test_save_load_round_trip_and_mismatch(tmp_path, tiny_models):
+    model = tiny_models("gqa")
+    gates = DyVTEGates.for_model(model, GateConfig(inputs="both", hidden_width=8, tau=0.7, seed=5))
+    gates.save(tmp_path / "gates")
+    meta = json.loads((tmp_path / "gates" / "gate_config.json").read_text())
+    assert meta["model"] == {"model_type": "llava", "num_layers": 4, "hidden_size": 64, "num_heads": 4}
+    loaded = DyVTEGates.load(tmp_path / "gates", model)
+    assert loaded.config == gates.config and loaded.signature == gates.signature
+    assert all(torch.equal(a, b) for a, b in zip(gates.state_dict().values(), loaded.state_dict().values()))
+    assert DyVTEGates.load(tmp_path / "gates", tau=0.2).config.tau == 0.2
+    other = tiny_llava(TinyLlavaSpec(num_layers=3, num_kv_heads=2, image_size=28))
+    with pytest.raises(GateMismatchError, match="'num_layers': 3"):
+        DyVTEGates.load(tmp_path / "gates", other)
+    with pytest.raises(GateMismatchError):
+        with dyvte_exit(other, gates, torch.zeros(1, 2, dtype=torch.long)):
+            pass
+    with pytest.raises(FileNotFoundError, match="gate_config.json"):
+        DyVTEGates.load(tmp_path)
+
+
+class ScriptedGates(DyVTEGates):
+    """Gates whose decisions are fixed per layer and row (to test per-row exits through the gate path)."""
+
+    script: dict[int, list[bool]]
+
+    def fires(self, layer, features):
+        return torch.tensor(self.script.get(layer, [False] * features.shape[0]))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("inputs", ["hidden", "attention"])
+def test_rows_exit_where_their_gate_fires(tiny_models, case_inputs, implementation, inputs):
+    model = tiny_models("gqa", implementation)
+    batch = case_inputs("batch2_left_padding")
+    gates = ScriptedGates(GateConfig(inputs=inputs, hidden_width=4), ModelSignature.of(model))
+    gates.script = {0: [False, True], 1: [True, True], 2: [True, True]}
+    with torch.no_grad():
+        with visual_token_exit(model, [1, 0]):
+            expected = model.generate(**batch, **GENERATE_WITH_LOGITS)
+        with dyvte_exit(model, gates, batch["input_ids"], batch["attention_mask"]) as surgery:
+            found = model.generate(**batch, **GENERATE_WITH_LOGITS)
+    assert surgery.exit_layers == [1, 0]
+    assert torch.equal(found.sequences, expected.sequences)
+    assert all((a - b).abs().max() <= 1e-6 for a, b in zip(found.logits, expected.logits))
