@@ -13,8 +13,6 @@ replaces the old one only when it is complete, so an interrupted run never leave
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,7 @@ import pandas as pd
 
 from analysis.data import Question, read_questions
 from analysis.dump import DumpResult, dump_statistics, load_model, summarize
-from analysis.io import read_statistics
+from analysis.io import read_statistics, replaced_when_complete
 
 DEMO_MODEL_ID = "demo"
 """The model id that ``load_model`` (and ``--model`` on the command line) resolves to the demo model."""
@@ -101,18 +99,10 @@ def run_demo(
     model, processor = load_model(DEMO_MODEL_ID, attention=attention)
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with replaced_when_complete(out_dir) as staging:
         result = dump_statistics(
             model, processor, questions, split, staging,
             model_id=DEMO_MODEL_ID, heads=heads, attention=attention, progress=progress,
         )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     dump = DumpResult(out_dir, result.samples, result.rows, [out_dir / f.name for f in result.files])
     return DemoResult(dump, summarize(read_statistics(out_dir)), split / QUESTIONS_FILE)

@@ -37,8 +37,6 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -702,19 +700,13 @@ def _cache_meta(parts: DemoParts, projector_tag: str, image_size: int) -> dict[s
 
 def _save_cache(model: Any, processor: Any, cache_dir: Path, parts: DemoParts, projector_tag: str) -> None:
     """Write model, processor and provenance to a temporary folder, then move it into place."""
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=cache_dir.name + ".", dir=cache_dir.parent))
-    try:
+    from analysis.io import replaced_when_complete
+
+    with replaced_when_complete(cache_dir) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         meta = _cache_meta(parts, projector_tag, _processor_image_size(processor))
         (staging / _META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if cache_dir.exists():
-            shutil.rmtree(cache_dir)
-        staging.rename(cache_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _cached_meta(cache_dir: Path, parts: DemoParts) -> dict[str, Any] | None:

@@ -10,6 +10,10 @@ shards were finished before the interruption stay valid).
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -19,6 +23,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from analysis.schema import PROVENANCE_KEY, TABLES, SchemaError, arrow_schema, validate_arrow_schema
+
+
+@contextmanager
+def replaced_when_complete(folder: str | Path) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``folder`` that replaces ``folder`` when the block ends
+    without an exception; after an exception the staging folder is removed and ``folder`` is left
+    as it was, so a complete earlier result is never lost to an interrupted new one."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        yield staging
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 class StatisticsWriter:

@@ -9,28 +9,14 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pytest  # noqa: E402
 
-from analysis import demo_model  # noqa: E402
 from analysis.cli import main  # noqa: E402
 from analysis.data import Question  # noqa: E402
 from analysis.demo import one_question_per_image  # noqa: E402
-from analysis.demo_model import DemoModelUnavailable, locate_demo_parts  # noqa: E402
 from analysis.io import read_provenance, read_samples, read_statistics  # noqa: E402
 from analysis.shapes import QUESTIONS_FILE, write_split  # noqa: E402
+from demo_available import requires_demo  # noqa: E402
 
-
-def _unavailable_reason() -> str | None:
-    try:
-        locate_demo_parts()
-        demo_model._require_loading_packages(("gguf", "accelerate", "onnx"))
-    except DemoModelUnavailable as error:
-        return f"demo model unavailable: {error}"
-    return None
-
-
-UNAVAILABLE = _unavailable_reason()
-requires_demo = pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or "")
 
 
 def test_one_question_per_image_keeps_file_order_and_the_limit():

@@ -27,19 +27,7 @@ from analysis.demo_model import (  # noqa: E402
     load_demo_model,
     locate_demo_parts,
 )
-
-
-def _unavailable_reason() -> str | None:
-    try:
-        locate_demo_parts()
-        demo_model._require_loading_packages(("gguf", "accelerate", "onnx"))
-    except DemoModelUnavailable as error:
-        return f"demo model unavailable: {error}"
-    return None
-
-
-UNAVAILABLE = _unavailable_reason()
-requires_demo = pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or "")
+from demo_available import requires_demo  # noqa: E402
 
 
 @pytest.fixture(scope="module")
