@@ -34,7 +34,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 benchmark: setup
-	$(BIN)/python benchmarks/recorder_overhead.py
+	$(BIN)/python benchmarks/recorder_overhead.py --demo
 
 clean:
 	rm -rf $(VENV) .cache runs
