@@ -238,24 +238,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``dyvte-stats`` and ``python -m analysis``; errors print one line and exit 2."""
+def toolkit_errors() -> tuple[type[Exception], ...]:
+    """The bad-input errors of the analysis half: a command line prints them as one line, exit 2."""
     from analysis.adapters import UnsupportedModelError
     from analysis.data import DataError
     from analysis.demo_model import DemoModelUnavailable
     from analysis.layout import LayoutError
-    from analysis.recorder import RecordingError
     from analysis.plots import PlotError
+    from analysis.recorder import RecordingError
     from analysis.schema import SchemaError
     from analysis.stages import StageError
 
-    args = build_parser().parse_args(argv)
+    return (DataError, LayoutError, SchemaError, UnsupportedModelError, RecordingError, DemoModelUnavailable,
+            StageError, PlotError, FileNotFoundError)
+
+
+def run_command(
+    program: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None, errors: tuple[type[Exception], ...]
+) -> int:
+    """Parse ``argv`` and run the chosen subcommand; an error in ``errors`` prints one line and returns 2."""
+    args = parser.parse_args(argv)
     try:
         return int(args.run(args))
-    except (DataError, LayoutError, SchemaError, UnsupportedModelError, RecordingError, DemoModelUnavailable,
-            StageError, PlotError, FileNotFoundError) as error:
-        print(f"dyvte-stats {args.command}: error: {error}", file=sys.stderr)
+    except errors as error:
+        print(f"{program} {args.command}: error: {error}", file=sys.stderr)
         return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``dyvte-stats`` and ``python -m analysis``; errors print one line and exit 2."""
+    return run_command("dyvte-stats", build_parser(), argv, toolkit_errors())
 
 
 if __name__ == "__main__":

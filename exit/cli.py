@@ -187,22 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dyvte-exit``; errors print one line and exit 2."""
-    from analysis.adapters import UnsupportedModelError
-    from analysis.data import DataError
-    from analysis.demo_model import DemoModelUnavailable
-    from analysis.layout import LayoutError
-    from analysis.schema import SchemaError
+    from analysis.cli import run_command, toolkit_errors
     from exit.gates import GateMismatchError
     from exit.surgery import ExitSurgeryError
     from exit.sweep import SweepError
 
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.run(args))
-    except (DataError, LayoutError, SchemaError, UnsupportedModelError, DemoModelUnavailable, GateMismatchError,
-            ExitSurgeryError, SweepError, FileNotFoundError, UsageError) as error:
-        print(f"dyvte-exit {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    exit_errors = (GateMismatchError, ExitSurgeryError, SweepError, UsageError)
+    return run_command("dyvte-exit", build_parser(), argv, toolkit_errors() + exit_errors)
 
 
 if __name__ == "__main__":
