@@ -1,9 +1,20 @@
 """One table of per-family facts, so that no other module needs code per model family.
 
 Each entry says where a family keeps its text decoder's layers, which config field holds the
-image token id and which sub-config the text decoder reads (for switching only the decoder's
-attention implementation). Families are resolved from ``config.model_type``; anything not in
-the table is rejected with the list of what is supported.
+image token id, which config fields name the tokens a processor writes around an image, which
+sub-config the text decoder reads (for switching only the decoder's attention implementation and
+reading its head counts), and how the family's tokens map to the token groups. Families are
+resolved from ``config.model_type``; anything not in the table (cross-attention models such as
+mllama, encoder-decoder models, families not tested yet) is rejected with the list of what is
+supported.
+
+Token groups (``analysis.layout``) are read from input_ids alone, the same way for every family:
+``image`` = positions holding the image token id; every other real token is ``system`` before the
+first image token of its row and ``text`` after it. So the tokens a family writes around images
+(vision start/end, <img>/</img>, <fake_token_around_image>, [IMG_BREAK]/[IMG_END], ...) are text
+embeddings and belong to system or text by position; tokens the model fills with vision features
+(image-newline tokens of LLaVA-NeXT/OneVision included) carry the image token id and are image.
+Each adapter's ``image_token_groups`` says this for its family.
 """
 
 from __future__ import annotations
@@ -31,6 +42,12 @@ class ModelAdapter:
         image_token_groups: how the family's extra vision tokens map to the token groups.
         final_norm_path: dotted path of the decoder's final norm (applied after the last layer,
             before the output head ``model.get_output_embeddings()``).
+        marker_token_fields: config fields holding ids of tokens the processor writes around each
+            image (they are system/text tokens, see the module docstring); empty where the ids
+            live only in the tokenizer.
+        head_fields: text-config fields holding the query-head and key/value-head counts.
+        positions: "1d" (position ids from the attention mask) or "mrope" (the model computes
+            3-D positions from input_ids and the image grids; pass no position_ids).
     """
 
     model_type: str
@@ -40,6 +57,9 @@ class ModelAdapter:
     text_config_key: str | None = "text_config"
     image_token_groups: str = "image tokens = positions equal to the image token id"
     final_norm_path: str = "model.language_model.norm"
+    marker_token_fields: tuple[str, ...] = ()
+    head_fields: tuple[str, str] = ("num_attention_heads", "num_key_value_heads")
+    positions: str = "1d"
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """The decoder's layers, found at ``layers_path``."""
@@ -91,6 +111,22 @@ class ModelAdapter:
             f"of this {self.model_type!r} model, found none set"
         )
 
+    def head_counts(self, model: nn.Module) -> tuple[int, int]:
+        """(query heads, key/value heads) of the text decoder's attention."""
+        config = self.text_config(model)
+        values = [getattr(config, field, None) for field in self.head_fields]
+        if values[0] is None:
+            raise UnsupportedModelError(
+                f"expected the head count of a {self.model_type!r} model in text config field "
+                f"{self.head_fields[0]!r}, found none"
+            )
+        return int(values[0]), int(values[1] if values[1] is not None else values[0])
+
+    def marker_token_ids(self, model: nn.Module) -> dict[str, int]:
+        """Ids of the tokens written around images that the config names ({field: id}; may be empty)."""
+        found = {field: getattr(model.config, field, None) for field in self.marker_token_fields}
+        return {field: int(value) for field, value in found.items() if value is not None}
+
     def attention_implementation(self, model: nn.Module) -> str:
         """The attention implementation the text decoder currently runs."""
         return str(self.text_config(model)._attn_implementation)
@@ -103,12 +139,113 @@ class ModelAdapter:
             model.set_attn_implementation(implementation)
 
 
+_POSITIONAL = "other tokens: system before the first image token of the row, text after it"
+_LANGUAGE_MODEL = "model.language_model"
+_TEXT_MODEL = "model.text_model"
+
 _ADAPTERS: dict[str, ModelAdapter] = {
     adapter.model_type: adapter
     for adapter in (
-        ModelAdapter(model_type="llava", layers_path="model.language_model.layers"),
+        ModelAdapter(
+            model_type="llava",
+            layers_path=f"{_LANGUAGE_MODEL}.layers",
+            image_token_groups=f"image: <image> x patches; {_POSITIONAL}",
+        ),
+        ModelAdapter(
+            model_type="llava_next",
+            layers_path=f"{_LANGUAGE_MODEL}.layers",
+            image_token_groups=(
+                "image: <image> x (base tile + AnyRes tiles + one image-newline per row of tiles; the newline "
+                f"positions carry the image token id and the learned newline embedding); {_POSITIONAL}"
+            ),
+        ),
+        ModelAdapter(
+            model_type="llava_onevision",
+            layers_path=f"{_LANGUAGE_MODEL}.layers",
+            image_token_groups=(
+                "image: <image> x (base tile + AnyRes tiles + image-newlines, as llava_next); video tokens "
+                f"(video_token_id) are not image tokens; {_POSITIONAL}"
+            ),
+        ),
+        ModelAdapter(
+            model_type="qwen2_vl",
+            layers_path=f"{_LANGUAGE_MODEL}.layers",
+            marker_token_fields=("vision_start_token_id", "vision_end_token_id"),
+            positions="mrope",
+            image_token_groups=(
+                "image: <|image_pad|> x merged patches; <|vision_start|> is system before the first image "
+                f"(text before later images), <|vision_end|> is text; {_POSITIONAL}"
+            ),
+        ),
+        ModelAdapter(
+            model_type="qwen2_5_vl",
+            layers_path=f"{_LANGUAGE_MODEL}.layers",
+            marker_token_fields=("vision_start_token_id", "vision_end_token_id"),
+            positions="mrope",
+            image_token_groups=(
+                "image: <|image_pad|> x merged patches; <|vision_start|> is system before the first image "
+                f"(text before later images), <|vision_end|> is text; {_POSITIONAL}"
+            ),
+        ),
+        ModelAdapter(
+            model_type="internvl",
+            layers_path=f"{_LANGUAGE_MODEL}.layers",
+            image_token_groups=(
+                "image: <IMG_CONTEXT> x (tiles x tokens per tile); <img> is system before the first image, "
+                f"</img> is text (their ids are in the tokenizer, not the config); {_POSITIONAL}"
+            ),
+        ),
+        ModelAdapter(
+            model_type="idefics3",
+            layers_path=f"{_TEXT_MODEL}.layers",
+            final_norm_path=f"{_TEXT_MODEL}.norm",
+            image_token_groups=(
+                "image: <image> x tokens per sub-image and global image; <fake_token_around_image>, "
+                "<row_i_col_j> and <global-img> are system before the first image token, text after it; "
+                f"{_POSITIONAL}"
+            ),
+        ),
+        ModelAdapter(
+            model_type="smolvlm",
+            layers_path=f"{_TEXT_MODEL}.layers",
+            final_norm_path=f"{_TEXT_MODEL}.norm",
+            image_token_groups=(
+                "image: <image> x tokens per sub-image and global image; <fake_token_around_image>, "
+                "<row_i_col_j> and <global-img> are system before the first image token, text after it; "
+                f"{_POSITIONAL}"
+            ),
+        ),
+        ModelAdapter(
+            model_type="gemma3",
+            layers_path=f"{_LANGUAGE_MODEL}.layers",
+            marker_token_fields=("boi_token_index", "eoi_token_index"),
+            image_token_groups=(
+                "image: <image_soft_token> x mm_tokens_per_image (they attend to each other bidirectionally); "
+                "<start_of_image> is system before the first image (text before later images), "
+                f"<end_of_image> is text; {_POSITIONAL}"
+            ),
+        ),
+        ModelAdapter(
+            model_type="mistral3",
+            layers_path=f"{_LANGUAGE_MODEL}.layers",
+            image_token_groups=(
+                "image: [IMG] x merged patches; the [IMG_BREAK] after each row of patches and the final "
+                f"[IMG_END] are text (their ids are in the tokenizer, not the config); {_POSITIONAL}"
+            ),
+        ),
     )
 }
+
+
+_REJECTED: dict[str, str] = {
+    "mllama": "its decoder reads the image through cross-attention layers, so no image tokens sit in the "
+    "decoder's sequence to group, record or remove",
+    "qwen3_vl": "its decoder adds deepstack vision features to the image positions inside the first layers, "
+    "so removing image tokens there changes the sequence those additions index",
+    "qwen3_vl_moe": "its decoder adds deepstack vision features to the image positions inside the first layers, "
+    "so removing image tokens there changes the sequence those additions index",
+}
+"""Families known not to fit the toolkit, with the reason added to the rejection."""
 
 
 def supported_model_types() -> list[str]:
@@ -128,8 +265,9 @@ def resolve_adapter(model_or_type: nn.Module | str) -> ModelAdapter:
         config = getattr(model_or_type, "config", None)
         model_type = getattr(config, "model_type", None)
     if model_type not in _ADAPTERS:
+        reason = f"; {model_type} is not supported because {_REJECTED[model_type]}" if model_type in _REJECTED else ""
         raise UnsupportedModelError(
             f"unsupported model type {model_type!r}: expected one of {supported_model_types()} "
-            "(image-text models with a decoder-only language model)"
+            f"(image-text models with a decoder-only language model, tested on a tiny model each){reason}"
         )
     return _ADAPTERS[model_type]

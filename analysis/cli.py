@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,10 @@ EPILOG = """examples:
   dyvte-stats dump --model llava-hf/llava-1.5-7b-hf --questions questions.jsonl \\
       --image-folder images/ --out stats/ --heads all --attn sdpa --batch-size 4 --dtype bfloat16 --device cuda
   dyvte-stats dump --model ./my-checkpoint --questions q.jsonl --image-folder img/ --out stats/ --limit 64
+  torchrun --nproc-per-node 4 -m analysis dump --model ./ckpt --questions q.jsonl --image-folder img/ --out stats/
+  dyvte-stats dump --model ./ckpt --questions q.jsonl --image-folder img/ --out stats/ --shard 2/8   # a scheduler's task 2 of 8
+  dyvte-stats dump --model ./ckpt --questions q.jsonl --image-folder img/ --out stats/ --resume     # after a kill
+  dyvte-stats errors stats/
   dyvte-stats validate stats/
   dyvte-stats summary stats/
   dyvte-stats schema
@@ -27,28 +32,69 @@ EPILOG = """examples:
 
 
 def _cmd_dump(args: argparse.Namespace) -> int:
-    from analysis.data import read_questions
-    from analysis.dump import dump_statistics, load_model, summarize
+    from analysis.data import DataError, read_questions
+    from analysis.dump import Shard, all_sum, barrier, distributed, dump_statistics, load_model, summarize
     from analysis.io import read_statistics
 
-    questions = read_questions(args.questions, limit=args.limit)
-    model, processor = load_model(args.model, dtype=args.dtype, device=args.device, attention=args.attn)
-    result = dump_statistics(
-        model,
-        processor,
-        questions,
-        args.image_folder,
-        args.out,
-        model_id=str(args.model),
-        heads=args.heads,
-        attention=args.attn,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
-    print(f"wrote {result.rows} rows for {result.samples} samples to {result.out_dir}")
-    if not args.quiet:
+    questions = read_questions(args.questions, limit=args.limit, require_image=args.fail_fast)
+    with distributed() as group:
+        if args.shard is not None and group.count > 1:
+            raise DataError(f"expected either --shard or torchrun, found --shard {args.shard[0]}/{args.shard[1]} "
+                            f"under torchrun (rank {group.index} of {group.count})")
+        shard = Shard(*args.shard) if args.shard is not None else group
+        device = args.device
+        if group.count > 1 and device == "cuda" and "LOCAL_RANK" in os.environ:
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+        model, processor = load_model(args.model, dtype=args.dtype, device=device, attention=args.attn)
+        result = dump_statistics(
+            model,
+            processor,
+            questions,
+            args.image_folder,
+            args.out,
+            model_id=str(args.model),
+            heads=args.heads,
+            attention=args.attn,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            progress=not args.no_progress and group.index == 0,
+            shard=shard,
+            resume=args.resume,
+            fail_fast=args.fail_fast,
+            batches_per_file=args.batches_per_file,
+            seconds_per_file=args.seconds_per_file,
+        )
+        where = f"shard {shard.index}/{shard.count}: " if shard.count > 1 else ""
+        skipped = f" (skipped {result.skipped} already in the folder)" if args.resume else ""
+        print(f"{where}wrote {result.rows} rows for {result.samples} samples to {result.out_dir}{skipped}")
+        samples, errors = all_sum([result.samples, result.errors])
+        barrier()  # the folder is complete once every process is here
+    if errors and group.index == 0:
+        print(f"{int(errors)} sample(s) failed and were left out; their reasons are in {args.out}/_errors-*.jsonl "
+              "(dyvte-stats errors " + str(args.out) + ")", file=sys.stderr)
+    if group.index == 0 and not args.quiet and shard.count == group.count:
         print(summarize(read_statistics(result.out_dir)).to_string(float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
+def _shard_argument(text: str) -> tuple[int, int]:
+    """``--shard i/n`` -> (i, n), checked without importing torch."""
+    parts = text.split("/")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or not 0 <= int(parts[0]) < int(parts[1]):
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N (e.g. 0/4), found {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def _cmd_errors(args: argparse.Namespace) -> int:
+    from analysis.io import read_errors
+
+    errors = read_errors(args.path)
+    if errors.empty:
+        print(f"no failed samples in {args.path}")
+        return 0
+    for row in errors.itertuples():
+        print(f"{row.sample_id}\t{row.error}\t{row.reason}")
+    print(f"{len(errors)} failed sample(s)")
     return 0
 
 
@@ -182,7 +228,22 @@ def build_parser() -> argparse.ArgumentParser:
     dump.add_argument("--seed", type=int, default=0)
     dump.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     dump.add_argument("--quiet", action="store_true", help="do not print the per-layer summary")
+    dump.add_argument("--shard", default=None, metavar="I/N", type=_shard_argument,
+                      help="handle only questions I, I+N, I+2N, ... (0-based; for schedulers without torchrun); "
+                      "under torchrun the shard is the rank")
+    dump.add_argument("--resume", action="store_true",
+                      help="continue a dump in --out: skip the samples it already holds (finished or failed)")
+    dump.add_argument("--fail-fast", action="store_true",
+                      help="stop at the first bad sample (default: list it in --out/_errors-*.jsonl and go on)")
+    dump.add_argument("--batches-per-file", type=int, default=64,
+                      help="commit a shard file every N batches; a kill loses at most the open file (default: 64)")
+    dump.add_argument("--seconds-per-file", type=float, default=600.0,
+                      help="also commit the open shard file after this many seconds (default: 600)")
     dump.set_defaults(run=_cmd_dump)
+
+    errors = commands.add_parser("errors", help="list the samples a dump left out, with their reasons")
+    errors.add_argument("path", type=Path, help="a dump folder")
+    errors.set_defaults(run=_cmd_errors)
 
     demo = commands.add_parser(
         "demo",

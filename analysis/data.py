@@ -3,7 +3,8 @@
 A question file holds one JSON object per line with at least ``question_id``, ``image`` (a
 path relative to the image folder; a list of paths for several images) and ``text``. Any
 literal "<image>" in the text is removed: images are placed by the chat template, one image part
-per image, before the question text.
+per image, before the question text. A text that carries "<image>" placeholders must carry one per
+image (``check_question``); a text without any is fine.
 """
 
 from __future__ import annotations
@@ -31,10 +32,15 @@ class Question:
     text: str
     answer: str | None = None
     category: str | None = None
+    placeholders: int = 0  # literal "<image>" placeholders in the file's text (removed from ``text``)
 
 
-def parse_question(line: str, where: str) -> Question:
-    """Parse one JSONL line; ``where`` names the file and line for error messages."""
+def parse_question(line: str, where: str, require_image: bool = True) -> Question:
+    """Parse one JSONL line; ``where`` names the file and line for error messages.
+
+    With ``require_image=False`` a question without an image is returned with ``images=()``
+    (``check_question`` then rejects it as one bad sample) instead of failing the whole file.
+    """
     try:
         entry: Any = json.loads(line)
     except json.JSONDecodeError as error:
@@ -46,12 +52,12 @@ def parse_question(line: str, where: str) -> Question:
         raise DataError(f"{where}: expected keys question_id, image and text, missing {missing}")
     images = entry.get("image")
     if images is None or images == "" or images == []:
-        raise DataError(
-            f"{where}: question {entry['question_id']!r} has no image; expected an 'image' path "
-            "(or a list of paths) relative to the image folder"
-        )
+        if require_image:
+            raise DataError(f"{where}: {_no_image_reason(str(entry['question_id']))}")
+        images = ()
     images = (images,) if isinstance(images, str) else tuple(images)
-    text = str(entry["text"]).replace(IMAGE_PLACEHOLDER, "").strip()
+    raw_text = str(entry["text"])
+    text = raw_text.replace(IMAGE_PLACEHOLDER, "").strip()
     answer = entry.get("answer")
     return Question(
         question_id=str(entry["question_id"]),
@@ -59,11 +65,38 @@ def parse_question(line: str, where: str) -> Question:
         text=text,
         answer=None if answer is None else str(answer),
         category=entry.get("category") or entry.get("question_type"),
+        placeholders=raw_text.count(IMAGE_PLACEHOLDER),
     )
 
 
-def read_questions(path: str | Path, limit: int | None = None) -> list[Question]:
+def _no_image_reason(question_id: str) -> str:
+    return (
+        f"question {question_id!r} has no image; expected an 'image' path "
+        "(or a list of paths) relative to the image folder"
+    )
+
+
+def check_question(question: Question) -> None:
+    """Reject a question that cannot become a sample: no image, or "<image>" placeholders in its
+    text that do not match its images one to one.
+
+    Raises:
+        DataError: saying what was expected and what was found.
+    """
+    if not question.images:
+        raise DataError(_no_image_reason(question.question_id))
+    if question.placeholders and question.placeholders != len(question.images):
+        raise DataError(
+            f"question {question.question_id!r}: expected one <image> placeholder per image (or none), "
+            f"found {question.placeholders} placeholder(s) for {len(question.images)} image(s)"
+        )
+
+
+def read_questions(path: str | Path, limit: int | None = None, require_image: bool = True) -> list[Question]:
     """Read a LLaVA-format question file (JSONL); blank lines are skipped.
+
+    ``require_image=False`` lets questions without an image through (see ``parse_question``), for
+    callers that reject bad samples one by one.
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -76,7 +109,7 @@ def read_questions(path: str | Path, limit: int | None = None) -> list[Question]
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if line.strip():
-                questions.append(parse_question(line, f"{path}:{number}"))
+                questions.append(parse_question(line, f"{path}:{number}", require_image))
             if limit is not None and len(questions) >= limit:
                 break
     if not questions:

@@ -2,16 +2,27 @@
 
 An output folder holds shard files ``statistics-00000.parquet``, ``samples-00000.parquet``, ...
 Each batch becomes one row group of the current shard; a shard is closed after
-``batches_per_shard`` batches. A shard is written under a hidden temporary name and renamed when
-it is complete, so an interrupted run leaves only complete files in the folder (and whatever
-shards were finished before the interruption stay valid).
+``batches_per_shard`` batches (or ``seconds_per_shard`` seconds). A shard is written under a
+hidden temporary name and renamed when it is complete, so an interrupted run leaves only complete
+files in the folder (and whatever shards were finished before the interruption stay valid).
+
+Several processes can write into one folder (``--shard i/n``, torchrun): each writes shards named
+with its tag, ``statistics-shard001of002-00000.parquet``, so names never collide, and readers see
+one table. Samples that failed are listed in ``_errors-[TAG-]NNNNN.jsonl`` files committed with the
+shard they belong to (the leading underscore keeps pyarrow's data-set discovery away from them).
+Commit order inside a shard: statistics, errors, then samples, so the samples shards are the
+record of finished samples that ``--resume`` relies on; a statistics shard without its samples
+shard (a kill between the renames) is an orphan that ``clean_incomplete`` removes.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,29 +54,83 @@ def replaced_when_complete(folder: str | Path) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+ERRORS_PREFIX = "_errors"
+SHARD_NAME = re.compile(r"^(?P<table>[A-Za-z_]+)-(?:(?P<tag>shard\d+of\d+)-)?(?P<seq>\d{5,})\.(?P<ext>parquet|jsonl)$")
+
+
+def shard_tag(index: int, count: int) -> str:
+    """The file-name tag of shard ``index`` of ``count`` (``""`` for a single process)."""
+    if not 0 <= index < count:
+        raise ValueError(f"expected a shard index in 0..{count - 1}, found {index}")
+    return "" if count == 1 else f"shard{index:03d}of{count:03d}"
+
+
+def tag_count(tag: str) -> int:
+    """How many shards the run that wrote files with ``tag`` had (1 for the untagged name)."""
+    return int(tag.rsplit("of", 1)[1]) if tag else 1
+
+
+def shard_file_name(table: str, tag: str, seq: int, ext: str = "parquet") -> str:
+    """``statistics-00003.parquet`` or ``statistics-shard001of002-00003.parquet`` (``table`` may be ``_errors``)."""
+    return f"{table}-{tag + '-' if tag else ''}{seq:05d}.{ext}"
+
+
+def parse_shard_file(path: str | Path) -> tuple[str, str, int] | None:
+    """(table, tag, sequence number) of a shard file name, or None for any other name."""
+    match = SHARD_NAME.match(Path(path).name)
+    return (match["table"], match["tag"] or "", int(match["seq"])) if match else None
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to a hidden temporary file beside ``path`` and rename it to ``path``."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
+    return path
+
+
 class StatisticsWriter:
     """Write statistics and sample tables batch by batch into shard files under ``out_dir``.
 
     Use as a context manager; on exit (also after an exception) the open shards are completed.
+    ``tag`` (from ``shard_tag``) names this process's shards when several write into one folder;
+    ``record_error`` lists a failed sample in the errors file committed with the current shard.
     """
 
-    def __init__(self, out_dir: str | Path, provenance: dict[str, Any], batches_per_shard: int = 64) -> None:
+    def __init__(
+        self,
+        out_dir: str | Path,
+        provenance: dict[str, Any],
+        batches_per_shard: int = 64,
+        *,
+        tag: str = "",
+        seconds_per_shard: float | None = None,
+    ) -> None:
+        if batches_per_shard < 1:
+            raise ValueError(f"expected at least 1 batch per shard, found {batches_per_shard}")
         self.out_dir = Path(out_dir)
         self.provenance = provenance
         self.batches_per_shard = batches_per_shard
+        self.seconds_per_shard = seconds_per_shard
+        self.tag = tag
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._shard = self._next_free_shard()
         self._writers: dict[str, pq.ParquetWriter] = {}
+        self._errors: list[dict[str, Any]] = []
         self._batches_in_shard = 0
+        self._started = time.monotonic()
         self.files: list[Path] = []
         self.rows_written = 0
+        self.samples_written = 0
+        self.errors_written = 0
 
     def _next_free_shard(self) -> int:
-        taken = [int(p.stem.rsplit("-", 1)[1]) for p in self.out_dir.glob("statistics-*.parquet")]
+        taken = [parsed[2] for p in self.out_dir.iterdir() if (parsed := parse_shard_file(p)) and parsed[1] == self.tag]
         return max(taken, default=-1) + 1
 
-    def _path(self, table: str, temporary: bool = False) -> Path:
-        name = f"{table}-{self._shard:05d}.parquet"
+    def _path(self, table: str, temporary: bool = False, ext: str = "parquet") -> Path:
+        name = shard_file_name(table, self.tag, self._shard, ext)
         return self.out_dir / (f".{name}.partial" if temporary else name)
 
     def write(self, statistics: pa.Table, samples: pa.Table) -> None:
@@ -80,21 +145,45 @@ class StatisticsWriter:
             writer = self._writers[table_name]
             writer.write_table(table.replace_schema_metadata(writer.schema.metadata), row_group_size=max(1, table.num_rows))
         self.rows_written += statistics.num_rows
+        self.samples_written += samples.num_rows
+        self._count_batch()
+
+    def record_error(self, entry: dict[str, Any]) -> None:
+        """List one failed sample (a JSON-serialisable dict with at least ``sample_id`` and ``reason``)."""
+        if "sample_id" not in entry or "reason" not in entry:
+            raise ValueError(f"expected an error entry with sample_id and reason, found keys {sorted(entry)}")
+        self._errors.append(entry)
+        self.errors_written += 1
+        self._count_batch()
+
+    def _count_batch(self) -> None:
         self._batches_in_shard += 1
-        if self._batches_in_shard >= self.batches_per_shard:
+        too_old = self.seconds_per_shard is not None and time.monotonic() - self._started >= self.seconds_per_shard
+        if self._batches_in_shard >= self.batches_per_shard or too_old:
             self._finish_shard()
 
     def _finish_shard(self) -> None:
-        if not self._writers:
+        if not self._writers and not self._errors:
             return
-        for table_name, writer in self._writers.items():
+        for writer in self._writers.values():
             writer.close()
-            final = self._path(table_name)
-            os.replace(self._path(table_name, temporary=True), final)
-            self.files.append(final)
+        # Commit order: statistics, errors, samples (the samples shard marks the shard finished).
+        if "statistics" in self._writers:
+            self._commit(self._path("statistics", temporary=True), self._path("statistics"))
+        if self._errors:
+            lines = "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in self._errors)
+            self.files.append(atomic_write_text(self._path(ERRORS_PREFIX, ext="jsonl"), lines))
+        if "samples" in self._writers:
+            self._commit(self._path("samples", temporary=True), self._path("samples"))
         self._writers = {}
+        self._errors = []
         self._batches_in_shard = 0
+        self._started = time.monotonic()
         self._shard += 1
+
+    def _commit(self, partial: Path, final: Path) -> None:
+        os.replace(partial, final)
+        self.files.append(final)
 
     def close(self) -> None:
         self._finish_shard()
@@ -104,6 +193,93 @@ class StatisticsWriter:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
+
+
+def shard_files(out_dir: str | Path) -> list[tuple[Path, str, str, int]]:
+    """Every shard file of a dump folder as (path, table, tag, sequence number), sorted by name."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    found = []
+    for path in sorted(out_dir.iterdir()):
+        parsed = parse_shard_file(path)
+        if parsed is not None:
+            found.append((path, *parsed))
+    return found
+
+
+def clean_incomplete(out_dir: str | Path, owns: Any = lambda tag: True) -> list[Path]:
+    """Remove what an interrupted writer left behind: hidden ``.*.partial`` files and statistics
+    shards without their samples shard, for every tag for which ``owns(tag)`` is true.
+
+    Call it only for tags no live process is writing (a process owns its own tag; the tags of a
+    run with another shard count belong to no live process). Returns the removed paths.
+    """
+    out_dir = Path(out_dir)
+    removed: list[Path] = []
+    if not out_dir.is_dir():
+        return removed
+    for path in sorted(out_dir.glob(".*.partial")):
+        parsed = parse_shard_file(path.name[1:].removesuffix(".partial"))
+        if parsed is not None and owns(parsed[1]):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    files = shard_files(out_dir)
+    committed = {(tag, seq) for _, table, tag, seq in files if table == "samples"}
+    for path, table, tag, seq in files:
+        if table == "statistics" and (tag, seq) not in committed and owns(tag):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def finished_samples(out_dir: str | Path) -> set[str]:
+    """Ids of the samples a dump folder already holds: those in samples shards and in errors files.
+
+    Raises:
+        SchemaError: a samples shard is corrupt or of another schema (version); an errors file is
+            not JSON lines.
+    """
+    done: set[str] = set()
+    for path, table, _, _ in shard_files(out_dir):
+        if table == "samples":
+            found, _ = read_schema(path)
+            if found != "samples":
+                raise SchemaError(f"{path}: expected a samples table, found a {found} table")
+            try:
+                done.update(pq.read_table(path, columns=["sample_id"]).column("sample_id").to_pylist())
+            except (pa.ArrowInvalid, OSError) as error:
+                raise SchemaError(f"{path}: expected readable parquet row groups, found corrupt data ({error})") from error
+        elif table == ERRORS_PREFIX:
+            done.update(str(entry["sample_id"]) for entry in _read_error_lines(path))
+    return done
+
+
+def _read_error_lines(path: Path) -> list[dict[str, Any]]:
+    entries = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SchemaError(f"{path}:{number}: expected a JSON object per line, found invalid JSON ({error})") from error
+        if not isinstance(entry, dict) or "sample_id" not in entry:
+            raise SchemaError(f"{path}:{number}: expected a JSON object with a sample_id, found {line[:80]!r}")
+        entries.append(entry)
+    return entries
+
+
+def read_errors(path: str | Path) -> pd.DataFrame:
+    """The failed samples of a dump folder (every ``_errors-*.jsonl``): sample_id, question_id, images,
+    error (the exception type) and reason; an empty frame with those columns when none failed."""
+    entries = [entry for file, table, _, _ in shard_files(path) if table == ERRORS_PREFIX for entry in _read_error_lines(file)]
+    columns = ["sample_id", "question_id", "images", "error", "reason"]
+    frame = pd.DataFrame(entries)
+    for column in columns:
+        if column not in frame:
+            frame[column] = pd.Series(dtype=object)
+    return frame[columns + [c for c in frame.columns if c not in columns]]
 
 
 def _parquet_files(path: str | Path, table: str) -> list[Path]:
@@ -170,6 +346,9 @@ def validate_path(path: str | Path) -> list[str]:
     Returns:
         One line per file: ``<file>: <table>, <rows> rows``.
 
+    In a dump folder, a statistics shard without its samples shard (a kill between the two
+    renames of a shard; ``--resume`` cleans it up) is an error too.
+
     Raises:
         SchemaError or FileNotFoundError naming the first bad file.
     """
@@ -185,4 +364,12 @@ def validate_path(path: str | Path) -> list[str]:
         except (pa.ArrowInvalid, OSError) as error:
             raise SchemaError(f"{file}: expected readable parquet row groups, found corrupt data ({error})") from error
         lines.append(f"{file}: {table}, {rows} rows")
+    if path.is_dir():
+        committed = {(tag, seq) for _, name, tag, seq in shard_files(path) if name == "samples"}
+        for file, name, tag, seq in shard_files(path):
+            if name == "statistics" and (tag, seq) not in committed:
+                raise SchemaError(
+                    f"{file}: expected its samples shard {shard_file_name('samples', tag, seq)} beside it, found none "
+                    "(a dump killed while committing the shard); run the dump again with --resume to redo its samples"
+                )
     return lines

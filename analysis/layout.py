@@ -6,7 +6,10 @@ Groups (see ../shared/notes/method.md, section 2):
   text    non-image tokens after the first image token (text between images included)
   last    the final prompt token of the row, which predicts the answer; a query group of one
 Padding (left or right, wherever the attention mask is 0) belongs to no group. No position is
-assumed: every row is read on its own.
+assumed: every row is read on its own. The rule is the same for every model family: tokens a
+processor writes around images (vision start/end, <img>/</img>, [IMG_BREAK], ...) are not image
+tokens but system or text by position; image-newline tokens carry the image token id and are
+image tokens (``analysis.adapters`` says it per family).
 """
 
 from __future__ import annotations

@@ -22,12 +22,19 @@ Typical use::
     inputs, answer_mask = teacher_forced_inputs(processor, prompts, images, answers)
     result = exit_sweep(model, inputs, answer_mask, features="hidden")  # result.label: (batch, layers)
 
+    # the peers, in the same conventions (exit.baselines): FastV, VTW, DyVTE + FastV
+    from exit import fastv, dyvte_fastv
+    with fastv(model, 2, 0.5) as pruning:   # after layer 2 keep the top half of the image tokens
+        out = model.generate(**batch, max_new_tokens=16)
+
 Modules: ``surgery`` (reversible per-row removal of image tokens, KV-cache aware), ``gates``
 (GateConfig, one gate per layer, features from the recorder, save/load, gated inference),
 ``sweep`` (exit labels per sample and layer, parquet), ``train`` (offline and online gate
-training), ``cli`` (``dyvte-exit sweep | train | generate``).
+training), ``baselines`` (FastV, VTW, DyVTE + FastV), ``flops`` (FLOPs formulas), ``evaluate``
+(answer a question file under a method), ``cli`` (``dyvte-exit``).
 """
 
+from exit.baselines import FastV, dyvte_fastv, fastv, fastv_keep_count, first_layer_within, vtw_kl_curve
 from exit.gates import (
     GATE_INPUTS,
     DyVTEGates,
@@ -46,6 +53,7 @@ from exit.train import TrainReport, TrainSettings, train_offline, train_online
 __all__ = [
     "DyVTEGates",
     "ExitSurgeryError",
+    "FastV",
     "GATE_INPUTS",
     "GateConfig",
     "GateMismatchError",
@@ -60,7 +68,11 @@ __all__ = [
     "answer_with_gates",
     "compact_layout",
     "dyvte_exit",
+    "dyvte_fastv",
     "exit_sweep",
+    "fastv",
+    "fastv_keep_count",
+    "first_layer_within",
     "feature_size",
     "gate_features",
     "read_sweep",
@@ -68,4 +80,5 @@ __all__ = [
     "train_offline",
     "train_online",
     "visual_token_exit",
+    "vtw_kl_curve",
 ]

@@ -122,6 +122,26 @@ def gate_features(record: LayerRecord, inputs: str) -> torch.Tensor:
     return torch.nan_to_num(torch.cat(parts, dim=-1), nan=0.0)
 
 
+def select_features(features: torch.Tensor, found: str, wanted: str, signature: ModelSignature) -> torch.Tensor:
+    """The ``wanted`` gate inputs out of features cached as ``found`` (last dimension).
+
+    Features of kind "both" hold the hidden part first (:func:`gate_features`), so one sweep with
+    "both" serves gates of all three kinds.
+
+    Raises:
+        ValueError: ``wanted`` cannot be taken from ``found``.
+    """
+    if found == wanted:
+        return features
+    if found != "both" or wanted not in ("hidden", "attention"):
+        raise ValueError(f"expected cached features of kind {wanted!r} or 'both' for {wanted!r} gates, found {found!r}")
+    hidden = 2 * signature.hidden_size
+    expected = feature_size(GateConfig(inputs="both"), signature)
+    if features.shape[-1] != expected:
+        raise ValueError(f"expected {expected} cached 'both' features per layer, found {features.shape[-1]}")
+    return features[..., :hidden] if wanted == "hidden" else features[..., hidden:]
+
+
 def _gate(features: int, width: int, generator: torch.Generator) -> nn.Sequential:
     gate = nn.Sequential(nn.Linear(features, width, bias=False), nn.GELU(), nn.Linear(width, 2, bias=False))
     for linear in (gate[0], gate[2]):
@@ -165,7 +185,11 @@ class DyVTEGates(nn.Module):
         """Raise GateMismatchError unless ``model`` is the kind of model these gates were made for."""
         found = ModelSignature.of(model)
         if found != self.signature:
-            raise GateMismatchError(f"expected a model matching the gates {asdict(self.signature)}, found {asdict(found)}")
+            different = {k: (v, getattr(found, k)) for k, v in asdict(self.signature).items() if getattr(found, k) != v}
+            raise GateMismatchError(
+                f"expected a model matching the gates {asdict(self.signature)}, found {asdict(found)} (differs in "
+                + ", ".join(f"{k}: gates {a!r}, model {b!r}" for k, (a, b) in different.items()) + ")"
+            )
 
     def save(self, folder: str | Path) -> Path:
         """Write ``gates.safetensors`` and ``gate_config.json`` into ``folder``; returns the folder."""
@@ -196,7 +220,10 @@ class DyVTEGates(nn.Module):
             config = GateConfig(**{**asdict(config), "tau": tau})
         gates = cls(config, ModelSignature(**meta["model"]))
         if model is not None:
-            gates.check_model(model)
+            try:
+                gates.check_model(model)
+            except GateMismatchError as error:
+                raise GateMismatchError(f"gates in {folder} were trained for another model: {error}") from error
         gates.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
         if model is not None:
             gates = gates.to(next(model.parameters()).device)

@@ -1,4 +1,4 @@
-"""Reversible removal of image tokens after a decoder layer, per row, KV-cache aware.
+"""Reversible removal of image tokens after decoder layers, per row, KV-cache aware.
 
 ``visual_token_exit(model, exit_layers)`` attaches hooks (through ``analysis.hooks.attached``) to
 one model instance and returns a ``VisualExit`` handle: use it as a context manager or call
@@ -7,46 +7,66 @@ from the decoder layers after ``exit_layers[b]``; text tokens keep their origina
 (RoPE cos/sin are taken at the original position ids), so removal after layer k gives the same
 text-token outputs as masking the image keys for every query in the layers after k.
 
+The general form is a removal plan over the prompt's image positions: each image position of a
+row leaves after some layer, or never. An exit after layer k removes every image position of the
+row that is still there after k; ``removals={k: positions}`` (up front) or
+``VisualExit.request_removal(k, positions)`` (during the prefill) removes only the given image
+positions after k, which is what FastV does (``exit.baselines``). Both combine: FastV after K,
+then the rest of the row's image tokens at its exit (DyVTE + FastV).
+
 How (per prefill, derived from input_ids and the attention mask; no fixed offsets):
-- While some rows of the batch have not exited, the rows that have exited keep their slots and
-  their image keys are masked in the later layers (exact, no saving for that row yet).
-- Once every row has exited, the stream is compacted: each row's non-image real tokens are
-  gathered right-aligned (left padding) into one shorter length shared by the batch, with their
-  position ids and cos/sin gathered alongside and a rebuilt padding + causal mask. From then on
-  the layers, and their KV-cache layers, hold no image keys and values.
+- While some rows of the batch have removed nothing that the stream still holds, the rows that
+  have keep their slots and the removed keys are masked in the later layers (exact, no saving for
+  that row yet): the layer's own 4-D mask is kept with those keys switched off, so whatever the
+  family adds to a causal mask (Gemma3's bidirectional image blocks, sliding windows) still holds
+  for the other rows.
+- Once every row has removed tokens the stream still holds, the stream is compacted: each row's
+  remaining real tokens are gathered right-aligned (left padding) into one shorter length shared
+  by the batch, with their position ids (also M-RoPE's (3, batch, seq) ones) and the layer's
+  cos/sin (M-RoPE is already folded into them; Gemma3's sliding and full layers each bring their
+  own) gathered alongside, and the layer's own mask gathered at the kept rows and columns (a
+  padding + causal mask where the model passed none). From then on the layers, and their
+  KV-cache layers, hold no removed keys and values. A later removal (a gate firing after FastV
+  pruned) compacts again, by the same rule, from the compacted stream. For exits alone this is
+  one compaction, once every row has exited.
 - Before the decoder's final norm the compacted states are scattered back to the original
   positions, so the model's outputs keep their shape (the decoder layers themselves, and anything
-  observing them, see the compacted stream). Logits are valid at non-image positions only: at
-  removed image positions (and padding) they come from the state the stream held when the
-  image was removed.
+  observing them, see the compacted stream). Logits are valid at kept positions only: at
+  removed image positions (and padding) they come from the state the stream held when it was
+  last compacted.
 
 Decoding with the KV cache (``generate()``; ``DynamicCache``): positions of new tokens come from
 the model as usual (layer 0, which always holds the full length); the attention mask of every
-layer after an exit is rebuilt from that layer's own stored slots plus the new tokens, since the
-cache layers differ in length. Decoding never changes an exit decision.
+layer after a removal is rebuilt from that layer's own stored slots plus the new tokens, since the
+cache layers differ in length. At a sliding-window layer (a sliding cache layer, or one the text
+config's ``layer_types`` / ``sliding_window`` make sliding) the window counts prompt columns, as
+the stock mask does, over the slots the cache layer still holds.
+Decoding never changes an exit or removal decision.
 
-Limits: eager and SDPA attention only (and the recorder's observed SDPA); ``DynamicCache`` only
-(static and sliding caches are rejected while decoding); inputs must carry ``input_ids`` and a 2-D
-attention mask (or none); beam search, whose cache reordering mixes rows, is not supported with per-row exits
-(an exit shared by all rows is unaffected by reordering but untested).
+Limits: eager and SDPA attention only (and the recorder's observed SDPA); ``DynamicCache`` only,
+with dynamic or dynamic sliding-window layers (static caches are rejected while decoding); inputs
+must carry ``input_ids`` and a 2-D attention mask (or none); beam search, whose cache reordering
+mixes rows, is not supported with per-row exits (an exit shared by all rows is unaffected by
+reordering but untested). Tested per family in tests/test_families.py.
 
 The exit layer of a row is fixed up front (``exit_layers``) or decided during the prefill by
-calling ``VisualExit.request_exit(layer, rows)`` right after ``layer`` ran (what the gates do).
-A row that never exits, or exits after the last layer, leaves the model untouched: with no exit
-in the batch every hook returns without changing anything, so outputs are bit-identical to the
-stock model's.
+calling ``VisualExit.request_exit(layer, rows)`` right after ``layer`` ran (what the gates do);
+likewise removals (``removals`` up front, ``request_removal`` during the prefill, any time
+before layer + 1 starts). A row that never exits, or exits after the last layer, leaves the model
+untouched: with nothing removed in the batch every hook returns without changing anything, so
+outputs are bit-identical to the stock model's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
 
 from analysis.adapters import ModelAdapter, resolve_adapter
@@ -83,6 +103,16 @@ class CompactLayout:
         tensor = tensor.expand(self.index.shape[0], *tensor.shape[1:])
         rows = torch.arange(self.index.shape[0], device=self.index.device)[:, None]
         return tensor[rows, self.index]
+
+    def gather_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """Position ids (batch or 1, seq), or with leading axes such as M-RoPE's (3, batch, seq),
+        gathered along the sequence -> (..., batch, length)."""
+        if position_ids.dim() < 2:
+            raise ExitSurgeryError(f"expected position ids of shape (..., batch, seq), found {tuple(position_ids.shape)}")
+        leading = position_ids.shape[:-2]
+        flat = position_ids.reshape(-1, *position_ids.shape[-2:])
+        gathered = torch.stack([self.gather(part) for part in flat])
+        return gathered.reshape(*leading, *gathered.shape[-2:])
 
     def scatter(self, compact: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
         """A copy of ``into`` (batch, seq, ...) with the valid slots of ``compact`` written back."""
@@ -144,6 +174,14 @@ def attention_mask_for_keys(
     return mask
 
 
+def _without_keys(mask: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """A 4-D mask (bool: True = attend, or additive float) with the ``removed`` (batch, key) keys masked."""
+    removed = removed[:, None, None, :].to(mask.device)
+    if mask.dtype == torch.bool:
+        return mask & ~removed
+    return mask.masked_fill(removed, torch.finfo(mask.dtype).min)
+
+
 def _exit_plan(exit_layers: int | Sequence[int | None] | None, num_layers: int) -> list[int] | int | None:
     def check(value: int | None) -> int:
         if value is None:
@@ -166,13 +204,38 @@ class _Run:
     """State of one prefill and the decoding steps that follow it."""
 
     layout: TokenLayout
-    exit_layer: torch.Tensor  # (batch,) int64, NO_EXIT = not exited
+    drop_layer: torch.Tensor  # (batch, seq) int64: the layer after which each position leaves, NO_EXIT = stays
     decoding: bool = False
+    current_layer: int = -1  # the last decoder layer the prefill entered
     attention_mask: torch.Tensor | None = None  # (batch, seen + new) bool while decoding
     layer_keys: dict[int, torch.Tensor] = field(default_factory=dict)  # prefill key slots per layer
+    layer_columns: dict[int, torch.Tensor] = field(default_factory=dict)  # their columns in the prompt
     compact: CompactLayout | None = None
-    compact_from: int | None = None
-    snapshot: torch.Tensor | None = None  # full stream when it was compacted
+    compact_from: int | None = None  # the first layer that ran on a compacted stream
+    snapshot: torch.Tensor | None = None  # full stream when it was last compacted
+
+    def removed_before(self, layer: int) -> torch.Tensor:
+        """(batch, seq) bool: positions that left after a layer before ``layer``."""
+        return (self.drop_layer != NO_EXIT) & (self.drop_layer < layer)
+
+    def remove(self, layer: int, positions: torch.Tensor) -> None:
+        """Positions ((batch, seq) bool) leave after ``layer``, or earlier where they already do."""
+        later = (self.drop_layer == NO_EXIT) | (self.drop_layer > layer)
+        self.drop_layer = torch.where(positions.to(self.drop_layer.device) & later, layer, self.drop_layer)
+
+
+def _removal_plan(removals: Mapping[int, torch.Tensor] | None, num_layers: int) -> dict[int, torch.Tensor]:
+    plan: dict[int, torch.Tensor] = {}
+    for layer, positions in (removals or {}).items():
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
+            raise ExitSurgeryError(
+                f"expected removal layers in 0..{num_layers - 1} (removed after that decoder layer), found {layer!r}"
+            )
+        if not isinstance(positions, torch.Tensor) or positions.dim() != 2:
+            found = tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
+            raise ExitSurgeryError(f"expected (batch, seq) bool positions to remove after layer {layer}, found {found}")
+        plan[int(layer)] = positions.bool()
+    return plan
 
 
 class VisualExit:
@@ -188,6 +251,7 @@ class VisualExit:
         model: nn.Module,
         exit_layers: int | Sequence[int | None] | None = None,
         *,
+        removals: Mapping[int, torch.Tensor] | None = None,
         compact: bool = True,
         adapter: ModelAdapter | None = None,
     ) -> None:
@@ -196,6 +260,7 @@ class VisualExit:
         layer_paths = self.adapter.layer_paths(model)
         self.num_layers = len(layer_paths)
         self._plan = _exit_plan(exit_layers, self.num_layers)
+        self._removals = _removal_plan(removals, self.num_layers)
         self._compact = compact
         self._config = self.adapter.text_config(model)
         self._image_token_id = self.adapter.image_token_id(model)
@@ -220,42 +285,113 @@ class VisualExit:
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
-    @property
-    def exit_layers(self) -> list[int | None]:
-        """Exit layer of each row of the last prefill (None: did not exit)."""
+    def _current(self) -> _Run:
         if self._run is None:
             raise ExitSurgeryError("expected a prefill to have run under the surgery, found none")
-        return [None if v == NO_EXIT else int(v) for v in self._run.exit_layer.tolist()]
+        return self._run
+
+    @property
+    def exit_layers(self) -> list[int | None]:
+        """Exit layer of each row of the last prefill: the layer after which its last image token
+        left (None: some image token stayed to the end)."""
+        run = self._current()
+        image = run.layout.group.to(run.drop_layer.device) == IMAGE
+        gone = (run.drop_layer != NO_EXIT) | ~image
+        last = torch.where(image, run.drop_layer, NO_EXIT).max(dim=1).values
+        return [int(layer) if bool(done) else None for layer, done in zip(last.tolist(), gone.all(dim=1).tolist())]
 
     @property
     def layout(self) -> TokenLayout:
         """Token groups of the last prefill."""
-        if self._run is None:
-            raise ExitSurgeryError("expected a prefill to have run under the surgery, found none")
-        return self._run.layout
+        return self._current().layout
+
+    @property
+    def drop_layers(self) -> torch.Tensor:
+        """(batch, seq) int64 of the last prefill: the layer after which each prompt position left
+        (NO_EXIT: it stayed; only image positions ever leave)."""
+        return self._current().drop_layer.clone()
+
+    def tokens_per_layer(self) -> torch.Tensor:
+        """(batch, num_layers) int64: the real tokens of each row that each decoder layer of the last
+        prefill processed, counted as if the row ran alone (what its FLOPs depend on)."""
+        run = self._current()
+        real = run.layout.group.to(run.drop_layer.device) != PADDING
+        return torch.stack([(real & ~run.removed_before(i)).sum(dim=1) for i in range(self.num_layers)], dim=1)
+
+    def stream_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where decoder layer ``layer`` of the running prefill stands, once its input is set up:
+        ``(columns, present)``, (batch, slots) int64 prompt position of each slot of its stream and
+        (batch, slots) bool, True where the slot holds a token that has not left (its keys are seen)."""
+        run = self._current()
+        if layer in run.layer_columns:
+            return run.layer_columns[layer], run.layer_keys[layer]
+        group = run.layout.group.to(run.drop_layer.device)
+        return torch.arange(group.shape[1], device=group.device).expand_as(group), group != PADDING
+
+    @property
+    def prefilling(self) -> bool:
+        """True while a prefill runs (or ran last) under the surgery, False once decoding started."""
+        return self._run is not None and not self._run.decoding
 
     def pending_rows(self) -> torch.Tensor:
-        """(batch,) bool: rows of the current prefill that have not exited yet."""
-        if self._run is None:
-            raise ExitSurgeryError("expected a prefill to be running under the surgery, found none")
-        return self._run.exit_layer == NO_EXIT
+        """(batch,) bool: rows of the current prefill with image tokens that have not left yet."""
+        run = self._current()
+        image = run.layout.group.to(run.drop_layer.device) == IMAGE
+        return (image & (run.drop_layer == NO_EXIT)).any(dim=1)
 
-    def request_exit(self, layer: int, rows: torch.Tensor) -> None:
-        """Make ``rows`` ((batch,) bool) exit after ``layer``; call it right after ``layer`` ran.
-
-        Rows that already exited keep their earlier exit. Only valid during a prefill.
-        """
+    def _check_request(self, layer: int) -> _Run:
         run = self._run
         if run is None or run.decoding:
-            raise ExitSurgeryError("expected request_exit during a prefill; decoding never changes an exit")
+            raise ExitSurgeryError("expected exits and removals during a prefill; decoding never changes them")
         if not 0 <= layer < self.num_layers:
             raise ExitSurgeryError(f"expected an exit layer in 0..{self.num_layers - 1}, found {layer}")
-        if run.compact_from is not None and layer >= run.compact_from:
-            raise ExitSurgeryError(f"expected exits before layer {run.compact_from} (the stream is compacted), found {layer}")
-        rows = rows.to(run.exit_layer.device).bool()
-        if rows.shape != run.exit_layer.shape:
-            raise ExitSurgeryError(f"expected rows of shape {tuple(run.exit_layer.shape)}, found {tuple(rows.shape)}")
-        run.exit_layer = torch.where(rows & (run.exit_layer == NO_EXIT), layer, run.exit_layer)
+        if layer < run.current_layer:
+            raise ExitSurgeryError(
+                f"expected a removal after a layer that has not been followed yet (the prefill is at layer "
+                f"{run.current_layer}), found one after layer {layer}"
+            )
+        return run
+
+    def request_exit(self, layer: int, rows: torch.Tensor) -> None:
+        """Make ``rows`` ((batch,) bool) exit after ``layer``: their image tokens still present leave.
+
+        Call it right after ``layer`` ran (before layer + 1 starts). Image tokens that leave earlier
+        (an earlier exit, or an earlier removal) keep their earlier layer. Only valid during a prefill.
+        """
+        run = self._check_request(layer)
+        rows = rows.to(run.drop_layer.device).bool()
+        if rows.shape != run.drop_layer.shape[:1]:
+            raise ExitSurgeryError(f"expected rows of shape {tuple(run.drop_layer.shape[:1])}, found {tuple(rows.shape)}")
+        image = run.layout.group.to(run.drop_layer.device) == IMAGE
+        run.remove(layer, image & rows[:, None])
+
+    def request_removal(self, layer: int, positions: torch.Tensor) -> None:
+        """Make the image tokens at ``positions`` ((batch, seq) bool over the prompt) leave after ``layer``.
+
+        Call it before layer + 1 starts (from inside ``layer`` is fine: FastV ranks in its attention).
+        Positions that leave earlier keep their earlier layer. Only valid during a prefill.
+
+        Raises:
+            ExitSurgeryError: a position is not an image token of its row, or the shape is not the prompt's.
+        """
+        run = self._check_request(layer)
+        run.remove(layer, self._image_positions(run, positions, f"removal after layer {layer}"))
+
+    def _image_positions(self, run: _Run, positions: torch.Tensor, what: str) -> torch.Tensor:
+        group = run.layout.group.to(run.drop_layer.device)
+        positions = positions.to(group.device).bool()
+        if positions.shape[0] != group.shape[0] or positions.shape[1] > group.shape[1]:
+            raise ExitSurgeryError(
+                f"expected {what} over the prompt's (batch, seq) = {tuple(group.shape)} positions, found {tuple(positions.shape)}"
+            )
+        if positions.shape[1] < group.shape[1]:  # a prompt followed by generated tokens (recomputation)
+            positions = torch.cat([positions, positions.new_zeros(group.shape[0], group.shape[1] - positions.shape[1])], 1)
+        if bool((positions & (group != IMAGE)).any()):
+            row, column = (positions & (group != IMAGE)).nonzero()[0].tolist()
+            raise ExitSurgeryError(
+                f"expected {what} to name image positions only, found position {column} of row {row}, which is not an image token"
+            )
+        return positions
 
     # hooks --------------------------------------------------------------------------------
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -271,7 +407,14 @@ class VisualExit:
         past = cache.get_seq_length() if cache is not None else 0
         if past == 0:
             layout = token_layout(input_ids, attention_mask, self._image_token_id)
-            self._run = _Run(layout=layout, exit_layer=self._initial_exits(layout.batch_size, input_ids.device))
+            run = _Run(layout=layout, drop_layer=torch.full_like(layout.group, NO_EXIT))
+            exits = self._initial_exits(layout.batch_size, input_ids.device)
+            image = layout.group == IMAGE
+            for layer in sorted(set(exits.tolist()) - {NO_EXIT}):
+                run.remove(layer, image & (exits == layer)[:, None])
+            for layer in sorted(self._removals):
+                run.remove(layer, self._image_positions(run, self._removals[layer], f"the removal after layer {layer}"))
+            self._run = run
             return
         run = self._run
         if run is None or run.layout.batch_size != input_ids.shape[0]:
@@ -281,8 +424,13 @@ class VisualExit:
                 f"found a cache of {past} tokens and {before}"
             )
         for i in run.layer_keys:
-            if not isinstance(cache.layers[i], DynamicLayer) or cache.layers[i].is_sliding:
-                raise ExitSurgeryError(f"expected a DynamicCache, found a {type(cache.layers[i]).__name__} at layer {i}")
+            layer_cache = cache.layers[i]
+            sliding_ok = isinstance(layer_cache, DynamicSlidingWindowLayer) and not layer_cache.record_past
+            if not isinstance(layer_cache, DynamicLayer) or (layer_cache.is_sliding and not sliding_ok):
+                raise ExitSurgeryError(
+                    f"expected a DynamicCache (dynamic or dynamic sliding-window layers), found a "
+                    f"{type(layer_cache).__name__} at layer {i}"
+                )
         total = past + input_ids.shape[1]
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape[0], total, dtype=torch.bool, device=input_ids.device)
@@ -320,33 +468,107 @@ class VisualExit:
                         f"expected decoder layer {layer}'s cache to hold {keys.shape[1] + new_keys.shape[1] - hidden.shape[1]} "
                         f"tokens, found {cache.get_seq_length(layer)}"
                     )
-                mask = attention_mask_for_keys(self._config, torch.cat([keys, new_keys], 1), hidden.shape[1], hidden.dtype)
+                valid = torch.cat([keys, new_keys], 1)
+                window = self._sliding_window(layer, cache)
+                if window is None:
+                    mask = attention_mask_for_keys(self._config, valid, hidden.shape[1], hidden.dtype)
+                else:
+                    mask = self._sliding_decoding_mask(run, layer, cache, valid, hidden, window)
                 return args, {**kwargs, "attention_mask": mask}
-            exited = (run.exit_layer != NO_EXIT) & (run.exit_layer < layer)
-            if not bool(exited.any()):
+            run.current_layer = layer
+            removed = run.removed_before(layer).to(hidden.device)
+            if run.compact is None and not bool(removed.any()):
                 return None
             group = run.layout.group.to(hidden.device)
-            if run.compact is None and self._compact and bool(exited.all()):
-                run.compact = compact_layout((group != PADDING) & (group != IMAGE))
-                run.compact_from = layer
-                run.snapshot = hidden
-                hidden = run.compact.gather(hidden)
+            real = group != PADDING
+            if run.compact is None:
+                held = real
+                columns = torch.arange(group.shape[1], device=group.device).expand_as(group)
+            else:
+                held, columns = run.compact.valid, run.compact.index
+            gone = held & removed.gather(1, columns)  # slots of the stream whose token has left
+            if self._compact and bool(gone.any(dim=1).all()):
+                # Every row drops tokens the stream still holds: (re)compact to the remaining ones.
+                full = hidden if run.compact is None else run.compact.scatter(hidden, run.snapshot)
+                run.compact = compact_layout(real & ~removed)
+                if run.compact_from is None:
+                    run.compact_from = layer
+                run.snapshot = full
+                hidden = run.compact.gather(full)
                 args = (hidden, *args[1:]) if args else args
                 if not args:
                     kwargs = {**kwargs, "hidden_states": hidden}
+                held, columns = run.compact.valid, run.compact.index
+                gone = torch.zeros_like(held)
+            keys = held & ~gone
+            own = kwargs.get("attention_mask")
+            if own is not None and not isinstance(own, torch.Tensor):
+                raise ExitSurgeryError(
+                    f"expected decoder layer {layer} to receive a 4-D attention mask tensor or None, found {type(own).__name__}"
+                )
             if run.compact is not None:
-                keys = run.compact.valid
                 cos, sin = kwargs["position_embeddings"]
                 kwargs = {**kwargs, "position_embeddings": (run.compact.gather(cos), run.compact.gather(sin))}
                 if kwargs.get("position_ids") is not None:
-                    kwargs["position_ids"] = run.compact.gather(kwargs["position_ids"])
+                    kwargs["position_ids"] = run.compact.gather_positions(kwargs["position_ids"])
+                mask = attention_mask_for_keys(self._config, keys, hidden.shape[1], hidden.dtype)
+                if own is not None:
+                    # The model's own mask (padding, causal, and whatever else the family adds: sliding
+                    # windows over prompt columns, bidirectional image blocks) at the kept slots; slots
+                    # that hold no token keep the plain padding mask.
+                    own = own.expand(hidden.shape[0], *own.shape[1:])[:, 0]  # batch query key
+                    rows = torch.arange(hidden.shape[0], device=own.device)[:, None, None]
+                    gathered = own[rows, columns[:, :, None], columns[:, None, :]][:, None]  # batch 1 slot slot
+                    gathered = _without_keys(gathered, ~keys)
+                    mask = torch.where(held[:, None, :, None], gathered, mask)
+            elif own is None:
+                mask = attention_mask_for_keys(self._config, keys, hidden.shape[1], hidden.dtype)
             else:
-                keys = (group != PADDING) & ~((group == IMAGE) & exited[:, None])
+                mask = _without_keys(own.expand(hidden.shape[0], *own.shape[1:]), ~keys)
             run.layer_keys[layer] = keys
-            mask = attention_mask_for_keys(self._config, keys, hidden.shape[1], hidden.dtype)
+            run.layer_columns[layer] = columns
             return args, {**kwargs, "attention_mask": mask}
 
         return hook
+
+    def _sliding_window(self, layer: int, cache: Any) -> int | None:
+        """The sliding window of decoder layer ``layer``, or None for a full-attention layer: the cache
+        layer's when it is a sliding one, else the text config's (``layer_types``, or a
+        ``sliding_window`` without ``layer_types``, which Mistral applies to every layer)."""
+        if cache is not None and isinstance(cache.layers[layer], DynamicSlidingWindowLayer):
+            return int(cache.layers[layer].sliding_window)
+        window = getattr(self._config, "sliding_window", None)
+        layer_types = getattr(self._config, "layer_types", None)
+        if window is None or (layer_types is not None and layer_types[layer] != "sliding_attention"):
+            return None
+        return int(window)
+
+    def _sliding_decoding_mask(
+        self, run: _Run, layer: int, cache: Any, valid: torch.Tensor, hidden: torch.Tensor, window: int
+    ) -> torch.Tensor:
+        """Mask of a decoding step at a sliding-window layer after an exit.
+
+        The window counts prompt columns (as the stock mask does), not the slots the layer keeps;
+        the cache layer holds the last ``window - 1`` slots it was given, which always include every
+        kept token within ``window - 1`` columns of the new ones, so masking by columns is exact.
+        """
+        seen = run.attention_mask.shape[1]
+        new_columns = torch.arange(run.layout.seq_len, seen, device=valid.device).expand(valid.shape[0], -1)
+        columns = torch.cat([run.layer_columns[layer].to(valid.device), new_columns], 1)
+        layer_cache = cache.layers[layer] if cache is not None else None
+        if isinstance(layer_cache, DynamicSlidingWindowLayer):
+            stored = layer_cache.keys.shape[-2] if layer_cache.is_initialized else 0
+        else:  # a full cache layer under a sliding mask keeps every slot
+            stored = valid.shape[1] - hidden.shape[1]
+        visible = stored + hidden.shape[1]
+        columns, valid = columns[:, -visible:], valid[:, -visible:]
+        query = columns[:, -hidden.shape[1] :]
+        allowed = valid[:, None, :] & (columns[:, None, :] <= query[:, :, None])
+        allowed &= query[:, :, None] - columns[:, None, :] < window
+        allowed = allowed[:, None]  # batch 1 query key
+        if self._config._attn_implementation == "eager":
+            return torch.where(allowed, 0.0, torch.finfo(hidden.dtype).min).to(hidden.dtype)
+        return allowed
 
     def _before_final_norm(self, module: nn.Module, args: tuple) -> tuple | None:
         run = self._run
@@ -361,6 +583,7 @@ def visual_token_exit(
     model: nn.Module,
     exit_layers: int | Sequence[int | None] | None = None,
     *,
+    removals: Mapping[int, torch.Tensor] | None = None,
     compact: bool = True,
 ) -> VisualExit:
     """Attach image-token exit to ``model``; returns the handle (context manager or ``remove()``).
@@ -370,7 +593,10 @@ def visual_token_exit(
         exit_layers: exit after this decoder layer: one int for every row, one value per row
             (None = that row does not exit), or None to decide during the prefill with
             ``request_exit`` (as the DyVTE gates do).
-        compact: remove the image tokens once every row has exited (True), or only mask their keys
+        removals: ``{layer: positions}``, (batch, seq) bool image positions of the prompt that leave
+            after ``layer`` (a longer prefill, the prompt plus generated tokens, keeps the plan for
+            the prompt's columns); e.g. FastV's pruning replayed (``FastV.dropped``).
+        compact: remove the tokens once every row has removed some (True), or only mask their keys
             (False; the exact reference, no saving).
 
     Example::
@@ -379,7 +605,7 @@ def visual_token_exit(
             out = model.generate(**batch, max_new_tokens=8)
         surgery.exit_layers  # [3, None]
     """
-    return VisualExit(model, exit_layers, compact=compact)
+    return VisualExit(model, exit_layers, removals=removals, compact=compact)
 
 
 __all__ = [

@@ -10,8 +10,12 @@ At k = L-1 both are the same model, so the label is always 1.
 Cost: the full model runs once; each layer's output states at the non-image tokens are kept, and
 the exit branch for k runs only those tokens through layers k+1..L-1 (all branches that are
 active at a layer go through it as one batch). The branch is exactly the surgery of
-``exit.surgery`` (non-image tokens right-aligned, original positions, padding masked), and
-removing the image tokens after k is exactly masking them (tests/test_exit_surgery.py).
+``exit.surgery`` (non-image tokens right-aligned, original positions, padding masked): each
+layer after the exit gets its own inputs of the full forward gathered at the kept tokens, its
+4-D mask (padding, causal, and what the family adds: Gemma3's sliding window counted in prompt
+columns) and its cos/sin (Gemma3's local RoPE base on sliding layers, M-RoPE folded in), and
+removing the image tokens after k is exactly masking them (tests/test_exit_surgery.py,
+tests/test_families.py).
 
 The sweep is also an analysis result: ``sweep_table`` follows the conventions of
 ``analysis.schema`` (columns with dtypes and units, ``dyvte.table`` = "exit_sweep", a schema
@@ -42,7 +46,7 @@ from analysis.hooks import Hook, attached
 from analysis.layout import IMAGE, PADDING, TokenLayout, token_layout
 from analysis.schema import PROVENANCE_KEY, TABLE_KEY, VERSION_KEY, Column, SchemaError
 from exit.gates import GATE_INPUTS, gate_features, gate_recording
-from exit.surgery import attention_mask_for_keys, compact_layout
+from exit.surgery import CompactLayout, attention_mask_for_keys, compact_layout
 
 SWEEP_TABLE = "exit_sweep"
 SWEEP_SCHEMA_VERSION = 1
@@ -209,11 +213,15 @@ def exit_sweep(
     targets = input_ids.to(device)[answer_rows, answer_positions]
 
     states: list[torch.Tensor | None] = [None] * num_layers
-    rotary: dict[str, Any] = {}
+    config = adapter.text_config(model)
+    inputs_of = _KeptLayerInputs(compact, config)
 
-    def grab_positions(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        rotary["position_embeddings"] = kwargs["position_embeddings"]
-        rotary["position_ids"] = kwargs.get("position_ids")
+    def keep_inputs(layer: int) -> Any:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            inputs_of.keep(layer, kwargs, hidden.dtype)
+
+        return hook
 
     def keep_state(layer: int) -> Any:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -222,7 +230,8 @@ def exit_sweep(
 
         return hook
 
-    hooks = [Hook(paths[0], grab_positions, kind="forward_pre", with_kwargs=True)]
+    # Layer 0 never runs a branch: every branch starts after it.
+    hooks = [Hook(path, keep_inputs(i), kind="forward_pre", with_kwargs=True) for i, path in enumerate(paths) if i > 0]
     hooks += [Hook(path, keep_state(i)) for i, path in enumerate(paths)]
     records = []
     with torch.no_grad(), attached(model, hooks):
@@ -232,9 +241,9 @@ def exit_sweep(
             with gate_recording(model, prompt_layout(layout, answer_mask), features, adapter=adapter) as recording:
                 model(**inputs, logits_to_keep=1)
             records = recording.records
+    inputs_of.forward_done()
 
     norm, head = adapter.final_norm(model), model.get_output_embeddings()
-    config = adapter.text_config(model)
     batch = layout.batch_size
 
     def answer_logits(hidden: torch.Tensor) -> torch.Tensor:
@@ -242,21 +251,17 @@ def exit_sweep(
 
     with torch.no_grad():
         full_logits = answer_logits(states[-1])
-        cos, sin = rotary["position_embeddings"]
-        cos, sin = compact.gather(cos), compact.gather(sin)
-        position_ids = rotary["position_ids"]
-        position_ids = compact.gather(position_ids) if position_ids is not None else None
-        mask = attention_mask_for_keys(config, compact.valid, compact.length, states[-1].dtype)
         exit_logits: list[torch.Tensor] = [torch.empty(0)] * num_layers
         branches: list[torch.Tensor] = []
         for layer in range(1, num_layers):
             branches.append(states[layer - 1])  # the branch that exits after layer - 1 starts here
             count = len(branches)
+            mask, (cos, sin), position_ids = inputs_of.layers.pop(layer)
             hidden = layers[layer](
                 torch.cat(branches),
-                attention_mask=mask.repeat(count, *[1] * (mask.dim() - 1)),
-                position_embeddings=(cos.repeat(count, 1, 1), sin.repeat(count, 1, 1)),
-                position_ids=None if position_ids is None else position_ids.repeat(count, 1),
+                attention_mask=_repeat_rows(mask, count, 0),
+                position_embeddings=(_repeat_rows(cos, count, 0), _repeat_rows(sin, count, 0)),
+                position_ids=None if position_ids is None else _repeat_rows(position_ids, count, -2),
                 cache=None,
                 use_cache=False,
             )
@@ -285,6 +290,79 @@ def exit_sweep(
         features=gate_inputs,
         features_kind=features,
     )
+
+
+class _KeptLayerInputs:
+    """Each decoder layer's own inputs of the full forward (4-D mask, cos/sin, position ids),
+    gathered at the kept (non-image, real) tokens of ``compact`` for the exit branches.
+
+    A layer's own mask carries whatever its family adds to a padded causal mask (Gemma3's sliding
+    window, counted in prompt columns; bidirectional image blocks, which no kept token is in), and
+    its cos/sin carry its own RoPE (Gemma3's local base on sliding layers; M-RoPE folded in), so
+    the branch sees exactly what ``exit.surgery`` gives the layer after a compaction. Layers
+    handed the same tensor (one mask per layer type) share one gathered copy, and the full-length
+    tensors are released after the forward.
+    """
+
+    def __init__(self, compact: CompactLayout, config: Any) -> None:
+        self.compact = compact
+        self.config = config
+        self.layers: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]] = {}
+        self._gathered: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(tensor) -> (tensor, gathered copy)
+        self._plain: torch.Tensor | None = None
+
+    def keep(self, layer: int, kwargs: dict, dtype: torch.dtype) -> None:
+        """Record decoder layer ``layer``'s inputs (its forward kwargs; ``dtype`` of its hidden states)."""
+        own = kwargs.get("attention_mask")
+        if own is not None and not isinstance(own, torch.Tensor):
+            raise SweepError(
+                f"expected decoder layer {layer} to receive a 4-D attention mask tensor or None, found {type(own).__name__}"
+            )
+        if "position_embeddings" not in kwargs:
+            raise SweepError(f"expected decoder layer {layer} to receive position_embeddings (cos, sin), found none")
+        cos, sin = kwargs["position_embeddings"]
+        position_ids = kwargs.get("position_ids")
+        self.layers[layer] = (
+            self._plain_mask(dtype) if own is None else self._once(own, lambda: self._mask(own, dtype)),
+            (self._once(cos, lambda: self.compact.gather(cos)), self._once(sin, lambda: self.compact.gather(sin))),
+            None if position_ids is None else self._once(position_ids, lambda: self.compact.gather_positions(position_ids)),
+        )
+
+    def forward_done(self) -> None:
+        """Release the full-length tensors (the gathered copies stay in ``layers``)."""
+        self._gathered.clear()
+
+    def _once(self, tensor: torch.Tensor, make: Any) -> torch.Tensor:
+        key = id(tensor)
+        if key not in self._gathered or self._gathered[key][0] is not tensor:
+            self._gathered[key] = (tensor, make())
+        return self._gathered[key][1]
+
+    def _plain_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """Padded causal mask over the kept slots (where the model passed no mask: SDPA's causal skip)."""
+        if self._plain is None:
+            self._plain = attention_mask_for_keys(self.config, self.compact.valid, self.compact.length, dtype)
+        return self._plain
+
+    def _mask(self, own: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The layer's own mask at the kept query rows and key columns; slots that hold no token
+        (left padding of the compacted stream) get the plain padded causal mask, as in the surgery."""
+        index, valid = self.compact.index, self.compact.valid
+        own = own.expand(index.shape[0], *own.shape[1:])[:, 0]  # batch query key
+        rows = torch.arange(index.shape[0], device=own.device)[:, None, None]
+        gathered = own[rows, index[:, :, None], index[:, None, :]][:, None]  # batch 1 slot slot
+        no_key = ~valid[:, None, None, :]
+        if gathered.dtype == torch.bool:
+            gathered = gathered & ~no_key
+        else:
+            gathered = gathered.masked_fill(no_key, torch.finfo(gathered.dtype).min)
+        plain = self._plain_mask(dtype).to(device=gathered.device, dtype=gathered.dtype)
+        return torch.where(valid[:, None, :, None], gathered, plain)
+
+
+def _repeat_rows(tensor: torch.Tensor, count: int, dim: int) -> torch.Tensor:
+    """``count`` copies of ``tensor`` concatenated along its batch axis ``dim`` (one per branch)."""
+    return torch.cat([tensor] * count, dim=dim) if count > 1 else tensor
 
 
 def answer_metrics(
@@ -375,16 +453,24 @@ class SweepWriter:
     Files: ``exit_sweep-NNNNN.parquet`` (one row group per batch; written under a hidden
     temporary name and renamed when complete) and, for batches with features,
     ``features-NNNNN-BBBBB.safetensors`` holding ``features`` (batch, layers, F) float32 and
-    ``label`` (batch, layers) uint8, with the sample ids in the metadata.
+    ``label`` (batch, layers) uint8, with the sample ids in the metadata (also written under a
+    temporary name, then renamed). ``tag`` (``analysis.io.shard_tag``) names the files of one
+    process of a data-parallel sweep: ``exit_sweep-shard000of002-00000.parquet``, ...
     """
 
-    def __init__(self, out_dir: str | Path, provenance: dict[str, Any], rule: LabelRule = LabelRule()) -> None:
+    def __init__(
+        self, out_dir: str | Path, provenance: dict[str, Any], rule: LabelRule = LabelRule(), *, tag: str = ""
+    ) -> None:
+        from analysis.io import parse_shard_file, shard_file_name
+
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.provenance = {**provenance, "label_rule": asdict(rule)}
-        taken = [int(p.stem.rsplit("-", 1)[1]) for p in self.out_dir.glob(f"{SWEEP_TABLE}-*.parquet")]
+        self.tag = tag
+        taken = [parsed[2] for p in self.out_dir.glob(f"{SWEEP_TABLE}-*.parquet")
+                 if (parsed := parse_shard_file(p)) and parsed[1] == tag]
         self.shard = max(taken, default=-1) + 1
-        self.final = self.out_dir / f"{SWEEP_TABLE}-{self.shard:05d}.parquet"
+        self.final = self.out_dir / shard_file_name(SWEEP_TABLE, tag, self.shard)
         self.partial = self.out_dir / f".{self.final.name}.partial"
         self._writer: pq.ParquetWriter | None = None
         self.batches = 0
@@ -397,10 +483,13 @@ class SweepWriter:
             self._writer = pq.ParquetWriter(self.partial, sweep_schema(self.provenance))
         self._writer.write_table(table.replace_schema_metadata(self._writer.schema.metadata))
         if result.features is not None:
-            path = self.out_dir / f"{FEATURES_PREFIX}-{self.shard:05d}-{self.batches:05d}.safetensors"
+            tag = f"{self.tag}-" if self.tag else ""
+            path = self.out_dir / f"{FEATURES_PREFIX}-{tag}{self.shard:05d}-{self.batches:05d}.safetensors"
+            partial = path.with_name(f".{path.name}.partial")
             tensors = {"features": result.features.float().contiguous(), "label": result.label.to(torch.uint8).contiguous()}
             metadata = {"sample_ids": json.dumps(list(sample_ids)), "features_kind": str(result.features_kind)}
-            save_file(tensors, str(path), metadata=metadata)
+            save_file(tensors, str(partial), metadata=metadata)
+            os.replace(partial, path)  # never a half-written feature file under its final name
             self.files.append(path)
         self.batches += 1
         self.rows_written += table.num_rows
@@ -486,8 +575,12 @@ def run_sweep(
     batch_size: int = 1,
     rule: LabelRule = LabelRule(),
     progress: bool = True,
+    shard: Any = None,
 ) -> SweepRun:
     """Sweep every question (its ``answer`` is the reference) and stream the table and features to ``out_dir``.
+
+    ``shard`` (an ``analysis.dump.Shard``; under torchrun the rank's) sweeps only every n-th
+    question, into files named with the shard's tag; the shards' union is the single-process sweep.
 
     Raises:
         SweepError: a question has no reference answer, or the folder already holds a sweep.
@@ -495,18 +588,25 @@ def run_sweep(
     from tqdm import tqdm
 
     from analysis.data import build_prompt, load_image
-    from analysis.dump import check_questions
+    from analysis.dump import Shard, barrier, check_questions
+    from analysis.io import parse_shard_file, tag_count
 
+    shard = shard or Shard()
     check_questions(questions, image_folder)
     missing = [q.question_id for q in questions if not q.answer]
     if missing:
         raise SweepError(f"expected a reference answer for every question, found none for {missing[:5]}")
-    if list(Path(out_dir).glob(f"{SWEEP_TABLE}-*.parquet")):
-        raise SweepError(f"expected a new or empty output folder, found a sweep in {out_dir}; choose another --out")
+    for path in Path(out_dir).glob(f"{SWEEP_TABLE}-*.parquet"):
+        parsed = parse_shard_file(path)
+        if parsed is None or parsed[1] == shard.tag or tag_count(parsed[1]) != shard.count:
+            raise SweepError(f"expected a new or empty output folder, found a sweep in {out_dir}; choose another --out")
+    if shard.count > 1:
+        barrier()  # under torchrun no process writes before every process has looked at the folder
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    batches = [questions[i : i + batch_size] for i in range(0, len(questions), batch_size)]
-    with SweepWriter(out_dir, provenance, rule) as writer:
+    mine = shard.select(questions)
+    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    with SweepWriter(out_dir, provenance, rule, tag=shard.tag) as writer:
         for batch in tqdm(batches, desc="sweep", unit="batch", disable=not progress):
             prompts = [build_prompt(processor, q) for q in batch]
             images = [[load_image(image_folder, name) for name in q.images] for q in batch]
@@ -515,7 +615,7 @@ def run_sweep(
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
             result = exit_sweep(model, inputs, answer_mask, rule=rule, features=features)
             writer.write(result, [q.question_id for q in batch])
-    return SweepRun(Path(out_dir), len(questions), writer.rows_written, writer.files)
+    return SweepRun(Path(out_dir), len(mine), writer.rows_written, writer.files)
 
 
 __all__ = [

@@ -11,6 +11,12 @@ layer's gate accuracy on them.
 
 Optimiser: AdamW, cosine schedule with linear warm-up (3% of the steps by default), as in the
 paper's script.
+
+Data-parallel under torchrun (``torch.distributed`` initialised, gloo on CPU): every process walks
+the same seeded order of global batches, computes the loss of its strided part of each batch
+(summed, divided by the global batch size) and the gradients are summed over the processes before
+each step, which is what one process does with the whole batch (DDP's scheme). The gates stay
+identical on every process and equal the single-process gates within float tolerance.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from exit.gates import DyVTEGates
+from exit.gates import DyVTEGates, select_features
 from exit.sweep import FEATURES_PREFIX, LabelRule, SweepError
 
 ProgressFn = Callable[[Iterable], Iterable]
@@ -92,11 +98,63 @@ def read_shard(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str], str]:
     return features, labels, json.loads(metadata.get("sample_ids", "[]")), metadata.get("features_kind", "")
 
 
-def _split(folder: str | Path, settings: TrainSettings, heldout: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_gradients(module: nn.Module) -> None:
+    """Sum every parameter's gradient over the torch.distributed group (no-op outside one), in one
+    all-reduce of a flat buffer.
+
+    A parameter without a gradient on every process keeps none (so AdamW skips it, as it does in a
+    single process); one with a gradient on some process gets zeros where it had none.
+    """
+    import torch.distributed as dist
+
+    if _rank_world()[1] == 1:
+        return
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    if not parameters:
+        return
+    device = parameters[0].device
+    has_grad = torch.tensor([float(p.grad is not None) for p in parameters], device=device)
+    dist.all_reduce(has_grad)
+    active = [p for p, flag in zip(parameters, has_grad.tolist()) if flag > 0]
+    if not active:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in active])
+    dist.all_reduce(flat)
+    offset = 0
+    for parameter in active:
+        size = parameter.numel()
+        parameter.grad = flat[offset : offset + size].view_as(parameter).clone()
+        offset += size
+
+
+def _all_sum(values: list[float]) -> list[float]:
+    import torch.distributed as dist
+
+    if _rank_world()[1] == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _split(folder: str | Path, settings: TrainSettings, heldout: bool,
+           gates: DyVTEGates | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(features, labels) of each shard's training (or held-out) samples; with ``gates``, the
+    features are those gates' inputs (taken out of cached "both" features if needed)."""
     for path in feature_shards(folder):
-        features, labels, ids, _ = read_shard(path)
+        features, labels, ids, kind = read_shard(path)
         keep = torch.tensor([is_heldout(i, settings.holdout_fraction, settings.seed) == heldout for i in ids], dtype=torch.bool)
         if bool(keep.any()):
+            if gates is not None:
+                features = select_features(features, kind, gates.config.inputs, gates.signature)
             yield features[keep], labels[keep]
 
 
@@ -121,8 +179,9 @@ def train_offline(
         FileNotFoundError: no feature shards. SweepError: the shards' features do not fit the gates.
     """
     kind = read_shard(feature_shards(folder)[0])[3]
-    if kind != gates.config.inputs:
-        raise SweepError(f"expected features of kind {gates.config.inputs!r} for these gates, found {kind!r} in {folder}")
+    if kind not in (gates.config.inputs, "both"):
+        raise SweepError(f"expected features of kind {gates.config.inputs!r} (or 'both') for these gates, "
+                         f"found {kind!r} in {folder}")
     examples = sum(int(f.shape[0]) for f, _ in _split(folder, settings, heldout=False))
     if examples == 0:
         raise SweepError(f"expected training samples in {folder} after holding out {settings.holdout_fraction:.0%}, found none")
@@ -138,7 +197,7 @@ def train_offline(
         # Stream shards; shuffle within a buffer of up to batch_size * 8 samples.
         buffer_f: list[torch.Tensor] = []
         buffer_l: list[torch.Tensor] = []
-        for features, labels in _split(folder, settings, heldout=False):
+        for features, labels in _split(folder, settings, heldout=False, gates=gates):
             buffer_f.append(features)
             buffer_l.append(labels)
             if sum(len(b) for b in buffer_f) >= settings.batch_size * 8:
@@ -167,18 +226,21 @@ def _train_buffer(
     buffer_l.clear()
     order = torch.randperm(len(features), generator=generator)
     stop = len(order) if final else len(order) - len(order) % settings.batch_size
+    rank, world = _rank_world()
     for start in range(0, stop, settings.batch_size):
         index = order[start : start + settings.batch_size]
+        local = index[rank::world]  # this process's part of the global batch
         loss = sum(
-            nn.functional.cross_entropy(gates(layer, features[index, layer]), labels[index, layer])
+            nn.functional.cross_entropy(gates(layer, features[local, layer]), labels[local, layer], reduction="sum")
             for layer in range(features.shape[1])
-        ) / features.shape[1]
+        ) / (features.shape[1] * len(index))
         optimizer.zero_grad()
         loss.backward()
+        all_reduce_gradients(gates)
         optimizer.step()
         scheduler.step()
         report.steps += 1
-        report.losses.append(float(loss.detach()))
+        report.losses.append(_all_sum([float(loss.detach())])[0])
     if stop < len(order):  # carry the remainder into the next buffer
         buffer_f.append(features[order[stop:]])
         buffer_l.append(labels[order[stop:]])
@@ -186,13 +248,20 @@ def _train_buffer(
 
 def evaluate(gates: DyVTEGates, folder: str | Path, settings: TrainSettings, report: TrainReport | None = None) -> TrainReport:
     """Per-layer accuracy of the gates (p(exit) > tau) on the held-out samples of a sweep folder."""
-    return evaluate_examples(gates, _split(folder, settings, heldout=True), report)
+    return evaluate_examples(gates, _split(folder, settings, heldout=True, gates=gates), report)
 
 
 def evaluate_examples(
-    gates: DyVTEGates, examples: Iterable[tuple[torch.Tensor, torch.Tensor]], report: TrainReport | None = None
+    gates: DyVTEGates,
+    examples: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    report: TrainReport | None = None,
+    reduce: bool = False,
 ) -> TrainReport:
-    """Per-layer accuracy of the gates on (features (batch, layers, F), labels (batch, layers)) pairs."""
+    """Per-layer accuracy of the gates on (features (batch, layers, F), labels (batch, layers)) pairs.
+
+    ``reduce=True``: each process saw a different part of the examples (torchrun); the counts are
+    summed over the processes so every process reports the accuracy on all of them.
+    """
     report = report or TrainReport()
     layers = gates.signature.num_layers
     correct = torch.zeros(layers)
@@ -206,6 +275,10 @@ def evaluate_examples(
                 fires = gates.fires(layer, features[:, layer]).cpu()
                 correct[layer] += (fires.long() == labels[:, layer]).sum()
                 positive[layer] += labels[:, layer].sum()
+    if reduce:
+        totals = _all_sum([*correct.tolist(), *positive.tolist(), float(count)])
+        correct, positive = torch.tensor(totals[:layers]), torch.tensor(totals[layers : 2 * layers])
+        count = int(totals[-1])
     report.heldout_samples = count
     report.layer_accuracy = [float(c / count) if count else None for c in correct]
     report.layer_positive_rate = [float(p / count) if count else None for p in positive]
@@ -223,17 +296,26 @@ def online_step(
 ) -> tuple[int, float]:
     """One step of the paper's online scheme: draw a layer k, label the batch at k, update gate k.
 
-    Returns (k, loss). The model is frozen (no gradient reaches it).
+    Returns (k, loss). The model is frozen (no gradient reaches it). Under torchrun each process
+    passes its part of the global batch (possibly empty) and the gradients are summed over them.
     """
     from exit.sweep import exit_labels_at
 
     layer = int(torch.randint(gates.signature.num_layers, (1,), generator=generator))
-    features, labels = exit_labels_at(model, inputs, answer_mask, layer, gates.config.inputs, rule)
-    loss = nn.functional.cross_entropy(gates(layer, features), labels.long().to(features.device))
+    rows = int(answer_mask.shape[0])
+    global_rows = int(_all_sum([float(rows)])[0])
     optimizer.zero_grad()
-    loss.backward()
+    if rows:
+        features, labels = exit_labels_at(model, inputs, answer_mask, layer, gates.config.inputs, rule)
+        loss = nn.functional.cross_entropy(gates(layer, features), labels.long().to(features.device), reduction="sum")
+        loss = loss / global_rows
+        loss.backward()
+        value = float(loss.detach())
+    else:  # this process got no part of a batch smaller than the group
+        value = 0.0
+    all_reduce_gradients(gates)
     optimizer.step()
-    return layer, float(loss.detach())
+    return layer, _all_sum([value])[0]
 
 
 def train_online(
@@ -263,7 +345,7 @@ def train_online(
         if scheduler is not None:
             scheduler.step()
         report.steps += 1
-        report.train_examples += int(answer_mask.shape[0])
+        report.train_examples += int(_all_sum([float(answer_mask.shape[0])])[0])
         report.losses.append(loss)
     gates.eval()
     return report
@@ -298,6 +380,8 @@ def train_online_on_questions(
         raise SweepError(f"expected a reference answer for every question, found none for {missing[:5]}")
 
     def prepared(batch: Sequence[Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        if not batch:
+            return {}, torch.zeros(0, 0, dtype=torch.bool)
         prompts = [build_prompt(processor, q) for q in batch]
         images = [[load_image(image_folder, name) for name in q.images] for q in batch]
         inputs, answer_mask = teacher_forced_inputs(processor, prompts, images, [str(q.answer) for q in batch])
@@ -307,7 +391,11 @@ def train_online_on_questions(
 
     generator = torch.Generator().manual_seed(settings.seed)
     order = [i for _ in range(settings.epochs) for i in torch.randperm(len(train), generator=generator).tolist()]
-    batches = [[train[i] for i in order[s : s + settings.batch_size]] for s in range(0, len(order), settings.batch_size)]
+    rank, world = _rank_world()
+    # Every process walks the same global batches and labels its strided part of each.
+    batches = [[train[i] for i in order[s : s + settings.batch_size]][rank::world]
+               for s in range(0, len(order), settings.batch_size)]
+    heldout = heldout[rank::world]
 
     class _Batches:
         def __len__(self) -> int:
@@ -326,11 +414,12 @@ def train_online_on_questions(
             assert result.features is not None
             yield result.features, result.label
 
-    return evaluate_examples(gates, swept(), report)
+    return evaluate_examples(gates, swept(), report, reduce=world > 1)
 
 
 __all__ = [
     "TrainReport",
+    "all_reduce_gradients",
     "TrainSettings",
     "evaluate",
     "evaluate_examples",

@@ -91,7 +91,7 @@ def test_python_dash_m_entry_point(model_dir, dataset, tmp_path):
 
 def test_missing_image_fails_before_any_work(model_dir, tmp_path, capsys):
     questions = write_questions(tmp_path, [{"question_id": "q", "image": "nope.png", "text": "?"}])
-    assert main(dump_args(model_dir, questions, tmp_path, tmp_path / "out")) == 2
+    assert main(dump_args(model_dir, questions, tmp_path, tmp_path / "out", "--fail-fast")) == 2
     assert "expected an image at" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -100,7 +100,7 @@ def test_unreadable_image_mid_run_keeps_finished_batches(model_dir, dataset, tmp
     questions, images = dataset
     (images / "2.png").write_bytes(b"not a png")
     out = tmp_path / "out"
-    assert main(dump_args(model_dir, questions, images, out)) == 2
+    assert main(dump_args(model_dir, questions, images, out, "--fail-fast")) == 2
     assert "expected a readable image" in capsys.readouterr().err
     assert set(read_statistics(out)["sample_id"]) == {"1", "2"}  # the batches before the bad one
 
@@ -117,7 +117,9 @@ def test_unknown_model_type_lists_the_supported_ones(tmp_path, dataset, capsys):
     LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(tmp_path / "llama")
     questions, images = dataset
     assert main(dump_args(tmp_path / "llama", questions, images, tmp_path / "out")) == 2
-    assert "unsupported model type 'llama': expected one of ['llava']" in capsys.readouterr().err
+    from analysis.adapters import supported_model_types
+
+    assert f"unsupported model type 'llama': expected one of {supported_model_types()}" in capsys.readouterr().err
 
 
 def test_model_whose_image_token_id_the_prompts_never_contain(model_dir, tmp_path, dataset, capsys):

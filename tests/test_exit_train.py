@@ -8,16 +8,20 @@ import torch
 from PIL import Image
 
 from analysis.tiny import TinyLlavaSpec, save_tiny_llava
-from exit import DyVTEGates, GateConfig, ModelSignature
-from exit.sweep import LabelRule, SweepResult, SweepWriter, teacher_forced_inputs
+from exit import DyVTEGates, GateConfig, ModelSignature, feature_size
+from exit.sweep import LabelRule, SweepError, SweepResult, SweepWriter, teacher_forced_inputs
 from exit.train import TrainSettings, is_heldout, online_step, train_offline
 
 
-def synthetic_sweep(folder, samples=240, layers=3, hidden=4, shards=3):
-    """Feature shards whose label at layer l is sign(feature l)."""
+def synthetic_sweep(folder, samples=240, layers=3, hidden=4, shards=3, kind="hidden"):
+    """Feature shards whose label at layer l is sign(feature l); kind "both" appends noise
+    attention features (one head) after the hidden ones."""
     generator = torch.Generator().manual_seed(1)
     features = torch.randn(samples, layers, 2 * hidden, generator=generator)
     labels = features[:, torch.arange(layers), torch.arange(layers)] > 0
+    if kind == "both":
+        attention = feature_size(GateConfig(inputs="attention"), ModelSignature("llava", layers, hidden, 1))
+        features = torch.cat([features, torch.randn(samples, layers, attention, generator=generator)], dim=-1)
     per = samples // shards
     with SweepWriter(folder, {"model": "synthetic"}) as writer:
         for shard in range(shards):
@@ -26,7 +30,7 @@ def synthetic_sweep(folder, samples=240, layers=3, hidden=4, shards=3):
             result = SweepResult(
                 agreement=zeros, ce_exit=zeros, ce_full=torch.ones(per), ce_ratio=zeros, label=labels[part],
                 n_answer=torch.ones(per, dtype=torch.long), n_image=torch.ones(per, dtype=torch.long),
-                n_kept=torch.ones(per, dtype=torch.long), rule=LabelRule(), features=features[part], features_kind="hidden",
+                n_kept=torch.ones(per, dtype=torch.long), rule=LabelRule(), features=features[part], features_kind=kind,
             )
             writer.write(result, [f"s{i}" for i in range(shard * per, (shard + 1) * per)])
     return ModelSignature("llava", layers, hidden, 1)
@@ -93,3 +97,25 @@ def test_command_line_sweep_train_generate(tmp_path, capsys):
     assert "answer:" in out and "exit layer:" in out
     assert main(["generate", *common, "--gates", str(tmp_path / "missing"), "--image", str(tmp_path / "img" / "0.png"),
                  "--question", "?"]) == 2
+
+
+def test_both_features_serve_hidden_and_attention_gates(tmp_path):
+    import pytest
+
+    from exit.gates import select_features
+
+    signature = synthetic_sweep(tmp_path / "hidden")
+    synthetic_sweep(tmp_path / "both", kind="both")
+    settings = TrainSettings(lr=3e-2, epochs=3, batch_size=32, seed=7)
+    from_hidden = DyVTEGates(GateConfig(hidden_width=16, seed=7), signature)
+    from_both = DyVTEGates(GateConfig(hidden_width=16, seed=7), signature)
+    train_offline(from_hidden, tmp_path / "hidden", settings)
+    train_offline(from_both, tmp_path / "both", settings)  # the hidden part of the cached 'both' features
+    assert all(torch.equal(a, b) for a, b in zip(from_hidden.state_dict().values(), from_both.state_dict().values()))
+    attention_gates = DyVTEGates(GateConfig(inputs="attention", hidden_width=16, seed=7), signature)
+    train_offline(attention_gates, tmp_path / "both", settings)  # trains on the attention part
+    with pytest.raises(SweepError, match="'attention'"):
+        train_offline(attention_gates, tmp_path / "hidden", settings)
+    features = torch.arange(30.0).reshape(1, 1, 30)
+    with pytest.raises(ValueError, match="expected 16 cached 'both' features"):
+        select_features(features, "both", "hidden", signature)

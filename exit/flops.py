@@ -1,0 +1,247 @@
+"""FLOPs of an image-text decoder with and without visual-token exit, from its config.
+
+Counted as the matrix products the kernels run (a multiply-add is 2 FLOPs), which is what
+``torch.utils.flop_counter.FlopCounterMode`` counts; norms, softmax, rotary phases and
+activations are left out (a few per cent of the total at these widths).
+
+Decoder layer, ``n`` queries attending to ``m`` keys, hidden size ``d``, ``h`` query heads and
+``g`` key/value heads of width ``e``, gated FFN of width ``f``::
+
+    projections  2 n d e (2h + 2g)        q and o: h heads, k and v: g heads (GQA)
+    attention    4 n m h e                q k^T and the weighted sum of v, every query head
+    FFN          6 n d f                  gate, up and down
+
+Prefill, general form: decoder layer ``l`` processes the ``n_l`` tokens still present, so
+``n = m = n_l`` there and the prefill costs ``sum over l of layer(n_l, n_l)``
+(:func:`prefill_flops_for_counts`; ``VisualExit.tokens_per_layer`` gives the ``n_l`` of a run).
+Prefill of ``T`` tokens of which ``I`` are image tokens, exit after layer ``k`` (0-based): layers
+``0..k`` have ``n_l = T``; layers ``k+1 .. L-1`` have ``n_l = T - I``. FastV after layer ``K``
+keeping ``J = ceil((1 - R) I)`` image tokens, then (DyVTE + FastV) an exit after layer
+``k > K``: ``n_l = T`` for ``l <= K``, ``T - I + J`` for ``K < l <= k``, ``T - I`` after ``k``
+(:func:`fastv_tokens_per_layer`; an exit at ``k <= K`` leaves ``T - I`` from ``k + 1`` on).
+Attention is counted as the full ``n x m`` products that eager and SDPA compute (a causal kernel
+could skip about half). The output head adds ``2 d V`` per position whose logits are computed.
+FastV's ranking in layer ``K`` (one query row over ``T`` keys) is left out: under SDPA it costs
+``2 T h e`` more in that layer, under eager nothing.
+
+Decoding one token with ``c`` tokens already cached: ``n = 1`` and ``m = c + 1`` in layers up to
+the exit, ``m = c + 1 - I`` after it (those layers hold no image keys and values); in general
+``m = c_l + 1`` with ``c_l`` the tokens layer ``l`` holds in its cache
+(:func:`decode_flops_for_counts`).
+
+Vision tower (ViT: CLIP, SigLIP, DINOv2), ``N`` patch tokens (+1 class token where the family has
+one) of width ``D``, MLP width ``F``, patch ``p``, ``C`` channels; then the projector::
+
+    patch embedding  2 N (C p^2) D
+    per layer        8 N' D^2 + 4 N'^2 D + 4 N' D F      (N' = N + class token)
+    projector        2 I (D_in H + H d)                  (LLaVA's two linear layers)
+
+The vision tower and the projector do not depend on the exit; they are reported apart so that
+relative decoder savings are not diluted or inflated by them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import math
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = [
+    "DecoderShape",
+    "VisionShape",
+    "decode_flops",
+    "decode_flops_for_counts",
+    "fastv_tokens_per_layer",
+    "layer_flops",
+    "prefill_flops",
+    "prefill_flops_for_counts",
+    "relative_prefill_flops",
+    "vision_flops",
+]
+
+
+def _field(config: Any, *names: str) -> Any:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    raise ValueError(f"expected one of the config fields {list(names)} in {type(config).__name__}, found none set")
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """The sizes of a decoder that its FLOPs depend on."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, config: Any) -> DecoderShape:
+        """From a model config (its ``text_config`` if it has one) or a text config."""
+        text = getattr(config, "text_config", None) or config
+        heads = int(_field(text, "num_attention_heads"))
+        hidden = int(_field(text, "hidden_size"))
+        head_dim = getattr(text, "head_dim", None) or hidden // heads
+        return cls(
+            layers=int(_field(text, "num_hidden_layers")),
+            hidden=hidden,
+            heads=heads,
+            kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
+            head_dim=int(head_dim),
+            intermediate=int(_field(text, "intermediate_size")),
+            vocab=int(_field(text, "vocab_size")),
+        )
+
+
+def layer_flops(shape: DecoderShape, queries: int, keys: int) -> int:
+    """FLOPs of one decoder layer for ``queries`` tokens attending to ``keys`` keys (batch 1)."""
+    d, e = shape.hidden, shape.head_dim
+    projections = 2 * queries * d * e * (2 * shape.heads + 2 * shape.kv_heads)
+    attention = 4 * queries * keys * shape.heads * e
+    ffn = 6 * queries * d * shape.intermediate
+    return projections + attention + ffn
+
+
+def _exit_after(shape: DecoderShape, exit_layer: int | None) -> int:
+    """The last layer that sees the image tokens (the last layer when there is no exit)."""
+    if exit_layer is None or exit_layer >= shape.layers - 1:
+        return shape.layers - 1
+    if exit_layer < 0:
+        raise ValueError(f"expected an exit layer in 0..{shape.layers - 1} or None, found {exit_layer}")
+    return exit_layer
+
+
+def prefill_flops(shape: DecoderShape, tokens: int, image_tokens: int, exit_layer: int | None = None,
+                  logits_positions: int = 0) -> int:
+    """Decoder FLOPs of one prefill of ``tokens`` tokens (``image_tokens`` of them image tokens).
+
+    Args:
+        exit_layer: the image tokens leave after this layer (None: they stay throughout).
+        logits_positions: positions whose logits are computed (generate() computes 1; a plain
+            forward computes all of them).
+    """
+    if not 0 <= image_tokens <= tokens:
+        raise ValueError(f"expected 0 <= image_tokens <= tokens, found {image_tokens} image tokens of {tokens}")
+    last_full = _exit_after(shape, exit_layer)
+    full = (last_full + 1) * layer_flops(shape, tokens, tokens)
+    text = tokens - image_tokens
+    after = (shape.layers - 1 - last_full) * layer_flops(shape, text, text)
+    return full + after + 2 * logits_positions * shape.hidden * shape.vocab
+
+
+def decode_flops(shape: DecoderShape, cached: int, image_tokens: int, exit_layer: int | None = None) -> int:
+    """Decoder FLOPs of decoding one token with ``cached`` tokens before it, logits included."""
+    last_full = _exit_after(shape, exit_layer)
+    full = (last_full + 1) * layer_flops(shape, 1, cached + 1)
+    after = (shape.layers - 1 - last_full) * layer_flops(shape, 1, cached + 1 - image_tokens)
+    return full + after + 2 * shape.hidden * shape.vocab
+
+
+def _counts(shape: DecoderShape, counts: Sequence[int], what: str) -> list[int]:
+    values = [int(n) for n in counts]
+    if len(values) != shape.layers or any(n < 0 for n in values):
+        raise ValueError(f"expected {shape.layers} non-negative {what} (one per decoder layer), found {values}")
+    return values
+
+
+def prefill_flops_for_counts(shape: DecoderShape, tokens_per_layer: Sequence[int], logits_positions: int = 0) -> int:
+    """Decoder FLOPs of one prefill in which layer ``l`` processes ``tokens_per_layer[l]`` tokens.
+
+    ``prefill_flops(shape, T, I, k)`` equals this with ``[T] * (k + 1) + [T - I] * (L - 1 - k)``.
+    """
+    counts = _counts(shape, tokens_per_layer, "token counts")
+    return sum(layer_flops(shape, n, n) for n in counts) + 2 * logits_positions * shape.hidden * shape.vocab
+
+
+def decode_flops_for_counts(shape: DecoderShape, cached_per_layer: Sequence[int]) -> int:
+    """Decoder FLOPs of decoding one token when layer ``l`` holds ``cached_per_layer[l]`` tokens in its
+    cache (after removals the layers differ), logits included."""
+    counts = _counts(shape, cached_per_layer, "cache lengths")
+    return sum(layer_flops(shape, 1, c + 1) for c in counts) + 2 * shape.hidden * shape.vocab
+
+
+def fastv_tokens_per_layer(shape: DecoderShape, tokens: int, image_tokens: int, layer: int, ratio: float,
+                           exit_layer: int | None = None) -> list[int]:
+    """Tokens each decoder layer processes under FastV after ``layer`` (keeping
+    ``ceil((1 - ratio) * image_tokens)`` image tokens), and optionally an exit after ``exit_layer``."""
+    if not 0 <= image_tokens <= tokens:
+        raise ValueError(f"expected 0 <= image_tokens <= tokens, found {image_tokens} image tokens of {tokens}")
+    if not 0 <= layer < shape.layers:
+        raise ValueError(f"expected the FastV layer in 0..{shape.layers - 1}, found {layer}")
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"expected a FastV pruning ratio in [0, 1], found {ratio}")
+    kept = max(0, math.ceil((1.0 - ratio) * image_tokens - 1e-9))  # as exit.baselines.fastv_keep_count
+    last_full = _exit_after(shape, exit_layer)
+    counts = []
+    for index in range(shape.layers):
+        if index > last_full:
+            counts.append(tokens - image_tokens)
+        elif index > layer:
+            counts.append(tokens - image_tokens + kept)
+        else:
+            counts.append(tokens)
+    return counts
+
+
+def relative_prefill_flops(shape: DecoderShape, tokens: int, image_tokens: int, exit_layer: int | None) -> float:
+    """Prefill decoder FLOPs with the exit over those without (1.0: no saving)."""
+    return prefill_flops(shape, tokens, image_tokens, exit_layer) / prefill_flops(shape, tokens, image_tokens, None)
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """The sizes of a ViT vision tower and LLaVA-style projector that their FLOPs depend on."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    patch_size: int
+    channels: int
+    class_tokens: int
+    projector_in: int
+    projector_hidden: int
+    text_hidden: int
+
+    @classmethod
+    def from_config(cls, config: Any) -> VisionShape:
+        """From a LLaVA-style config (``vision_config``, ``text_config``, ``vision_feature_layer``)."""
+        vision = _field(config, "vision_config")
+        text = _field(config, "text_config")
+        hidden = int(_field(vision, "hidden_size"))
+        intermediate = getattr(vision, "intermediate_size", None) or int(hidden * _field(vision, "mlp_ratio"))
+        feature_layer = getattr(config, "vision_feature_layer", -1)
+        n_features = len(feature_layer) if isinstance(feature_layer, (list, tuple)) else 1
+        has_class = getattr(vision, "model_type", "") in ("clip_vision_model", "dinov2")
+        text_hidden = int(_field(text, "hidden_size"))
+        return cls(
+            layers=int(_field(vision, "num_hidden_layers")),
+            hidden=hidden,
+            intermediate=int(intermediate),
+            patch_size=int(_field(vision, "patch_size")),
+            channels=int(getattr(vision, "num_channels", 3)),
+            class_tokens=1 if has_class else 0,
+            projector_in=hidden * n_features,
+            projector_hidden=int(getattr(config, "projector_hidden_size", None) or text_hidden),
+            text_hidden=text_hidden,
+        )
+
+
+def vision_flops(shape: VisionShape, image_size: int, image_tokens: int) -> dict[str, int]:
+    """FLOPs of the vision tower on one square image and of the projector on ``image_tokens``.
+
+    Returns ``{"vision_tower": ..., "projector": ...}``.
+    """
+    patches = (image_size // shape.patch_size) ** 2
+    tokens = patches + shape.class_tokens
+    d = shape.hidden
+    embed = 2 * patches * shape.channels * shape.patch_size**2 * d
+    per_layer = 8 * tokens * d * d + 4 * tokens * tokens * d + 4 * tokens * d * shape.intermediate
+    projector = 2 * image_tokens * (shape.projector_in * shape.projector_hidden
+                                    + shape.projector_hidden * shape.text_hidden)
+    return {"vision_tower": embed + shape.layers * per_layer, "projector": projector}

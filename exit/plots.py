@@ -1,0 +1,351 @@
+"""Figures of an evaluation folder (``exit.evaluate.evaluate_methods``, ``dyvte-exit eval --out``).
+
+An evaluation folder holds ``eval-<method>.parquet`` (one row per question and method) and
+``summary.parquet`` (one row per method); :func:`read_evaluation` reads and checks both. Every
+``plot_*`` function draws a new figure from one of the two tables and returns it without showing it.
+
+==============  ===================  ==============================================================
+figure          function             what it shows
+==============  ===================  ==============================================================
+frontier        plot_frontier        overall accuracy against relative decoder prefill FLOPs, one
+                                     colour, marker and line per method family (dyvte, vtw, static,
+                                     fastv, dyvte+fastv; the stock model as a star), each point
+                                     labelled by its settings; the non-dominated points (the
+                                     accuracy-cost frontier over all methods) as a grey step line
+exit_histogram  plot_exit_histogram  per method, the share of questions whose image tokens left
+                                     after each decoder layer, with "never" as its own bar
+==============  ===================  ==============================================================
+
+FLOPs are ``exit.flops``'s count of the decoder's matrix products in the prefill (``relative``:
+under the method over the stock model's, mean over questions); the vision tower and the output
+head are left out, since no method changes them.
+
+``make_exit_figures(folder, out_dir)`` writes ``frontier.png`` and ``exit_histogram.png``.
+``exit`` may import ``analysis`` (the error type is ``analysis.plots.PlotError``); never the reverse.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import pyarrow as pa
+import seaborn as sns
+from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
+
+from analysis.plots import PlotError
+
+__all__ = [
+    "EvaluationFolderError",
+    "FAMILY_STYLES",
+    "MethodName",
+    "NEVER",
+    "ROW_COLUMNS",
+    "SUMMARY_COLUMNS",
+    "category_accuracy",
+    "make_exit_figures",
+    "method_name",
+    "pareto_front",
+    "plot_exit_histogram",
+    "plot_frontier",
+    "read_evaluation",
+]
+
+NEVER = -1
+"""``exit_layer`` of a row whose image tokens did not all leave (``exit.surgery.NO_EXIT``)."""
+ROW_COLUMNS: tuple[str, ...] = ("method", "question_id", "category", "correct", "exit_layer", "relative_prefill_flops")
+"""Columns of the per-question rows that the figures and the notebook need."""
+SUMMARY_COLUMNS: tuple[str, ...] = ("method", "questions", "accuracy_overall", "relative_prefill_flops")
+"""Columns of the summary that the figures and the notebook need."""
+SUMMARY_FILE = "summary.parquet"
+ROWS_PATTERN = "eval-*.parquet"
+
+
+@dataclass(frozen=True)
+class FamilyStyle:
+    label: str
+    colour: str
+    marker: str
+    offset: tuple[int, int] = (5, 5)
+    """Where the settings labels go, in points from the marker (families differ, so labels of
+    points at the same place do not overlap)."""
+
+
+FAMILY_STYLES: dict[str, FamilyStyle] = {
+    "none": FamilyStyle("full model", "black", "*", (-8, 8)),
+    "dyvte": FamilyStyle("DyVTE", "tab:red", "o", (5, 5)),
+    "dyvte+fastv": FamilyStyle("DyVTE + FastV", "tab:purple", "D", (5, 14)),
+    "vtw": FamilyStyle("VTW", "tab:green", "s", (5, -12)),
+    "static": FamilyStyle("static exit", "tab:blue", "v", (-5, -12)),
+    "fastv": FamilyStyle("FastV", "tab:orange", "^", (-5, 5)),
+}
+"""Legend label, colour and marker of each method family (others get the next colour of tab10)."""
+
+
+class EvaluationFolderError(ValueError):
+    """An evaluation folder is incomplete, unreadable or inconsistent."""
+
+
+@dataclass(frozen=True)
+class MethodName:
+    """A method as ``exit.evaluate`` names it, split into its family and a label of its settings."""
+
+    method: str
+    family: str
+    settings: str
+
+    @property
+    def label(self) -> str:
+        """The settings, or the family when it has none (``dyvte`` with the gates' own tau)."""
+        return self.settings or self.family
+
+
+def method_name(method: str) -> MethodName:
+    """Family and settings of a method name: ``static:6`` -> (static, ``K=6``), ``fastv:2:0.5`` ->
+    (fastv, ``K=2 R=0.5``), ``dyvte:0.3`` -> (dyvte, ``tau=0.3``), ``none`` -> (none, ``full model``).
+
+    The family is the part before the first ``:``; settings of a form this function does not know
+    are shown as written.
+    """
+    family, _, argument = method.partition(":")
+    parts = argument.split(":") if argument else []
+    if family == "none" and not parts:
+        settings = "full model"
+    elif family == "dyvte" and len(parts) == 1:
+        settings = f"tau={parts[0]}"
+    elif family in ("static", "vtw") and len(parts) == 1:
+        settings = f"K={parts[0]}"
+    elif family in ("fastv", "dyvte+fastv") and len(parts) == 2:
+        settings = f"K={parts[0]} R={parts[1]}"
+    else:
+        settings = argument
+    return MethodName(method=method, family=family, settings=settings)
+
+
+def _style(family: str, others: list[str]) -> FamilyStyle:
+    if family in FAMILY_STYLES:
+        return FAMILY_STYLES[family]
+    colours = sns.color_palette("tab10").as_hex()
+    return FamilyStyle(family, colours[(len(FAMILY_STYLES) + others.index(family)) % len(colours)], "P")
+
+
+def _require(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise PlotError(
+            f"expected {what} with the columns {list(columns)}, found no {missing} in {list(frame.columns)}"
+        )
+    if frame.empty:
+        raise PlotError(f"expected {what} with at least one row, found none")
+
+
+def pareto_front(summary: pd.DataFrame) -> pd.DataFrame:
+    """The methods no other method beats on both axes (at most the FLOPs and at least the accuracy,
+    one of them strictly), sorted by relative prefill FLOPs."""
+    _require(summary, ("method", "accuracy_overall", "relative_prefill_flops"), "a summary")
+    points = summary.sort_values(["relative_prefill_flops", "accuracy_overall"], ascending=[True, False])
+    keep, best = [], -math.inf
+    for index, accuracy in zip(points.index, points["accuracy_overall"]):
+        if accuracy > best:
+            keep.append(index)
+            best = accuracy
+    return points.loc[keep]
+
+
+def plot_frontier(summary: pd.DataFrame) -> Figure:
+    """Overall accuracy against relative decoder prefill FLOPs, one line and marker per method family.
+
+    Within a family the points are joined in order of FLOPs and labelled by their settings (``tau``
+    for dyvte, ``K`` for static and vtw, ``K`` and ``R`` for fastv and dyvte+fastv); the stock model
+    (``none``) is a star with its accuracy as a dotted line. The grey step line joins the
+    non-dominated points of all methods (:func:`pareto_front`).
+    """
+    _require(summary, SUMMARY_COLUMNS, "a summary (summary.parquet)")
+    data = summary.assign(**{"_family": [method_name(m).family for m in summary["method"]],
+                             "_label": [method_name(m).label for m in summary["method"]]})
+    families = list(dict.fromkeys(data["_family"]))
+    unknown = [f for f in families if f not in FAMILY_STYLES]
+    fig, ax = plt.subplots(figsize=(8.5, 5))
+    front = pareto_front(summary)
+    ax.step(front["relative_prefill_flops"], front["accuracy_overall"], where="post", color="0.6", lw=1, ls="--",
+            zorder=1, label="frontier (not dominated)")
+    for family in [f for f in FAMILY_STYLES if f in families] + unknown:
+        style = _style(family, unknown)
+        points = data[data["_family"] == family].sort_values("relative_prefill_flops")
+        line = "none" if family == "none" or len(points) == 1 else "-"
+        ax.plot(points["relative_prefill_flops"], points["accuracy_overall"], ls=line, marker=style.marker,
+                color=style.colour, markersize=11 if family == "none" else 7, lw=1.2, label=style.label, zorder=3)
+        if family == "none":
+            ax.axhline(points["accuracy_overall"].max(), color=style.colour, ls=":", lw=0.8, zorder=0)
+        for x, y, text in zip(points["relative_prefill_flops"], points["accuracy_overall"], points["_label"]):
+            ax.annotate(text, (x, y), xytext=style.offset, textcoords="offset points", fontsize=7,
+                        color=style.colour, ha="left" if style.offset[0] >= 0 else "right")
+    ax.set_xlabel("relative decoder prefill FLOPs (exit.flops: matrix products; 1 = full model)")
+    ax.set_ylabel("accuracy (exact match, all questions)")
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    low = min(0.0, float(summary["relative_prefill_flops"].min()))
+    ax.set_xlim(low - 0.02, max(1.0, float(summary["relative_prefill_flops"].max())) + 0.08)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    questions = sorted({int(q) for q in summary["questions"]})
+    counted = f"{questions[0]} questions" if len(questions) == 1 else f"{questions[0]}-{questions[-1]} questions"
+    ax.set_title(f"Accuracy against prefill cost: {len(summary)} methods, {counted}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_exit_histogram(rows: pd.DataFrame, num_layers: int | None = None,
+                        methods: Sequence[str] | None = None) -> Figure:
+    """Per method (one panel each, in order of appearance or ``methods``), the share of its questions
+    whose image tokens left after each decoder layer; ``never`` (exit_layer -1) is its own bar.
+
+    Args:
+        num_layers: decoder layers shown (default: the highest exit layer in the rows + 1).
+        methods: the methods to show (default: all).
+    """
+    _require(rows, ("method", "exit_layer"), "per-question rows (eval-*.parquet)")
+    order = list(dict.fromkeys(rows["method"])) if methods is None else list(methods)
+    absent = [m for m in order if m not in set(rows["method"])]
+    if absent or not order:
+        raise PlotError(f"expected methods among {sorted(set(rows['method']))}, found {absent or order}")
+    layers = rows["exit_layer"].astype(int)
+    if (layers < NEVER).any():
+        raise PlotError(f"expected exit layers >= 0 or {NEVER} (never), found {sorted(set(layers[layers < NEVER]))}")
+    highest = int(layers.max())
+    if num_layers is None:
+        num_layers = max(highest + 1, 1)
+    elif highest >= num_layers:
+        raise PlotError(f"expected exit layers below num_layers={num_layers}, found {highest}")
+    positions = list(range(num_layers)) + [num_layers + 1]  # a gap before "never"
+    columns = min(3, len(order))
+    lines = math.ceil(len(order) / columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(4.2 * columns, 2.6 * lines + 0.6), sharex=True, sharey=True,
+                             squeeze=False)
+    for ax, method in zip(axes.flat, order):
+        exits = rows.loc[rows["method"] == method, "exit_layer"].astype(int)
+        counts = exits.value_counts()
+        heights = [counts.get(layer, 0) / len(exits) for layer in [*range(num_layers), NEVER]]
+        colour = _style(method_name(method).family, [method_name(method).family]).colour
+        colours = [colour] * num_layers + ["0.55"]
+        ax.bar(positions, heights, width=0.8, color=colours)
+        ax.set_title(f"{method}: {len(exits)} questions, {(exits != NEVER).mean():.0%} exited", fontsize=9)
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    step = max(1, math.ceil(num_layers / 10))
+    ticks = list(range(0, num_layers, step)) + [num_layers + 1]
+    for ax in axes.flat[len(order):]:
+        ax.set_visible(False)
+    for column in range(columns):
+        lowest = axes[(len(order) - 1 - column) // columns, column]  # the last panel drawn in this column
+        lowest.set_xticks(ticks, [str(t) for t in ticks[:-1]] + ["never"])
+        lowest.tick_params(labelbottom=True)
+        lowest.set_xlabel("exit after decoder layer")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("questions")
+    fig.suptitle("Where the image tokens left, per method ('never': some stayed to the end)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def category_accuracy(summary: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy per category (columns, ``overall`` last) and method (index) from a summary."""
+    _require(summary, ("method", "accuracy_overall"), "a summary (summary.parquet)")
+    columns = [c for c in summary.columns if c.startswith("accuracy_") and c != "accuracy_overall"]
+    table = summary.set_index("method")[[*columns, "accuracy_overall"]]
+    table.columns = [c.removeprefix("accuracy_") for c in table.columns]
+    table.columns.name = "category"
+    return table
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except (pa.ArrowException, OSError, ValueError) as error:
+        raise EvaluationFolderError(
+            f"{path}: expected a parquet file written by exit.evaluate, found unreadable data ({error})"
+        ) from error
+
+
+def _check_columns(frame: pd.DataFrame, columns: Sequence[str], path: Path) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise EvaluationFolderError(
+            f"{path}: expected the columns {list(columns)} (written by exit.evaluate), found no {missing} "
+            f"among {list(frame.columns)}"
+        )
+
+
+def read_evaluation(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The per-question rows (all methods, in the summary's order) and the summary of an evaluation folder.
+
+    Raises:
+        FileNotFoundError: no folder, or no ``summary.parquet`` or ``eval-*.parquet`` in it.
+        EvaluationFolderError: an unreadable file, missing columns, or methods in the summary
+            without rows (or rows without a summary line).
+    """
+    folder = Path(folder)
+    hint = "write one with `dyvte-exit eval ... --out FOLDER` (exit.evaluate.evaluate_methods)"
+    if not folder.is_dir():
+        found = "a file" if folder.exists() else "nothing"
+        raise FileNotFoundError(f"expected an evaluation folder at {folder}, found {found} there; {hint}")
+    summary_path = folder / SUMMARY_FILE
+    row_paths = sorted(folder.glob(ROWS_PATTERN))
+    if not summary_path.is_file() or not row_paths:
+        present = sorted(p.name for p in folder.iterdir())[:8]
+        raise FileNotFoundError(
+            f"expected {SUMMARY_FILE} and {ROWS_PATTERN} in {folder}, found {present or 'an empty folder'}; {hint}"
+        )
+    summary = _read_parquet(summary_path)
+    _check_columns(summary, SUMMARY_COLUMNS, summary_path)
+    if summary["method"].duplicated().any():
+        raise EvaluationFolderError(f"{summary_path}: expected one line per method, found "
+                                    f"{sorted(summary['method'][summary['method'].duplicated()])} twice")
+    frames: dict[str, pd.DataFrame] = {}
+    for path in row_paths:
+        frame = _read_parquet(path)
+        _check_columns(frame, ROW_COLUMNS, path)
+        methods = list(frame["method"].unique())
+        if len(methods) != 1 or methods[0] in frames:
+            raise EvaluationFolderError(f"{path}: expected the rows of one method not seen in another file, "
+                                        f"found {methods}")
+        frames[methods[0]] = frame
+    without_rows = [m for m in summary["method"] if m not in frames]
+    without_summary = [m for m in frames if m not in set(summary["method"])]
+    if without_rows or without_summary:
+        raise EvaluationFolderError(
+            f"{folder}: expected rows and a summary line for every method, found methods in {SUMMARY_FILE} "
+            f"without rows {without_rows} and rows without a summary line {without_summary} (an interrupted run?)"
+        )
+    rows = pd.concat([frames[m] for m in summary["method"]], ignore_index=True)
+    return rows, summary.reset_index(drop=True)
+
+
+def _save(figure: Figure, path: Path, dpi: int) -> Path:
+    try:
+        figure.savefig(path, dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(figure)
+    return path
+
+
+def make_exit_figures(folder: str | Path, out_dir: str | Path, num_layers: int | None = None,
+                      dpi: int = 150) -> list[Path]:
+    """``<out_dir>/frontier.png`` and ``<out_dir>/exit_histogram.png`` of one evaluation folder;
+    returns the paths written.
+
+    Raises:
+        FileNotFoundError, EvaluationFolderError: as :func:`read_evaluation`.
+        PlotError: tables a figure cannot be drawn from.
+    """
+    rows, summary = read_evaluation(folder)
+    if num_layers is None and "num_layers" in summary.columns:  # written by exit.evaluate.evaluate_methods
+        num_layers = int(summary["num_layers"].max())
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [
+        _save(plot_frontier(summary), out_dir / "frontier.png", dpi),
+        _save(plot_exit_histogram(rows, num_layers), out_dir / "exit_histogram.png", dpi),
+    ]
