@@ -228,24 +228,35 @@ def _held_out_questions(per_type: int):
     return folder, chosen
 
 
-@requires_demo
-@pytest.mark.xfail(
-    strict=False,
-    reason="the committed weights miss the ShapesVQA target: held-out accuracy is near the majority "
-           "baseline (analysis/demo_weights/MODEL_CARD.md); this test states the target",
-)
-def test_trained_demo_answers_held_out_questions_from_the_image(demo):
+def _right_answers(model, processor, folder, questions, blank_image: bool) -> list[str]:
     from analysis.demo_training import predict_demo
     from analysis.shapes import exact_match
 
+    answers = predict_demo(model, processor, questions, folder, blank_image=blank_image, progress=False)
+    return [q.question_id for q in questions if exact_match(answers[q.question_id], q.answer)]
+
+
+@requires_demo
+def test_trained_demo_answers_from_the_image(demo):
     model, processor = demo
     folder, questions = _held_out_questions(per_type=2)  # the first two test questions of each type
-    answers = predict_demo(model, processor, questions, folder, progress=False)
-    right = [q.question_id for q in questions if exact_match(answers[q.question_id], q.answer)]
-    assert len(right) >= len(questions) - 2, {q.question_id: (answers[q.question_id], q.answer) for q in questions}
-    blank = predict_demo(model, processor, questions, folder, blank_image=True, progress=False)
-    right_blank = [q.question_id for q in questions if exact_match(blank[q.question_id], q.answer)]
-    assert len(right_blank) < len(right) - 2  # the answers depend on the image
+    right = _right_answers(model, processor, folder, questions, blank_image=False)
+    # the most common answer per type would get about 5 of these 12; the committed weights get 9
+    assert len(right) >= 7, right
+    assert len(_right_answers(model, processor, folder, questions, blank_image=True)) <= 3
+
+
+@requires_demo
+@pytest.mark.xfail(
+    strict=False,
+    reason="the committed weights miss the ShapesVQA target of 85 % (71.6 % on the test split, "
+           "analysis/demo_weights/MODEL_CARD.md); this test states the target",
+)
+def test_trained_demo_meets_the_accuracy_target_on_held_out_questions(demo):
+    model, processor = demo
+    folder, questions = _held_out_questions(per_type=2)
+    right = _right_answers(model, processor, folder, questions, blank_image=False)
+    assert len(right) >= len(questions) - 2, right
 
 
 @requires_demo

@@ -36,7 +36,7 @@ def tiny():
 
 
 def _config(**changes) -> dt.TrainConfig:
-    base = dict(steps=6, batch_size=2, warmup=1, rank=4, extra_per_type=1, image_size=SPEC.image_size,
+    base = dict(steps=6, batch_size=2, warmup=1, rank=4, extra_per_type=1, image_size=SPEC.image_size, ground_images=0,
                 bf16=False, lr_projector=1e-2, lr_lora=1e-2)
     return dt.TrainConfig(**{**base, **changes})
 
@@ -55,19 +55,46 @@ def test_pack_split_groups_questions_by_image(split):
     assert dt.pack_split(split, extra_per_type=2, seed=1) != examples
 
 
-def test_first_turn_matches_the_inference_prompt(split, tiny):
+def test_each_branch_is_the_inference_prompt_followed_by_the_answer(split, tiny):
     model, processor = tiny
-    question = read_questions(split / "questions.jsonl")[0]
-    inputs = processor(images=load_image(split, question.images[0]), text=build_prompt(processor, question),
-                       return_tensors="pt")
-    turns = [("colour", question.text, question.answer), ("count", "How many shapes are there?", "3")]
-    ids, labels, categories = dt.encode_conversation(processor, turns, model.config.image_token_id, 4)
-    prompt = inputs["input_ids"][0].tolist()
-    assert ids[:len(prompt)].tolist() == prompt
-    assert categories == ["colour", "count"]
-    labelled = processor.tokenizer.decode(ids[labels != dt.IGNORE])
-    assert labelled.replace(" ", "") == question.answer + "3"
-    assert int((ids == model.config.image_token_id).sum()) == 4  # image once, in the first turn
+    questions = [q for q in read_questions(split / "questions.jsonl") if q.images[0] == read_questions(
+        split / "questions.jsonl")[0].images[0]]
+    turns = [(q.category, q.text, q.answer) for q in questions]
+    encoded = dt.encode_branches(processor, turns, model.config.image_token_id, 4)
+    assert encoded.categories == tuple(q.category for q in questions)
+    for question, branch, labels in zip(questions, encoded.branches, encoded.labels):
+        prompt = processor(images=load_image(split, question.images[0]), text=build_prompt(processor, question),
+                           return_tensors="pt")["input_ids"][0].tolist()
+        ids = encoded.prefix + branch
+        assert ids[:len(prompt)] == prompt
+        assert int(sum(t == model.config.image_token_id for t in ids)) == 4  # this question's image only
+        answer = [t for t, label in zip(branch, labels) if label != dt.IGNORE]
+        assert answer == branch[len(prompt) - len(encoded.prefix):]
+        assert processor.tokenizer.decode(answer).replace("<|im_end|>", "").strip() == question.answer
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_branched_loss_equals_separate_single_turn_losses(split, tiny, attention):
+    model, processor = tiny
+    model.set_attn_implementation(attention)
+    first = read_questions(split / "questions.jsonl")[0]
+    turns = [(q.category, q.text, q.answer) for q in read_questions(split / "questions.jsonl")
+             if q.images[0] == first.images[0]]
+    assert len(turns) >= 3 and len({len(t[1]) for t in turns}) > 1  # branches of different lengths: padding
+    encoded = dt.encode_branches(processor, turns, model.config.image_token_id, 4)
+    pixels = processor.image_processor(load_image(split, first.images[0]), return_tensors="pt")["pixel_values"]
+    features = dt.image_features(model, pixels)
+    loss, count, _ = dt.branched_answer_loss(model, encoded, features, pad_token_id=0)
+    expected, expected_count = torch.zeros(()), 0
+    for branch, labels in zip(encoded.branches, encoded.labels):
+        ids = torch.tensor([encoded.prefix + branch])
+        target = torch.tensor([[dt.IGNORE] * len(encoded.prefix) + labels])[:, 1:]
+        logits = model(input_ids=ids, pixel_values=pixels).logits[:, :-1]
+        expected = expected + torch.nn.functional.cross_entropy(logits[target != dt.IGNORE], target[target != dt.IGNORE],
+                                                                reduction="sum")
+        expected_count += int((target != dt.IGNORE).sum())
+    assert int(count) == expected_count
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_image_features_are_what_the_model_projects(tiny):
@@ -171,8 +198,11 @@ def test_lr_schedule_warms_up_and_decays():
 
 def test_cached_prefix_decoding_matches_generate(split, tiny):
     model, processor = tiny
-    questions = read_questions(split / "questions.jsonl")[:4]
+    questions = read_questions(split / "questions.jsonl")[:8]
+    assert len({q.images[0] for q in questions}) < len(questions)  # several questions continue one prefill
     predictions = dt.predict_demo(model, processor, questions, split, max_new_tokens=3, progress=False)
+    assert dt.predict_demo(model, processor, questions, split, max_new_tokens=3, progress=False,
+                           batch_size=3) == predictions
     for question in questions:
         inputs = processor(images=load_image(split, question.images[0]), text=build_prompt(processor, question),
                            return_tensors="pt")
@@ -198,3 +228,35 @@ def test_command_line_help_lists_examples(capsys):
         dt.main(["train", "--help"])
     out = capsys.readouterr().out
     assert "--steps" in out and "python -m analysis.demo_training train" in out
+
+
+def test_grounding_targets_mark_the_patches_a_shape_covers():
+    from PIL import Image, ImageDraw
+
+    from analysis.shapes import COLOURS, Scene, SceneObject
+
+    image = Image.new("RGB", (56, 56), (255, 255, 255))
+    ImageDraw.Draw(image).rectangle([14, 28, 41, 55], fill=COLOURS["red"])  # patches (row 2-3, column 1-2)
+    scene = Scene(56, (255, 255, 255), (SceneObject("red", "square", "large", 14, 28, 28),))
+    words = {w: torch.full((3,), float(i)) for i, w in enumerate([".", "large", "red", "square"])}
+    targets, is_shape = dt.grounding_targets(scene, image, side=56, patch=14, words=words)
+    expected = torch.zeros(16, dtype=torch.bool)
+    expected[[9, 10, 13, 14]] = True
+    assert torch.equal(is_shape, expected)
+    assert torch.equal(targets[9], torch.full((3,), 2.0))  # mean of "large", "red", "square"
+    assert torch.equal(targets[0], words["."])
+
+
+def test_grounding_stage_fits_the_projector_to_the_words(split):
+    from analysis.shapes import read_scenes
+
+    model, processor = tiny_llava(SPEC), tiny_processor(SPEC.image_size)
+    examples = dt.pack_split(split, extra_per_type=0, seed=0)
+    before = {k: v.clone() for k, v in model.model.multi_modal_projector.state_dict().items()}
+    result = dt.ground_projector(model, processor, examples, split, read_scenes(split), images=6, steps=30, lr=1e-2,
+                                 seed=0, batch_patches=64, progress=False)
+    assert result["images"] == 6 and result["held_out_images"] == 1
+    assert 0.0 <= result["colour_nearest"] <= 1.0 and 0.0 <= result["shape_nearest"] <= 1.0
+    after = model.model.multi_modal_projector.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.requires_grad for p in model.model.multi_modal_projector.parameters())
