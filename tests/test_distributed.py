@@ -69,7 +69,9 @@ def test_torchrun_dump_equals_the_single_process_dump(setup):
     # strided split: rank 0 has q0 q2 q4 q6, rank 1 has q1 q3 q5
     assert read_samples(sharded / "samples-shard001of002-00000.parquet")["sample_id"].tolist() == ["q1", "q3", "q5"]
     expected = sorted_frame(read_statistics(single), KEYS)
-    pd.testing.assert_frame_equal(sorted_frame(read_statistics(sharded), KEYS), expected, check_exact=True)
+    # torchrun starts its processes with OMP_NUM_THREADS=1, so reductions may round differently
+    # from this process's thread count: equal within float32 rounding, not bit for bit
+    pd.testing.assert_frame_equal(sorted_frame(read_statistics(sharded), KEYS), expected, rtol=1e-5, atol=1e-6)
     # pandas and pyarrow read the shards of all ranks as one table
     direct = pd.read_parquet(sharded, ignore_prefixes=[".", "_", "samples-"])
     pd.testing.assert_frame_equal(sorted_frame(direct, KEYS), expected)
@@ -85,7 +87,7 @@ def test_explicit_shards_write_one_folder_equal_to_one_process(setup):
     if not single.exists():
         assert stats_main(dump_args(setup, single)) == 0
     pd.testing.assert_frame_equal(sorted_frame(read_statistics(out), KEYS), sorted_frame(read_statistics(single), KEYS),
-                                  check_exact=True)
+                                  rtol=1e-5, atol=1e-6)
     assert Shard(1, 3).select(list(range(8))) == [1, 4, 7]
     assert sorted(i for k in range(3) for i in Shard(k, 3).select(list(range(8)))) == list(range(8))
 
