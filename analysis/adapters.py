@@ -19,7 +19,7 @@ Each adapter's ``image_token_groups`` says this for its family.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -143,6 +143,27 @@ _POSITIONAL = "other tokens: system before the first image token of the row, tex
 _LANGUAGE_MODEL = "model.language_model"
 _TEXT_MODEL = "model.text_model"
 
+_QWEN2_VL = ModelAdapter(
+    model_type="qwen2_vl",
+    layers_path=f"{_LANGUAGE_MODEL}.layers",
+    marker_token_fields=("vision_start_token_id", "vision_end_token_id"),
+    positions="mrope",
+    image_token_groups=(
+        "image: <|image_pad|> x merged patches; <|vision_start|> is system before the first image "
+        f"(text before later images), <|vision_end|> is text; {_POSITIONAL}"
+    ),
+)
+_IDEFICS3 = ModelAdapter(
+    model_type="idefics3",
+    layers_path=f"{_TEXT_MODEL}.layers",
+    final_norm_path=f"{_TEXT_MODEL}.norm",
+    image_token_groups=(
+        "image: <image> x tokens per sub-image and global image; <fake_token_around_image>, "
+        "<row_i_col_j> and <global-img> are system before the first image token, text after it; "
+        f"{_POSITIONAL}"
+    ),
+)
+
 _ADAPTERS: dict[str, ModelAdapter] = {
     adapter.model_type: adapter
     for adapter in (
@@ -167,26 +188,8 @@ _ADAPTERS: dict[str, ModelAdapter] = {
                 f"(video_token_id) are not image tokens; {_POSITIONAL}"
             ),
         ),
-        ModelAdapter(
-            model_type="qwen2_vl",
-            layers_path=f"{_LANGUAGE_MODEL}.layers",
-            marker_token_fields=("vision_start_token_id", "vision_end_token_id"),
-            positions="mrope",
-            image_token_groups=(
-                "image: <|image_pad|> x merged patches; <|vision_start|> is system before the first image "
-                f"(text before later images), <|vision_end|> is text; {_POSITIONAL}"
-            ),
-        ),
-        ModelAdapter(
-            model_type="qwen2_5_vl",
-            layers_path=f"{_LANGUAGE_MODEL}.layers",
-            marker_token_fields=("vision_start_token_id", "vision_end_token_id"),
-            positions="mrope",
-            image_token_groups=(
-                "image: <|image_pad|> x merged patches; <|vision_start|> is system before the first image "
-                f"(text before later images), <|vision_end|> is text; {_POSITIONAL}"
-            ),
-        ),
+        _QWEN2_VL,
+        replace(_QWEN2_VL, model_type="qwen2_5_vl"),  # same layout, processor tokens and M-RoPE
         ModelAdapter(
             model_type="internvl",
             layers_path=f"{_LANGUAGE_MODEL}.layers",
@@ -195,26 +198,8 @@ _ADAPTERS: dict[str, ModelAdapter] = {
                 f"</img> is text (their ids are in the tokenizer, not the config); {_POSITIONAL}"
             ),
         ),
-        ModelAdapter(
-            model_type="idefics3",
-            layers_path=f"{_TEXT_MODEL}.layers",
-            final_norm_path=f"{_TEXT_MODEL}.norm",
-            image_token_groups=(
-                "image: <image> x tokens per sub-image and global image; <fake_token_around_image>, "
-                "<row_i_col_j> and <global-img> are system before the first image token, text after it; "
-                f"{_POSITIONAL}"
-            ),
-        ),
-        ModelAdapter(
-            model_type="smolvlm",
-            layers_path=f"{_TEXT_MODEL}.layers",
-            final_norm_path=f"{_TEXT_MODEL}.norm",
-            image_token_groups=(
-                "image: <image> x tokens per sub-image and global image; <fake_token_around_image>, "
-                "<row_i_col_j> and <global-img> are system before the first image token, text after it; "
-                f"{_POSITIONAL}"
-            ),
-        ),
+        _IDEFICS3,
+        replace(_IDEFICS3, model_type="smolvlm"),  # SmolVLM is Idefics3's architecture
         ModelAdapter(
             model_type="gemma3",
             layers_path=f"{_LANGUAGE_MODEL}.layers",
