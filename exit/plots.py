@@ -54,6 +54,8 @@ __all__ = [
     "plot_exit_histogram",
     "plot_frontier",
     "read_evaluation",
+    "results_markdown",
+    "results_table",
 ]
 
 NEVER = -1
@@ -260,6 +262,43 @@ def category_accuracy(summary: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def results_table(summary: pd.DataFrame, reference: str = "none") -> pd.DataFrame:
+    """The results table of an evaluation, one row per method in summary order.
+
+    Columns: ``accuracy`` (%), ``vs <reference>`` (points; absent without that method),
+    ``mean exit layer``, ``rows exited`` (%), ``prefill FLOPs`` (relative to the stock model's),
+    and, where the summary has them (``exit.evaluate`` since the timing split), the wall time of
+    the prefill per question (s) and decoding tokens per second.
+    """
+    _require(summary, ("method", "questions", "accuracy_overall", "mean_exit_layer", "exited_share",
+                       "relative_prefill_flops"), "a summary (summary.parquet)")
+    table = pd.DataFrame({"method": summary["method"], "questions": summary["questions"],
+                          "accuracy": 100 * summary["accuracy_overall"]})
+    base = summary.loc[summary["method"] == reference, "accuracy_overall"]
+    if len(base):
+        table[f"vs {reference}"] = 100 * (summary["accuracy_overall"] - float(base.iloc[0]))
+    table["mean exit layer"] = summary["mean_exit_layer"]
+    table["rows exited"] = 100 * summary["exited_share"]
+    table["prefill FLOPs"] = summary["relative_prefill_flops"]
+    if {"prefill_seconds", "decode_tokens_per_second"} <= set(summary.columns):
+        table["prefill s/question"] = summary["prefill_seconds"] / summary["questions"]
+        table["decode tokens/s"] = summary["decode_tokens_per_second"]
+    return table.reset_index(drop=True)
+
+
+def results_markdown(summary: pd.DataFrame, reference: str = "none") -> str:
+    """:func:`results_table` as a Markdown table (as in the README)."""
+    table = results_table(summary, reference)
+    formats = {"accuracy": "{:.1f} %", f"vs {reference}": "{:+.1f}", "mean exit layer": "{:.1f}",
+               "rows exited": "{:.0f} %", "prefill FLOPs": "{:.2f}", "prefill s/question": "{:.2f}",
+               "decode tokens/s": "{:.1f}"}
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    for _, row in table.iterrows():
+        cells = [formats[c].format(row[c]) if c in formats else str(row[c]) for c in table.columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _read_parquet(path: Path) -> pd.DataFrame:
     try:
         return pd.read_parquet(path)
@@ -333,8 +372,9 @@ def _save(figure: Figure, path: Path, dpi: int) -> Path:
 
 def make_exit_figures(folder: str | Path, out_dir: str | Path, num_layers: int | None = None,
                       dpi: int = 150) -> list[Path]:
-    """``<out_dir>/frontier.png`` and ``<out_dir>/exit_histogram.png`` of one evaluation folder;
-    returns the paths written.
+    """``<out_dir>/frontier.png``, ``<out_dir>/exit_histogram.png`` and the results table
+    ``<out_dir>/exit_results.md`` (:func:`results_markdown`) of one evaluation folder; returns the
+    paths written.
 
     Raises:
         FileNotFoundError, EvaluationFolderError: as :func:`read_evaluation`.
@@ -348,4 +388,10 @@ def make_exit_figures(folder: str | Path, out_dir: str | Path, num_layers: int |
     return [
         _save(plot_frontier(summary), out_dir / "frontier.png", dpi),
         _save(plot_exit_histogram(rows, num_layers), out_dir / "exit_histogram.png", dpi),
+        _write_text(results_markdown(summary), out_dir / "exit_results.md"),
     ]
+
+
+def _write_text(text: str, path: Path) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path

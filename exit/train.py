@@ -39,6 +39,10 @@ from exit.sweep import FEATURES_PREFIX, LabelRule, SweepError
 ProgressFn = Callable[[Iterable], Iterable]
 
 
+TAU_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
+"""The thresholds :func:`evaluate_examples` replays DyVTE at on held-out samples."""
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """Optimisation settings (paper: lr 4e-5 in the text, 6e-5 in the script; 1 epoch; 3% warm-up)."""
@@ -61,6 +65,11 @@ class TrainReport:
         layer_accuracy: per layer, accuracy on held-out samples (None: no held-out sample).
         layer_positive_rate: per layer, the fraction of held-out labels that say "exit".
         losses: mean training loss per step.
+        tau_curve: DyVTE replayed on the held-out samples for each threshold of ``TAU_GRID`` (the
+            gates asked after layers 0..L-2 until one fires, as in ``exit.gates.dyvte_exit``): per
+            tau, ``exited_share``, ``mean_exit_layer`` (no exit counts as L - 1) and
+            ``unsafe_share``, the share of samples that exit after a layer labelled unsafe. A
+            way to choose tau on held-out training data instead of the test split.
     """
 
     steps: int = 0
@@ -69,6 +78,7 @@ class TrainReport:
     layer_accuracy: list[float | None] = field(default_factory=list)
     layer_positive_rate: list[float | None] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    tau_curve: list[dict[str, float]] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2)
@@ -266,23 +276,42 @@ def evaluate_examples(
     layers = gates.signature.num_layers
     correct = torch.zeros(layers)
     positive = torch.zeros(layers)
+    replay = torch.zeros(len(TAU_GRID), 3)  # per tau: exits, sum of exit layers, unsafe exits
     count = 0
     with torch.no_grad():
         for features, labels in examples:
             labels = labels.long().cpu()
             count += len(features)
-            for layer in range(layers):
-                fires = gates.fires(layer, features[:, layer]).cpu()
-                correct[layer] += (fires.long() == labels[:, layer]).sum()
-                positive[layer] += labels[:, layer].sum()
+            p_exit = torch.stack([gates.p_exit(layer, features[:, layer]).cpu() for layer in range(layers)], dim=1)
+            fires = p_exit > gates.config.tau
+            correct += (fires.long() == labels).sum(dim=0)
+            positive += labels.sum(dim=0)
+            for index, tau in enumerate(TAU_GRID):
+                replay[index] += _replay_dyvte(p_exit, labels, tau)
     if reduce:
-        totals = _all_sum([*correct.tolist(), *positive.tolist(), float(count)])
+        totals = _all_sum([*correct.tolist(), *positive.tolist(), *replay.flatten().tolist(), float(count)])
         correct, positive = torch.tensor(totals[:layers]), torch.tensor(totals[layers : 2 * layers])
+        replay = torch.tensor(totals[2 * layers : -1]).view(len(TAU_GRID), 3)
         count = int(totals[-1])
     report.heldout_samples = count
     report.layer_accuracy = [float(c / count) if count else None for c in correct]
     report.layer_positive_rate = [float(p / count) if count else None for p in positive]
+    report.tau_curve = [
+        {"tau": tau, "exited_share": float(exits / count), "mean_exit_layer": float(layer_sum / count),
+         "unsafe_share": float(unsafe / count)}
+        for tau, (exits, layer_sum, unsafe) in zip(TAU_GRID, replay) if count
+    ]
     return report
+
+
+def _replay_dyvte(p_exit: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.Tensor:
+    """(exits, sum of exit layers, unsafe exits) of DyVTE at ``tau`` on rows of per-layer p(exit)."""
+    last = p_exit.shape[1] - 1
+    fires = p_exit[:, :last] > tau  # the last layer is never asked: exiting after it changes nothing
+    exited = fires.any(dim=1)
+    first = torch.where(exited, fires.long().argmax(dim=1), torch.full_like(exited, last, dtype=torch.long))
+    unsafe = exited & (labels.gather(1, first[:, None])[:, 0] == 0)
+    return torch.tensor([float(exited.sum()), float(first.sum()), float(unsafe.sum())])
 
 
 def online_step(
@@ -418,6 +447,7 @@ def train_online_on_questions(
 
 
 __all__ = [
+    "TAU_GRID",
     "TrainReport",
     "all_reduce_gradients",
     "TrainSettings",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from exit.evaluate import summarize_evaluation
+from exit.evaluate import summary_row
 from exit.flops import DecoderShape, fastv_tokens_per_layer, prefill_flops, prefill_flops_for_counts
 
 NUM_LAYERS = 8
@@ -73,18 +73,15 @@ def synthetic_rows(method: str, questions: int = QUESTIONS) -> pd.DataFrame:
             "answer": "red", "prediction": "red" if index < correct else "blue", "correct": index < correct,
             "exit_layer": layer, "tokens": TOKENS, "image_tokens": IMAGE_TOKENS,
             "relative_prefill_flops": _relative_flops(method, layer), "batch": index // 4, "batch_seconds": 0.5,
-            "batch_rows": 4,
+            "batch_rows": 4, "prefill_seconds": 0.4 * _relative_flops(method, layer), "decode_seconds": 0.1,
+            "decode_steps": 3,
         })
     return pd.DataFrame(rows)
 
 
 def summary_line(method: str, frame: pd.DataFrame) -> dict[str, object]:
     """The summary line of one method, built as ``exit.evaluate.evaluate_methods`` builds it."""
-    summary = summarize_evaluation(frame, NUM_LAYERS)
-    return {"method": method, "questions": summary["questions"],
-            **{f"accuracy_{k}": v for k, v in summary["accuracy"].items()},
-            "mean_exit_layer": summary["mean_exit_layer"], "exited_share": summary["exited_share"],
-            "relative_prefill_flops": summary["relative_prefill_flops"], "seconds": summary["seconds"]}
+    return summary_row(method, frame, NUM_LAYERS)
 
 
 def write_results_folder(folder: str | Path, methods: Sequence[str] = METHODS, questions: int = QUESTIONS) -> Path:

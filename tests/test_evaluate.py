@@ -47,6 +47,22 @@ def test_no_exit_and_exit_after_the_last_layer_answer_alike_at_full_cost(split, 
     assert summary["mean_exit_layer"] == SPEC.num_layers - 1 and summary["exited_share"] == 0.0
 
 
+def test_prefill_and_decoding_times_split_each_batchs_generate_time(split, tiny):
+    model, processor = tiny
+    questions = read_questions(split / "questions.jsonl")
+    rows = evaluate_method(model, processor, questions, split, parse_method("static:0", SPEC.num_layers),
+                           max_new_tokens=3, batch_size=4)
+    batches = rows.groupby("batch").first()
+    assert (batches["prefill_seconds"] > 0).all() and (batches["decode_seconds"] >= 0).all()
+    assert (batches["prefill_seconds"] + batches["decode_seconds"]).tolist() == pytest.approx(
+        batches["batch_seconds"].tolist(), abs=1e-9)
+    assert batches["decode_steps"].between(0, 2).all() and batches["decode_steps"].max() == 2
+    summary = summarize_evaluation(rows, SPEC.num_layers)
+    decoded = (batches["decode_steps"] * batches["batch_rows"]).sum()
+    assert summary["decode_tokens_per_second"] == pytest.approx(decoded / batches["decode_seconds"].sum())
+    assert summary["prefill_seconds"] + summary["decode_seconds"] == pytest.approx(summary["seconds"])
+
+
 def test_static_exit_is_batch_independent_and_saves_flops(split, tiny):
     model, processor = tiny
     questions = read_questions(split / "questions.jsonl")

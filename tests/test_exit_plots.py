@@ -31,6 +31,8 @@ from exit.plots import (  # noqa: E402
     plot_exit_histogram,
     plot_frontier,
     read_evaluation,
+    results_markdown,
+    results_table,
 )
 
 
@@ -162,10 +164,30 @@ def test_missing_and_corrupt_folders_are_named(tmp_path):
         read_evaluation(folder)
 
 
-def test_make_exit_figures_writes_both_pngs(exit_results, tmp_path):
+def test_make_exit_figures_writes_both_pngs_and_the_table(exit_results, tmp_path):
     files = make_exit_figures(exit_results, tmp_path / "figures")
-    assert [f.name for f in files] == ["frontier.png", "exit_histogram.png"]
-    assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 10_000 for f in files)
+    assert [f.name for f in files] == ["frontier.png", "exit_histogram.png", "exit_results.md"]
+    assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 10_000 for f in files[:2])
+    _, summary = read_evaluation(exit_results)
+    assert files[2].read_text() == results_markdown(summary)
+
+
+def test_results_table_compares_every_method_with_the_stock_model():
+    summary = pd.DataFrame({
+        "method": ["none", "static:3", "dyvte:0.9"], "questions": [10, 10, 10],
+        "accuracy_overall": [0.7, 0.6, 0.75], "mean_exit_layer": [7.0, 3.0, 5.5], "exited_share": [0.0, 1.0, 0.5],
+        "relative_prefill_flops": [1.0, 0.5, 0.8], "prefill_seconds": [5.0, 2.5, 4.0],
+        "decode_tokens_per_second": [30.0, 33.0, 31.0],
+    })
+    table = results_table(summary)
+    assert table["vs none"].tolist() == pytest.approx([0.0, -10.0, 5.0])
+    assert table["prefill s/question"].tolist() == pytest.approx([0.5, 0.25, 0.4])
+    lines = results_markdown(summary).splitlines()
+    assert lines[0] == ("| method | questions | accuracy | vs none | mean exit layer | rows exited | prefill FLOPs "
+                        "| prefill s/question | decode tokens/s |")
+    assert lines[3] == "| static:3 | 10 | 60.0 % | -10.0 | 3.0 | 100 % | 0.50 | 0.25 | 33.0 |"
+    without_reference = results_table(summary.iloc[1:])
+    assert "vs none" not in without_reference.columns and len(without_reference) == 2
 
 
 def test_figures_of_a_folder_written_by_evaluate_methods(tmp_path):
@@ -185,5 +207,5 @@ def test_figures_of_a_folder_written_by_evaluate_methods(tmp_path):
     histogram = plot_exit_histogram(rows, num_layers=spec.num_layers)
     assert [ax.patches[1].get_height() for ax in histogram.axes] == [0.0, 1.0, 0.0]  # static:1 exits after layer 1
     assert len(plot_frontier(summary).axes[0].texts) == 3
-    assert [f.name for f in make_exit_figures(tmp_path / "eval", tmp_path / "figures")] == ["frontier.png",
-                                                                                           "exit_histogram.png"]
+    assert [f.name for f in make_exit_figures(tmp_path / "eval", tmp_path / "figures")] == [
+        "frontier.png", "exit_histogram.png", "exit_results.md"]

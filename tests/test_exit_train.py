@@ -10,7 +10,7 @@ from PIL import Image
 from analysis.tiny import TinyLlavaSpec, save_tiny_llava
 from exit import DyVTEGates, GateConfig, ModelSignature, feature_size
 from exit.sweep import LabelRule, SweepError, SweepResult, SweepWriter, teacher_forced_inputs
-from exit.train import TrainSettings, is_heldout, online_step, train_offline
+from exit.train import TAU_GRID, TrainSettings, _replay_dyvte, is_heldout, online_step, train_offline
 
 
 def synthetic_sweep(folder, samples=240, layers=3, hidden=4, shards=3, kind="hidden"):
@@ -49,6 +49,18 @@ def test_offline_training_learns_and_is_seeded(tmp_path):
     assert report.heldout_samples == heldout and report.train_examples == 240 - heldout
     assert min(report.layer_accuracy) >= 0.85, report.layer_accuracy  # a chance gate scores about 0.5
     assert report.losses[-1] < report.losses[0]
+    assert [point["tau"] for point in report.tau_curve] == list(TAU_GRID)
+    shares = [point["exited_share"] for point in report.tau_curve]
+    assert shares == sorted(shares, reverse=True), "a higher threshold never makes more rows exit"
+
+
+def test_dyvte_replay_has_known_exits_and_unsafe_counts():
+    p_exit = torch.tensor([[0.9, 0.1, 0.1, 0.99],    # fires after layer 0 at tau 0.5 (safe); never at 0.9
+                           [0.2, 0.7, 0.95, 0.0],    # after layer 1 at 0.5 (unsafe), after 2 at 0.9 (safe)
+                           [0.1, 0.1, 0.1, 0.99]])   # the last layer's gate is never asked: no exit
+    labels = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1]])
+    assert _replay_dyvte(p_exit, labels, 0.5).tolist() == [2.0, 0 + 1 + 3, 1.0]
+    assert _replay_dyvte(p_exit, labels, 0.9).tolist() == [1.0, 3 + 2 + 3, 0.0]
 
 
 def test_online_step_updates_only_the_drawn_gate(tiny_models, processor):

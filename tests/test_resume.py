@@ -114,3 +114,35 @@ def test_resume_removes_orphans_and_refuses_other_settings(setup, capsys):
     assert main([*args, "--resume"]) == 0
     assert sorted(read_statistics(out)["sample_id"].unique()) == ["q00", "q01", "q02"]
     assert not read_statistics(out).duplicated(KEYS).any()
+
+
+def test_sigterm_stops_a_dump_like_ctrl_c_and_keeps_its_open_shard(setup, capsys):
+    reference = setup["root"] / "reference-term"
+    assert main(dump_args(setup, reference)) == 0
+    out = setup["root"] / "terminated"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    # many batches per file: at the signal a shard is open, and it must be closed under its final name
+    args = [arg for arg in dump_args(setup, out) if arg not in ("--batches-per-file", "1")]
+    args += ["--batches-per-file", "1000"]
+    process = subprocess.Popen([sys.executable, "-m", "analysis", *args], env=env, cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not list(out.glob(".statistics-*.partial")):
+            time.sleep(0.005)
+        time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert "stopped; the files finished so far are kept" in stderr
+    assert not list(out.glob(".*")), "the open shard was closed and renamed, not left partial"
+    visible_files_are_complete(out)
+    done = finished_samples(out)
+    assert 1 <= len(done) < QUESTIONS, "the signal was expected to land mid-run"
+    assert main(dump_args(setup, out, "--resume")) == 0
+    capsys.readouterr()
+    found = read_statistics(out).sort_values(KEYS).reset_index(drop=True)
+    pd.testing.assert_frame_equal(found, read_statistics(reference).sort_values(KEYS).reset_index(drop=True),
+                                  check_exact=True)
