@@ -201,6 +201,7 @@ def test_figures_command_draws_an_eval_folder(split, tiny, tmp_path, capsys):
     questions = read_questions(split / "questions.jsonl")
     evaluate_methods(model, processor, questions, split, [parse_method("none", SPEC.num_layers)], tmp_path / "eval")
     assert main(["figures", str(tmp_path / "eval"), "--out", str(tmp_path / "figures")]) == 0
-    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["exit_histogram.png", "frontier.png"]
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["exit_histogram.png", "exit_results.md",
+                                                                       "frontier.png"]
     assert main(["figures", str(tmp_path / "missing"), "--out", str(tmp_path / "figures")]) == 2
     assert "missing" in capsys.readouterr().err
