@@ -241,22 +241,23 @@ def test_trained_demo_answers_from_the_image(demo):
     model, processor = demo
     folder, questions = _held_out_questions(per_type=2)  # the first two test questions of each type
     right = _right_answers(model, processor, folder, questions, blank_image=False)
-    # the most common answer per type would get about 5 of these 12; the committed weights get 9
+    # the most common answer per type would get about 5 of these 12; the committed weights get 11
     assert len(right) >= 7, right
     assert len(_right_answers(model, processor, folder, questions, blank_image=True)) <= 3
 
 
 @requires_demo
-@pytest.mark.xfail(
-    strict=False,
-    reason="the committed weights miss the ShapesVQA target of 85 % (71.6 % on the test split, "
-           "analysis/demo_weights/MODEL_CARD.md); this test states the target",
-)
 def test_trained_demo_meets_the_accuracy_target_on_held_out_questions(demo):
+    from analysis.demo_training import evaluate_demo
+    from analysis.shapes import ensure_split
+
     model, processor = demo
-    folder, questions = _held_out_questions(per_type=2)
-    right = _right_answers(model, processor, folder, questions, blank_image=False)
-    assert len(right) >= len(questions) - 2, right
+    folder = ensure_split(Path(__file__).resolve().parents[1] / ".cache" / "shapesvqa", "test")
+    # every question about the first 20 test images (114, every type); the target is 85 % exact
+    # match, and the committed weights score 88.6 % here and 89.8 % on the whole test split
+    result = evaluate_demo(model, processor, folder, limit=20, progress=False)
+    assert result["questions"] == 114
+    assert result["accuracy"]["overall"] >= 0.85, result["accuracy"]
 
 
 @requires_demo
