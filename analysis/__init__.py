@@ -16,12 +16,26 @@ Typical use::
     frame = recording.to_frame(sample_ids=["q1", "q2"], heads="mean")
 """
 
-from analysis.adapters import ModelAdapter, UnsupportedModelError, resolve_adapter, supported_model_types
-from analysis.layout import KEY_GROUPS, QUERY_GROUPS, LayoutError, TokenLayout, token_layout
-from analysis.recorder import AttentionRecorder, LayerRecord, record_attention
-from analysis.stats import HEAD_MAX, HEAD_MEAN
+from analysis.lazy import lazy_exports
 
 __version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    "ModelAdapter": "analysis.adapters",
+    "UnsupportedModelError": "analysis.adapters",
+    "resolve_adapter": "analysis.adapters",
+    "supported_model_types": "analysis.adapters",
+    "KEY_GROUPS": "analysis.layout",
+    "QUERY_GROUPS": "analysis.layout",
+    "LayoutError": "analysis.layout",
+    "TokenLayout": "analysis.layout",
+    "token_layout": "analysis.layout",
+    "AttentionRecorder": "analysis.recorder",
+    "LayerRecord": "analysis.recorder",
+    "record_attention": "analysis.recorder",
+    "HEAD_MAX": "analysis.stats",
+    "HEAD_MEAN": "analysis.stats",
+}
 
 __all__ = [
     "AttentionRecorder",
@@ -40,3 +54,5 @@ __all__ = [
     "token_layout",
     "__version__",
 ]
+
+__getattr__, __dir__ = lazy_exports("analysis", _EXPORTS)

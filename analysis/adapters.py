@@ -24,8 +24,10 @@ from typing import Any
 
 from torch import nn
 
+from analysis.errors import DyVTEError
 
-class UnsupportedModelError(ValueError):
+
+class UnsupportedModelError(DyVTEError, ValueError):
     """The model's family is not in the adapter table, or lacks a field the toolkit needs."""
 
 

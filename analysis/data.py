@@ -10,16 +10,19 @@ image (``check_question``); a text without any is fine.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from analysis.errors import DyVTEError
+
 IMAGE_PLACEHOLDER = "<image>"
 
 
-class DataError(ValueError):
+class DataError(DyVTEError, ValueError):
     """A question file, question or image is not what the toolkit expects."""
 
 
@@ -152,3 +155,24 @@ def build_prompt(processor: Any, question: Question) -> str:
             "set processor.chat_template or use a checkpoint that ships one"
         )
     return processor.apply_chat_template(conversation(question), add_generation_prompt=True)
+
+
+def check_questions(questions: Sequence[Question], image_folder: str | Path) -> None:
+    """Fail before any model work if question ids repeat or an image file is missing."""
+    check_unique_ids(questions)
+    for question in questions:
+        check_question(question)
+        for name in question.images:
+            if not (Path(image_folder) / name).is_file():
+                raise DataError(
+                    f"question {question.question_id!r}: expected an image at {Path(image_folder) / name}, found no file"
+                )
+
+
+def check_unique_ids(questions: Sequence[Question]) -> None:
+    """Raise DataError if a question id repeats (sample ids must be unique across all shards)."""
+    seen: set[str] = set()
+    for question in questions:
+        if question.question_id in seen:
+            raise DataError(f"expected unique question ids, found {question.question_id!r} twice")
+        seen.add(question.question_id)

@@ -1,124 +1,42 @@
-"""Dump attention statistics of a question file to parquet, batch by batch.
+"""The dump job: attention statistics of a question file to parquet, batch by batch.
 
-``load_model`` loads any supported checkpoint (a hub id or a local folder) with its processor;
-``dump_statistics`` runs the questions through it inside ``record_attention`` and streams one
-row group per batch into shard files; ``summarize`` turns statistics into a per-layer table.
+``dump_statistics`` runs the questions through a loaded model (``analysis.loading.load_model``)
+inside ``record_attention`` and streams one row group per batch into shard files; ``summarize``
+turns statistics into a per-layer table.
 
-Scale-out and robustness: a ``Shard`` (``--shard i/n``, or torchrun's RANK / WORLD_SIZE through
-``distributed``) takes every n-th question, and each shard writes its own files into one folder;
-``resume=True`` skips the samples a folder already holds; a bad sample is listed in the errors
-files with its reason and the run goes on (``fail_fast=True`` stops instead).
+Scale-out and robustness: a ``Shard`` (``analysis.distributed``) takes every n-th question, and
+each shard writes its own files into one folder; ``resume=True`` skips the samples a folder
+already holds; a bad sample is listed in the errors files with its reason and the run goes on
+(``fail_fast=True`` stops instead).
 """
 
 from __future__ import annotations
 
-import os
-import platform
-import subprocess
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-import analysis
 from analysis.adapters import ModelAdapter, resolve_adapter
-from analysis.data import DataError, Question, build_prompt, check_question, load_image
+from analysis.data import DataError, Question, build_prompt, check_question, check_questions, check_unique_ids, load_image
+from analysis.distributed import Shard, barrier
 from analysis.io import (
     StatisticsWriter,
     clean_incomplete,
     finished_samples,
     read_provenance,
     shard_files,
-    shard_tag,
     tag_count,
 )
 from analysis.layout import token_layout
+from analysis.loading import provenance
 from analysis.recorder import record_attention
 from analysis.schema import samples_table
 from analysis.stats import HEAD_MAX, HEAD_MEAN
-
-T = TypeVar("T")
-
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-ATTENTION_PATH_DESCRIPTIONS = {
-    "sdpa": "sdpa: decoder runs the registered attention function dyvte_observed_sdpa (SDPA output); "
-    "statistics recomputed on the side from query and key in fp32 query chunks",
-    "eager": "eager: decoder runs eager attention; statistics reduced from the weights returned by each self_attn",
-}
-
-
-def load_model(
-    model_id: str | Path,
-    dtype: str = "float32",
-    device: str = "cpu",
-    attention: str = "sdpa",
-) -> tuple[Any, Any]:
-    """Load a supported image-text model and its processor with ``from_pretrained``.
-
-    The family is checked from the config before any weights are read, so an unsupported model
-    fails in a second with the list of supported families. ``"demo"`` names the demo model
-    (:mod:`analysis.demo_model`): it resolves to the folder where the assembled model is cached
-    (built on first use), which then loads exactly like any checkpoint folder.
-    """
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
-
-    from analysis.demo import DEMO_MODEL_ID, demo_model_folder  # late: analysis.demo imports this module
-
-    if str(model_id) == DEMO_MODEL_ID:
-        model_id = demo_model_folder()
-    if dtype not in DTYPES:
-        raise ValueError(f"expected dtype to be one of {list(DTYPES)}, found {dtype!r}")
-    config = AutoConfig.from_pretrained(model_id)
-    adapter = resolve_adapter(config.model_type)
-    model = AutoModelForImageTextToText.from_pretrained(
-        model_id, dtype=DTYPES[dtype], attn_implementation="eager" if attention == "eager" else "sdpa"
-    )
-    adapter.image_token_id(model)
-    processor = AutoProcessor.from_pretrained(model_id)
-    processor.tokenizer.padding_side = "left"
-    return model.to(device).eval(), processor
-
-
-def git_revision() -> str | None:
-    """The git revision of the toolkit's checkout, or None outside a checkout."""
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() or None if result.returncode == 0 else None
-
-
-def provenance(model_id: str, model: Any, attention: str, heads: str, seed: int) -> dict[str, Any]:
-    """What produced a dump: model, library versions, git revision, attention path, dtype, seed."""
-    import pyarrow
-    import transformers
-
-    return {
-        "model": str(model_id),
-        "model_type": model.config.model_type,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "device": str(next(model.parameters()).device),
-        "attention_path": attention,
-        "attention_path_description": ATTENTION_PATH_DESCRIPTIONS[attention],
-        "heads": heads,
-        "seed": seed,
-        "dyvte_version": analysis.__version__,
-        "git_revision": git_revision(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "pyarrow": pyarrow.__version__,
-        "python": platform.python_version(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 @dataclass(frozen=True)
@@ -140,111 +58,6 @@ class DumpResult:
     errors: int = 0
     skipped: int = 0
     assigned: int = 0
-
-
-@dataclass(frozen=True)
-class Shard:
-    """Which part of a question file one process handles: every ``count``-th question from ``index``.
-
-    The split is strided by position in the file, so the union of the shards 0..count-1 is the whole
-    file whatever the count, and each shard writes files named with its own ``tag``.
-    """
-
-    index: int = 0
-    count: int = 1
-
-    def __post_init__(self) -> None:
-        if self.count < 1 or not 0 <= self.index < self.count:
-            raise ValueError(f"expected a shard i/n with 0 <= i < n, found {self.index}/{self.count}")
-
-    @property
-    def tag(self) -> str:
-        """The file-name tag of this shard's files (empty for a single process)."""
-        return shard_tag(self.index, self.count)
-
-    def select(self, items: Sequence[T]) -> list[T]:
-        """This shard's items: positions index, index + count, index + 2 count, ..."""
-        return list(items[self.index :: self.count])
-
-    @classmethod
-    def parse(cls, text: str) -> Shard:
-        """``"i/n"`` (0-based i), as given to ``--shard``."""
-        try:
-            index, count = (int(part) for part in text.split("/"))
-        except ValueError:
-            raise ValueError(f"expected a shard as i/n (e.g. 0/4), found {text!r}") from None
-        return cls(index, count)
-
-    @classmethod
-    def from_environment(cls) -> Shard | None:
-        """The shard of this process under torchrun (``RANK`` / ``WORLD_SIZE``), or None outside it."""
-        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            return None
-        return cls(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
-
-
-@contextmanager
-def distributed(backend: str = "gloo") -> Iterator[Shard]:
-    """Join torchrun's process group for the block (gloo by default: CPU, and CUDA tensors for the
-    small reductions this toolkit does) and yield this process's shard; outside torchrun (no
-    ``RANK`` / ``WORLD_SIZE``) yield the single shard 0/1 and start nothing.
-
-    The group is destroyed at the end of the block if this block created it.
-    """
-    import torch.distributed as dist
-
-    shard = Shard.from_environment()
-    if shard is None or shard.count == 1 or not dist.is_available():
-        yield shard or Shard()
-        return
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group(backend, timeout=timedelta(hours=6))
-    try:
-        yield Shard(dist.get_rank(), dist.get_world_size())
-    finally:
-        if created and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def barrier() -> None:
-    """Wait for every process of the torch.distributed group; nothing outside one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def all_sum(values: Sequence[int | float]) -> list[float]:
-    """Element-wise sum of ``values`` over the torch.distributed group (the values themselves outside one)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return [float(v) for v in values]
-    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def check_questions(questions: Sequence[Question], image_folder: str | Path) -> None:
-    """Fail before any model work if question ids repeat or an image file is missing."""
-    check_unique_ids(questions)
-    for question in questions:
-        check_question(question)
-        for name in question.images:
-            if not (Path(image_folder) / name).is_file():
-                raise DataError(
-                    f"question {question.question_id!r}: expected an image at {Path(image_folder) / name}, found no file"
-                )
-
-
-def check_unique_ids(questions: Sequence[Question]) -> None:
-    """Raise DataError if a question id repeats (sample ids must be unique across all shards)."""
-    seen: set[str] = set()
-    for question in questions:
-        if question.question_id in seen:
-            raise DataError(f"expected unique question ids, found {question.question_id!r} twice")
-        seen.add(question.question_id)
 
 
 def context_length(model: Any, adapter: ModelAdapter) -> int | None:
@@ -434,8 +247,6 @@ def dump_statistics(
         SchemaError: ``resume`` on a folder with corrupt or foreign parquet.
     """
     adapter = adapter or resolve_adapter(model)
-    image_token_id = adapter.image_token_id(model)
-    max_tokens = context_length(model, adapter)
     out_dir = Path(out_dir)
     check_unique_ids(questions)
     mine = shard.select(questions)
@@ -449,46 +260,65 @@ def dump_statistics(
         barrier()  # under torchrun no process writes before every process has looked at the folder
     todo = [q for q in mine if q.question_id not in finished]
     torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-    first_error: Exception | None = None
+    run = _DumpRun(model, processor, adapter, image_folder, attention, heads, fail_fast)
     writer = StatisticsWriter(out_dir, info, batches_per_file, tag=shard.tag, seconds_per_shard=seconds_per_file)
     with writer:
-        bar = tqdm(total=len(todo), desc=f"dump {shard.index}/{shard.count}" if shard.count > 1 else "dump",
-                   unit="sample", disable=not progress)
-        for batch in batches:
-            prepared = prepare_batch(processor, batch, image_folder, image_token_id, max_tokens)
-            for question, error in prepared.failed:
-                if fail_fast:
-                    raise error
-                first_error = first_error or error
-                writer.record_error(_error_entry(question, error))
-            if prepared.inputs is not None:
-                inputs = {k: v.to(device) for k, v in prepared.inputs.items()}
-                inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-                layout = token_layout(inputs["input_ids"], inputs.get("attention_mask"), image_token_id)
-                with torch.no_grad(), record_attention(model, layout, attention=attention, adapter=adapter) as recording:
-                    model(**inputs, logits_to_keep=1)
-                ids = [q.question_id for q in prepared.questions]
-                statistics = recording.to_table(ids, heads)
-                samples = samples_table(layout, ids, ids, [q.images for q in prepared.questions],
-                                        [q.text for q in prepared.questions])
-                writer.write(statistics, samples)
-            bar.update(len(batch))
-            if progress:
-                bar.set_postfix(failed=writer.errors_written, refresh=False)
-        bar.close()
+        run.dump_all(todo, writer, batch_size, progress, f"dump {shard.index}/{shard.count}" if shard.count > 1 else "dump")
     nothing_dumped = writer.samples_written == 0 and not any(t == "samples" for _, t, _, _ in shard_files(out_dir))
-    if shard.count == 1 and first_error is not None and nothing_dumped:
+    if shard.count == 1 and run.first_error is not None and nothing_dumped:
         raise DataError(
             f"expected at least one sample to dump, found all {len(todo)} failing (listed in {out_dir}/_errors-*.jsonl); "
-            f"the first: {first_error}"
+            f"the first: {run.first_error}"
         )
     return DumpResult(
         out_dir, writer.samples_written, writer.rows_written, writer.files,
         errors=writer.errors_written, skipped=len(mine) - len(todo), assigned=len(mine),
     )
+
+
+class _DumpRun:
+    """One batch of a dump: prepare it, list its bad questions, record the good ones, write both."""
+
+    def __init__(self, model: Any, processor: Any, adapter: ModelAdapter, image_folder: str | Path, attention: str,
+                 heads: str, fail_fast: bool) -> None:
+        self.model, self.processor, self.adapter = model, processor, adapter
+        self.image_folder, self.attention, self.heads, self.fail_fast = image_folder, attention, heads, fail_fast
+        self.image_token_id = adapter.image_token_id(model)
+        self.max_tokens = context_length(model, adapter)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.first_error: Exception | None = None
+
+    def dump_all(self, todo: Sequence[Question], writer: StatisticsWriter, batch_size: int, progress: bool,
+                 desc: str) -> None:
+        bar = tqdm(total=len(todo), desc=desc, unit="sample", disable=not progress)
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            self.dump_batch(batch, writer)
+            bar.update(len(batch))
+            if progress:
+                bar.set_postfix(failed=writer.errors_written, refresh=False)
+        bar.close()
+
+    def dump_batch(self, batch: Sequence[Question], writer: StatisticsWriter) -> None:
+        prepared = prepare_batch(self.processor, batch, self.image_folder, self.image_token_id, self.max_tokens)
+        for question, error in prepared.failed:
+            if self.fail_fast:
+                raise error
+            self.first_error = self.first_error or error
+            writer.record_error(_error_entry(question, error))
+        if prepared.inputs is None:
+            return
+        inputs = {k: v.to(self.device) for k, v in prepared.inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        layout = token_layout(inputs["input_ids"], inputs.get("attention_mask"), self.image_token_id)
+        with torch.no_grad(), record_attention(self.model, layout, attention=self.attention, adapter=self.adapter) as recording:
+            self.model(**inputs, logits_to_keep=1)
+        ids = [q.question_id for q in prepared.questions]
+        statistics = recording.to_table(ids, self.heads)
+        samples = samples_table(layout, ids, ids, [q.images for q in prepared.questions],
+                                [q.text for q in prepared.questions])
+        writer.write(statistics, samples)
 
 
 SUMMARY_PAIRS: tuple[tuple[str, str], ...] = (

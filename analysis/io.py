@@ -33,7 +33,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from analysis.schema import PROVENANCE_KEY, TABLES, SchemaError, arrow_schema, validate_arrow_schema
+from analysis.schema import DUMP_TABLES, PROVENANCE_KEY, SchemaError, arrow_schema, validate_arrow_schema
 
 
 @contextmanager
@@ -81,13 +81,80 @@ def parse_shard_file(path: str | Path) -> tuple[str, str, int] | None:
     return (match["table"], match["tag"] or "", int(match["seq"])) if match else None
 
 
+class AtomicFile:
+    """A file written under a hidden temporary name beside its final path and renamed onto it.
+
+    ``partial`` (``.<name>.partial`` in the same folder) is where the writer writes; ``commit()``
+    renames it to ``path`` in one step, so no reader ever sees a half-written file under a final
+    name, and a kill leaves only a hidden partial file (``clean_incomplete`` removes those). As a
+    context manager it commits when the block succeeds and discards the partial file otherwise.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.partial = self.path.with_name(f".{self.path.name}.partial")
+
+    def commit(self) -> Path:
+        """Rename the partial file onto the final path; return the final path."""
+        os.replace(self.partial, self.path)
+        return self.path
+
+    def discard(self) -> None:
+        """Remove the partial file, if any."""
+        self.partial.unlink(missing_ok=True)
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.discard()
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a hidden temporary file beside ``path`` and rename it to ``path``."""
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
-    return path
+    """Write ``text`` to ``path`` through an :class:`AtomicFile`."""
+    with AtomicFile(path) as file:
+        file.partial.write_text(text, encoding="utf-8")
+    return file.path
+
+
+class ParquetShard:
+    """One parquet file of a registered table, written row group by row group, committed atomically.
+
+    The file is opened under its hidden partial name at the first ``write`` and renamed to its
+    final name by ``close()``, which a writer calls when the shard is full, at the end, and also
+    after an exception (so the row groups finished so far are kept). Every table written is
+    checked against the table's schema first.
+    """
+
+    def __init__(self, path: str | Path, schema: pa.Schema) -> None:
+        self.file = AtomicFile(path)
+        self.schema = schema
+        self.table = validate_arrow_schema(schema, str(path))
+        self._writer: pq.ParquetWriter | None = None
+        self.rows = 0
+
+    @property
+    def path(self) -> Path:
+        return self.file.path
+
+    def write(self, table: pa.Table, row_group_size: int | None = None) -> None:
+        """Append ``table`` as one row group (or several of ``row_group_size`` rows)."""
+        validate_arrow_schema(table.schema.with_metadata(self.schema.metadata), f"{self.table} batch", self.table)
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.file.partial, self.schema)
+        self._writer.write_table(table.replace_schema_metadata(self.schema.metadata), row_group_size=row_group_size)
+        self.rows += table.num_rows
+
+    def close(self) -> Path | None:
+        """Commit the file under its final name; None if nothing was written."""
+        if self._writer is None:
+            return None
+        self._writer.close()
+        self._writer = None
+        return self.file.commit()
 
 
 class StatisticsWriter:
@@ -116,7 +183,7 @@ class StatisticsWriter:
         self.tag = tag
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._shard = self._next_free_shard()
-        self._writers: dict[str, pq.ParquetWriter] = {}
+        self._shards: dict[str, ParquetShard] = {}
         self._errors: list[dict[str, Any]] = []
         self._batches_in_shard = 0
         self._started = time.monotonic()
@@ -129,21 +196,19 @@ class StatisticsWriter:
         taken = [parsed[2] for p in self.out_dir.iterdir() if (parsed := parse_shard_file(p)) and parsed[1] == self.tag]
         return max(taken, default=-1) + 1
 
-    def _path(self, table: str, temporary: bool = False, ext: str = "parquet") -> Path:
-        name = shard_file_name(table, self.tag, self._shard, ext)
-        return self.out_dir / (f".{name}.partial" if temporary else name)
+    def _path(self, table: str, ext: str = "parquet") -> Path:
+        return self.out_dir / shard_file_name(table, self.tag, self._shard, ext)
 
     def write(self, statistics: pa.Table, samples: pa.Table) -> None:
         """Append one batch: one row group in each of the current statistics and samples shards."""
         for table_name, table in (("statistics", statistics), ("samples", samples)):
-            validate_arrow_schema(table.schema, f"{table_name} batch")
-        if not self._writers:
-            for table_name in TABLES:
-                schema = arrow_schema(table_name, self.provenance)
-                self._writers[table_name] = pq.ParquetWriter(self._path(table_name, temporary=True), schema)
+            validate_arrow_schema(table.schema, f"{table_name} batch", table_name)
+        if not self._shards:
+            self._shards = {
+                name: ParquetShard(self._path(name), arrow_schema(name, self.provenance)) for name in DUMP_TABLES
+            }
         for table_name, table in (("statistics", statistics), ("samples", samples)):
-            writer = self._writers[table_name]
-            writer.write_table(table.replace_schema_metadata(writer.schema.metadata), row_group_size=max(1, table.num_rows))
+            self._shards[table_name].write(table, row_group_size=max(1, table.num_rows))
         self.rows_written += statistics.num_rows
         self.samples_written += samples.num_rows
         self._count_batch()
@@ -163,27 +228,26 @@ class StatisticsWriter:
             self._finish_shard()
 
     def _finish_shard(self) -> None:
-        if not self._writers and not self._errors:
+        if not self._shards and not self._errors:
             return
-        for writer in self._writers.values():
-            writer.close()
         # Commit order: statistics, errors, samples (the samples shard marks the shard finished).
-        if "statistics" in self._writers:
-            self._commit(self._path("statistics", temporary=True), self._path("statistics"))
+        if "statistics" in self._shards:
+            self._commit(self._shards["statistics"])
         if self._errors:
             lines = "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in self._errors)
             self.files.append(atomic_write_text(self._path(ERRORS_PREFIX, ext="jsonl"), lines))
-        if "samples" in self._writers:
-            self._commit(self._path("samples", temporary=True), self._path("samples"))
-        self._writers = {}
+        if "samples" in self._shards:
+            self._commit(self._shards["samples"])
+        self._shards = {}
         self._errors = []
         self._batches_in_shard = 0
         self._started = time.monotonic()
         self._shard += 1
 
-    def _commit(self, partial: Path, final: Path) -> None:
-        os.replace(partial, final)
-        self.files.append(final)
+    def _commit(self, shard: ParquetShard) -> None:
+        path = shard.close()
+        if path is not None:
+            self.files.append(path)
 
     def close(self) -> None:
         self._finish_shard()

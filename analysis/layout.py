@@ -1,6 +1,6 @@
 """Token groups of every row of a batch, derived from input_ids and the attention mask.
 
-Groups (see ../shared/notes/method.md, section 2):
+Groups (the DyVTE paper's token groups; its study reads attention between them):
   system  tokens before the first image token of the row
   image   tokens equal to the image token id (several images: all of them)
   text    non-image tokens after the first image token (text between images included)
@@ -18,13 +18,15 @@ from dataclasses import dataclass
 
 import torch
 
+from analysis.errors import DyVTEError
+
 QUERY_GROUPS: tuple[str, ...] = ("system", "image", "text", "last")
 KEY_GROUPS: tuple[str, ...] = ("system", "image", "text")
 
 PADDING, SYSTEM, IMAGE, TEXT = -1, 0, 1, 2
 
 
-class LayoutError(ValueError):
+class LayoutError(DyVTEError, ValueError):
     """input_ids and attention mask do not describe a prompt with image tokens."""
 
 

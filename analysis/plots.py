@@ -32,6 +32,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from analysis.errors import DyVTEError
 from analysis.stages import (
     STAGE_LABELS,
     DatasetStages,
@@ -53,7 +54,7 @@ CONFIDENCE = ("ci", 95)
 BOOTSTRAP_SAMPLES = 500
 
 
-class PlotError(ValueError):
+class PlotError(DyVTEError, ValueError):
     """A figure cannot be drawn from the given statistics or written to the given file."""
 
 

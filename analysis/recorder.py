@@ -20,22 +20,22 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow as pa
 import torch
 from torch import nn
 
 from analysis.adapters import ModelAdapter, resolve_adapter
-from analysis.hooks import OBSERVED_SDPA, Hook, attached
+from analysis.attention import attention_path, running_attention
+from analysis.errors import DyVTEError
+from analysis.hooks import Hook, attached
 from analysis.layout import TokenLayout
+from analysis.schema import statistics_table
 from analysis.stats import GroupSums, group_sums, logit_group_sums
 
-AttentionPath = Literal["sdpa", "eager"]
-ATTENTION_PATHS: tuple[str, ...] = ("sdpa", "eager")
 
-
-class RecordingError(RuntimeError):
+class RecordingError(DyVTEError, RuntimeError):
     """Attention could not be observed the way that was asked for."""
 
 
@@ -81,8 +81,6 @@ class AttentionRecorder:
 
     def to_table(self, sample_ids: Sequence[str], heads: str = "mean") -> pa.Table:
         """The recorded statistics as a long-format table following ``analysis.schema``."""
-        from analysis.schema import statistics_table
-
         if not self.records or self.records[0].mass is None:
             raise RecordingError(
                 "expected recorded attention statistics, found none: run a forward over the layout's "
@@ -172,12 +170,112 @@ def _text_states(hidden: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tenso
     return text_mean, last
 
 
+class _LayerObserver:
+    """The hooks of one recording block: attention reduced inside the attention hook, then one
+    LayerRecord per decoder layer handed on after the layer's output.
+
+    Only forwards over the layout's whole sequence (the prefill) are observed; decoding steps pass.
+    """
+
+    def __init__(
+        self,
+        recorder: AttentionRecorder,
+        index_of_attention: dict[int, int],
+        device: torch.device,
+        *,
+        record_attention: bool,
+        record_states: bool,
+        keep: bool,
+        on_layer: Callable[[LayerRecord], None] | None,
+        query_chunk: int | None,
+        describe_implementation: Callable[[], str],
+    ) -> None:
+        self.recorder = recorder
+        self.index_of_attention = index_of_attention
+        self.layout = recorder.layout.to(device)
+        self.query_membership = self.layout.query_membership()
+        self.key_membership = self.layout.key_membership()
+        self.query_counts = self.layout.query_counts()
+        self.record_attention, self.record_states = record_attention, record_states
+        self.keep, self.on_layer, self.query_chunk = keep, on_layer, query_chunk
+        self.describe_implementation = describe_implementation
+        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def is_prefill(self, num_queries: int, num_keys: int, batch: int) -> bool:
+        layout = self.recorder.layout
+        return num_queries == num_keys == layout.seq_len and batch == layout.batch_size
+
+    def observe_sdpa(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: float) -> None:
+        """Attention observer of the fast path: group sums recomputed from query and key."""
+        if not self.is_prefill(query.shape[2], key.shape[2], query.shape[0]):
+            return
+        chunk = self.query_chunk or default_query_chunk(query.shape[2])
+        with torch.no_grad():
+            sums = observed_group_sums(query, key, mask, scaling, self.query_membership, self.key_membership, chunk)
+        self.pending[self.index_of_attention[id(module)]] = sums.means(self.query_counts)
+
+    def observe_eager(self, module: nn.Module, args: Any, output: Any) -> None:
+        """Forward hook of the eager path: group sums of the weights ``self_attn`` returns."""
+        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if weights is None:
+            raise RecordingError(
+                "expected attention weights as the second output of the self-attention module under "
+                f"eager attention, found None (the decoder runs {self.describe_implementation()!r})"
+            )
+        if not self.is_prefill(weights.shape[2], weights.shape[3], weights.shape[0]):
+            return
+        chunk = self.query_chunk or default_query_chunk(weights.shape[2])
+        with torch.no_grad():
+            sums: GroupSums | None = None
+            for start in range(0, weights.shape[2], chunk):
+                part = group_sums(
+                    weights[:, :, start : start + chunk], self.query_membership[:, start : start + chunk], self.key_membership
+                )
+                if sums is None:
+                    sums = part
+                else:
+                    sums.add(part)
+        assert sums is not None
+        self.pending[self.index_of_attention[id(module)]] = sums.means(self.query_counts)
+
+    def after_layer(self, layer: int) -> Callable[..., None]:
+        """The forward hook of decoder layer ``layer``: builds and hands on its LayerRecord."""
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output
+            if not self.is_prefill(hidden.shape[1], hidden.shape[1], hidden.shape[0]):
+                if layer == 0:
+                    self.recorder.forwards_skipped += 1
+                return
+            self.finish_layer(layer, hidden)
+
+        return hook
+
+    def finish_layer(self, layer: int, hidden: torch.Tensor) -> None:
+        record = LayerRecord(layer=layer)
+        if self.record_attention:
+            if layer not in self.pending:
+                raise RecordingError(
+                    f"expected attention statistics for decoder layer {layer} before its output, found "
+                    f"none: its self-attention did not run {self.recorder.attention!r} attention as requested"
+                )
+            record.mass, record.entropy = self.pending.pop(layer)
+        if self.record_states:
+            record.text_mean, record.last = _text_states(hidden, self.layout)
+        if layer == 0:
+            self.recorder.forwards_recorded += 1
+        if self.keep:
+            self.recorder.records.append(record)
+        if self.on_layer is not None:
+            self.on_layer(record)
+
+
 @contextmanager
 def record_attention(
     model: nn.Module,
     layout: TokenLayout,
     *,
-    attention: AttentionPath = "sdpa",
+    attention: str = "sdpa",
     record_attention: bool = True,
     record_states: bool = False,
     keep: bool = True,
@@ -190,7 +288,8 @@ def record_attention(
     Args:
         model: a supported image-text model (see ``analysis.adapters``).
         layout: token groups of the batch that will be run (``analysis.layout.token_layout``).
-        attention: "sdpa" (fast path, statistics on the side) or "eager" (weights from the hook).
+        attention: one of ``analysis.attention.ATTENTION_CHOICES``: "sdpa" (fast path, statistics
+            on the side) or "eager" (weights from the hook).
         record_attention: compute group masses and entropies.
         record_states: also compute the text-token states the exit gates consume.
         keep: keep every LayerRecord on the recorder; False hands them to ``on_layer`` only.
@@ -200,95 +299,25 @@ def record_attention(
     Yields:
         The AttentionRecorder that fills up while the block runs.
     """
-    if attention not in ATTENTION_PATHS:
-        raise ValueError(f"expected attention to be one of {list(ATTENTION_PATHS)}, found {attention!r}")
+    path = attention_path(attention)
     adapter = adapter or resolve_adapter(model)
     layers = adapter.decoder_layers(model)
-    layer_paths = adapter.layer_paths(model)
-    attention_paths = adapter.attention_paths(model)
-    index_of_attention = {id(layers[i].get_submodule(adapter.attention_attr)): i for i in range(len(layers))}
-    recorder = AttentionRecorder(layout=layout, attention=attention, num_layers=len(layers))
-    device = next(model.parameters()).device
-    layout_on_device = layout.to(device)
-    query_membership = layout_on_device.query_membership()
-    key_membership = layout_on_device.key_membership()
-    query_counts = layout_on_device.query_counts()
-    pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def is_prefill(num_queries: int, num_keys: int, batch: int) -> bool:
-        return num_queries == num_keys == layout.seq_len and batch == layout.batch_size
-
-    def reduce_sums(layer: int, sums: GroupSums) -> None:
-        pending[layer] = sums.means(query_counts)
-
-    def observe_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: float) -> None:
-        if not is_prefill(query.shape[2], key.shape[2], query.shape[0]):
-            return
-        chunk = query_chunk or default_query_chunk(query.shape[2])
-        with torch.no_grad():
-            sums = observed_group_sums(query, key, mask, scaling, query_membership, key_membership, chunk)
-        reduce_sums(index_of_attention[id(module)], sums)
-
-    def observe_eager(module: nn.Module, args: Any, output: Any) -> None:
-        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-        if weights is None:
-            raise RecordingError(
-                "expected attention weights as the second output of the self-attention module under "
-                f"eager attention, found None (the decoder runs {adapter.attention_implementation(model)!r})"
-            )
-        if not is_prefill(weights.shape[2], weights.shape[3], weights.shape[0]):
-            return
-        chunk = query_chunk or default_query_chunk(weights.shape[2])
-        with torch.no_grad():
-            sums = None
-            for start in range(0, weights.shape[2], chunk):
-                part = group_sums(weights[:, :, start : start + chunk], query_membership[:, start : start + chunk], key_membership)
-                if sums is None:
-                    sums = part
-                else:
-                    sums.add(part)
-        assert sums is not None
-        reduce_sums(index_of_attention[id(module)], sums)
-
-    def after_layer(layer: int) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            hidden = output[0] if isinstance(output, tuple) else output
-            if not is_prefill(hidden.shape[1], hidden.shape[1], hidden.shape[0]):
-                if layer == 0:
-                    recorder.forwards_skipped += 1
-                return
-            record = LayerRecord(layer=layer)
-            if record_attention:
-                if layer not in pending:
-                    raise RecordingError(
-                        f"expected attention statistics for decoder layer {layer} before its output, found "
-                        f"none: its self-attention did not run {attention!r} attention as requested"
-                    )
-                record.mass, record.entropy = pending.pop(layer)
-            if record_states:
-                record.text_mean, record.last = _text_states(hidden, layout_on_device)
-            if layer == 0:
-                recorder.forwards_recorded += 1
-            if keep:
-                recorder.records.append(record)
-            if on_layer is not None:
-                on_layer(record)
-
-        return hook
-
-    hooks = [Hook(path, after_layer(i)) for i, path in enumerate(layer_paths)]
+    recorder = AttentionRecorder(layout=layout, attention=path.name, num_layers=len(layers))
+    observer = _LayerObserver(
+        recorder,
+        {id(layers[i].get_submodule(adapter.attention_attr)): i for i in range(len(layers))},
+        next(model.parameters()).device,
+        record_attention=record_attention,
+        record_states=record_states,
+        keep=keep,
+        on_layer=on_layer,
+        query_chunk=query_chunk,
+        describe_implementation=lambda: adapter.attention_implementation(model),
+    )
+    hooks = [Hook(p, observer.after_layer(i)) for i, p in enumerate(adapter.layer_paths(model))]
     if record_attention:
-        if attention == "sdpa":
-            hooks += [Hook(path, observe_sdpa, kind="attention_observer") for path in attention_paths]
-        else:
-            hooks += [Hook(path, observe_eager) for path in attention_paths]
-    wanted = (OBSERVED_SDPA if attention == "sdpa" else "eager") if record_attention else None
-    previous = adapter.attention_implementation(model)
-    with attached(model, hooks):
-        try:
-            if wanted is not None and wanted != previous:
-                adapter.set_attention_implementation(model, wanted)
-            yield recorder
-        finally:
-            if adapter.attention_implementation(model) != previous:
-                adapter.set_attention_implementation(model, previous)
+        read = observer.observe_sdpa if path.hook_kind == "attention_observer" else observer.observe_eager
+        hooks += [Hook(p, read, kind=path.hook_kind) for p in adapter.attention_paths(model)]
+    implementation = path.record_implementation if record_attention else None
+    with attached(model, hooks), running_attention(model, adapter, implementation):
+        yield recorder

@@ -63,6 +63,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from analysis.errors import DyVTEError
 from analysis.stats import HEAD_MAX, HEAD_MEAN
 
 STAGES: tuple[str, ...] = ("early_fusion", "intra_modality", "multimodal_reasoning")
@@ -90,7 +91,7 @@ DATASET = "*"
 STAGES_METADATA_KEY = b"dyvte.stages"
 
 
-class StageError(ValueError):
+class StageError(DyVTEError, ValueError):
     """Input that stage detection cannot work on (wrong settings, missing curves or columns)."""
 
 

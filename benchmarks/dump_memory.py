@@ -1,6 +1,6 @@
 """Memory stays flat while a dump streams to parquet: peak RSS after 100 and after 1,000 samples.
 
-Builds a tiny random LLaVA (``analysis.tiny``) and a question file of ``--samples`` questions over a
+Builds a tiny random LLaVA (``analysis.testing.tiny``) and a question file of ``--samples`` questions over a
 handful of images in a temporary folder, dumps the first ``--checkpoint`` questions and reads the
 process's peak resident set size (``ru_maxrss``), then continues the same dump to all questions
 with ``resume=True`` and reads it again. Peak RSS never goes down, so the second figure is the peak
@@ -43,7 +43,7 @@ def build_inputs(folder: Path, samples: int, image_size: int) -> tuple[Path, Pat
     """A tiny model, 8 images and ``samples`` questions of varying length under ``folder``."""
     from PIL import Image
 
-    from analysis.tiny import TinyLlavaSpec, save_tiny_llava
+    from analysis.testing.tiny import TinyLlavaSpec, save_tiny_llava
 
     model = save_tiny_llava(folder / "model", TinyLlavaSpec(num_kv_heads=2, image_size=image_size))
     images = folder / "images"
@@ -73,7 +73,8 @@ def main() -> None:
     import torch
 
     from analysis.data import read_questions
-    from analysis.dump import dump_statistics, load_model
+    from analysis.dump import dump_statistics
+    from analysis.loading import load_model
     from analysis.io import read_samples
 
     torch.set_num_threads(max(1, torch.get_num_threads()))

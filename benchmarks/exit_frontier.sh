@@ -20,8 +20,8 @@ mkdir -p "$OUT"
 # Every third question about train images 1000 and up (the demo model trained on images below 330).
 "$BIN/python" - "$OUT/sweep-questions.jsonl" "$SWEEP_QUESTIONS" <<'PY'
 import json, sys
-from analysis.demo import default_data_root
-from analysis.shapes import ensure_split
+from analysis.demo.job import default_data_root
+from analysis.demo.shapes import ensure_split
 train = ensure_split(default_data_root(), "train")
 ensure_split(default_data_root(), "val"); ensure_split(default_data_root(), "test")
 rows = [json.loads(line) for line in open(train / "questions.jsonl")]

@@ -3,9 +3,9 @@
 What it measures
 ----------------
 One question about one ShapesVQA-style image (rendered in memory, no data on disk), batch 1, fp32,
-CPU, SDPA, ``torch.inference_mode``, on the demo LLaVA (``analysis.demo_model.load_demo_model``,
+CPU, SDPA, ``torch.inference_mode``, on the demo LLaVA (``analysis.demo.model.load_demo_model``,
 30 decoder layers, 336 px -> 576 image tokens; ``--weights random`` by default: the same
-architecture and speed as the trained weights) or, with ``--tiny``, a random ``analysis.tiny``
+architecture and speed as the trained weights) or, with ``--tiny``, a random ``analysis.testing.tiny``
 LLaVA (256 wide, 8 layers, 576 image tokens) for a quick smoke run. Exits after about L/4, L/2
 and 3L/4 (``--exits`` to choose), through ``exit.surgery.visual_token_exit``:
 
@@ -67,7 +67,7 @@ import transformers  # noqa: E402
 from transformers import StoppingCriteria, StoppingCriteriaList  # noqa: E402
 
 from analysis.data import Question, build_prompt  # noqa: E402
-from analysis.shapes import render_scene, scene_for  # noqa: E402
+from analysis.demo.shapes import render_scene, scene_for  # noqa: E402
 from exit.flops import DecoderShape, VisionShape, decode_flops, prefill_flops, vision_flops  # noqa: E402
 from exit.gates import DyVTEGates, GateConfig, dyvte_exit, gate_parameters  # noqa: E402
 from exit.surgery import visual_token_exit  # noqa: E402
@@ -101,11 +101,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
     """The model, its processor and a one-line description."""
     if args.tiny:
-        from analysis.tiny import TinyLlavaSpec, tiny_llava, tiny_processor
+        from analysis.testing.tiny import TinyLlavaSpec, tiny_llava, tiny_processor
 
         spec = TinyLlavaSpec(image_size=args.image_size, **TINY_SIZES)
         return tiny_llava(spec), tiny_processor(args.image_size), f"tiny random LLaVA {spec}"
-    from analysis.demo_model import load_demo_model
+    from analysis.demo.model import load_demo_model
 
     model, processor = load_demo_model(image_size=args.image_size, weights=args.weights)
     return model, processor, f"demo LLaVA (SmolLM2-135M + DINOv2-small), weights {args.weights}"

@@ -2,7 +2,7 @@
 
 What it measures
 ----------------
-The demo LLaVA (``analysis.demo_model.load_demo_model``, 30 decoder layers, 336 px -> 576 image
+The demo LLaVA (``analysis.demo.model.load_demo_model``, 30 decoder layers, 336 px -> 576 image
 tokens, fp32, CPU, SDPA, ``torch.no_grad``) on ShapesVQA validation questions, teacher-forced on
 their reference answers (``exit.sweep.teacher_forced_inputs``), batch of ``--batch`` rows:
 
@@ -36,8 +36,8 @@ from collections.abc import Callable  # noqa: E402
 import torch  # noqa: E402
 
 from analysis.data import build_prompt, load_image, read_questions  # noqa: E402
-from analysis.demo import default_data_root  # noqa: E402
-from analysis.demo_model import load_demo_model  # noqa: E402
+from analysis.demo.job import default_data_root  # noqa: E402
+from analysis.demo.model import load_demo_model  # noqa: E402
 from exit.sweep import exit_sweep, teacher_forced_inputs  # noqa: E402
 
 

@@ -42,7 +42,7 @@ variant - peak of (a). Target: fast extra <= one layer's head x query x key fp32
 
 ``--breakdown`` also profiles where the fast path's extra time goes: aten ops' self CPU time in
 (b) minus in (a), and ``observed_group_sums`` of one layer timed on its own.
-``--demo`` repeats the measurement on ``analysis.demo_model.load_demo_model()`` when it loads
+``--demo`` repeats the measurement on ``analysis.demo.model.load_demo_model()`` when it loads
 (skipped with a message otherwise).
 
 Run::
@@ -82,7 +82,7 @@ from analysis.adapters import resolve_adapter  # noqa: E402
 from analysis.hooks import OBSERVED_SDPA, Hook, attached  # noqa: E402
 from analysis.layout import IMAGE, SYSTEM, TEXT, TokenLayout, token_layout  # noqa: E402
 from analysis.recorder import default_query_chunk, observed_group_sums, record_attention  # noqa: E402
-from analysis.tiny import TinyLlavaSpec, tiny_llava, tiny_processor  # noqa: E402
+from analysis.testing.tiny import TinyLlavaSpec, tiny_llava, tiny_processor  # noqa: E402
 
 TIME_TARGET = 1.3
 FILLER = (
@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--breakdown", action="store_true", help="profile where the fast recorder's extra time goes")
     parser.add_argument("--top", type=int, default=12, help="ops listed by --breakdown")
-    parser.add_argument("--demo", action="store_true", help="also measure the demo model (analysis.demo_model)")
+    parser.add_argument("--demo", action="store_true", help="also measure the demo model (analysis.demo.model)")
     parser.add_argument("--demo-rounds", type=int, default=3)
     args = parser.parse_args(argv)
 
@@ -527,9 +527,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.demo:
         try:
-            from analysis.demo_model import load_demo_model
+            from analysis.demo.model import load_demo_model
         except ImportError as error:
-            print(f"\n=== demo model: skipped, analysis.demo_model is not importable ({error}) ===")
+            print(f"\n=== demo model: skipped, analysis.demo.model is not importable ({error}) ===")
             return 0
         try:
             start = time.perf_counter()
@@ -540,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n=== demo model: skipped, it did not load: {type(error).__name__}: {error} ===")
             return 0
         demo_size = demo_processor.image_processor.crop_size["height"] if hasattr(demo_processor.image_processor, "crop_size") and demo_processor.image_processor.crop_size else 336
-        benchmark("demo model (analysis.demo_model)", demo_model, demo_processor, args, args.demo_rounds, demo_size)
+        benchmark("demo model (analysis.demo.model)", demo_model, demo_processor, args, args.demo_rounds, demo_size)
     print_load("at end")
     return 0
 

@@ -1,10 +1,10 @@
 """Which DINOv2 layer of the demo model tells the colour of a ShapesVQA shape? A linear probe per layer.
 
 For each train image, every 14x14 patch is labelled with the colour (one of six, from the exact
-RGB fills of :data:`analysis.shapes.COLOURS`) that covers at least half of its pixels, or
+RGB fills of :data:`analysis.demo.shapes.COLOURS`) that covers at least half of its pixels, or
 background. A class-balanced linear classifier is trained per vision layer on the patch features
 of the first images and scored on the rest. This measurement chose the demo model's
-``vision_feature_layer`` (:data:`analysis.demo_model.VISION_FEATURE_LAYERS`).
+``vision_feature_layer`` (:data:`analysis.demo.model.VISION_FEATURE_LAYERS`).
 
     python benchmarks/vision_feature_probe.py                 # 120 images: 80 to fit, 40 to score
     python benchmarks/vision_feature_probe.py --images 60 --fit 40
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from analysis.demo_model import PATCH_SIZE, load_demo_model
-from analysis.shapes import COLOURS, SCENES_FILE, ensure_split
+from analysis.demo.model import PATCH_SIZE, load_demo_model
+from analysis.demo.shapes import COLOURS, SCENES_FILE, ensure_split
 
 COLOUR_CLOSE = 30.0**2  # squared RGB distance under which a pixel counts as a fill colour
 

@@ -34,21 +34,40 @@ training), ``baselines`` (FastV, VTW, DyVTE + FastV), ``flops`` (FLOPs formulas)
 (answer a question file under a method), ``cli`` (``dyvte-exit``).
 """
 
-from exit.baselines import FastV, dyvte_fastv, fastv, fastv_keep_count, first_layer_within, vtw_kl_curve
-from exit.gates import (
-    GATE_INPUTS,
-    DyVTEGates,
-    GateConfig,
-    GateMismatchError,
-    ModelSignature,
-    answer_with_gates,
-    dyvte_exit,
-    feature_size,
-    gate_features,
-)
-from exit.surgery import ExitSurgeryError, VisualExit, compact_layout, visual_token_exit
-from exit.sweep import LabelRule, SweepError, SweepResult, SweepWriter, exit_sweep, read_sweep, teacher_forced_inputs
-from exit.train import TrainReport, TrainSettings, train_offline, train_online
+from analysis.lazy import lazy_exports
+
+_EXPORTS: dict[str, str] = {
+    "FastV": "exit.baselines",
+    "dyvte_fastv": "exit.baselines",
+    "fastv": "exit.baselines",
+    "fastv_keep_count": "exit.baselines",
+    "first_layer_within": "exit.baselines",
+    "vtw_kl_curve": "exit.baselines",
+    "GATE_INPUTS": "exit.gates",
+    "DyVTEGates": "exit.gates",
+    "GateConfig": "exit.gates",
+    "GateMismatchError": "exit.gates",
+    "ModelSignature": "exit.gates",
+    "answer_with_gates": "exit.gates",
+    "dyvte_exit": "exit.gates",
+    "feature_size": "exit.gates",
+    "gate_features": "exit.gates",
+    "ExitSurgeryError": "exit.surgery",
+    "VisualExit": "exit.surgery",
+    "compact_layout": "exit.surgery",
+    "visual_token_exit": "exit.surgery",
+    "LabelRule": "exit.sweep",
+    "SweepError": "exit.sweep",
+    "SweepResult": "exit.sweep",
+    "SweepWriter": "exit.sweep",
+    "exit_sweep": "exit.sweep",
+    "read_sweep": "exit.sweep",
+    "teacher_forced_inputs": "exit.sweep",
+    "TrainReport": "exit.train",
+    "TrainSettings": "exit.train",
+    "train_offline": "exit.train",
+    "train_online": "exit.train",
+}
 
 __all__ = [
     "DyVTEGates",
@@ -82,3 +101,5 @@ __all__ = [
     "visual_token_exit",
     "vtw_kl_curve",
 ]
+
+__getattr__, __dir__ = lazy_exports("exit", _EXPORTS)

@@ -39,11 +39,13 @@ import torch
 from torch import nn
 
 from analysis.adapters import ModelAdapter, resolve_adapter
-from analysis.hooks import OBSERVED_SDPA, Hook, attached
+from analysis.errors import UsageError
+from analysis.attention import path_of_model, running_attention
+from analysis.hooks import Hook, attached
 from analysis.layout import IMAGE, token_layout
 from analysis.recorder import LayerRecord
-from exit.gates import DyVTEGates, gate_features
-from exit.surgery import ExitSurgeryError, VisualExit
+from exit.gates import DyVTEGates, GateMismatchError, gate_features
+from exit.surgery import ExitSurgeryError, VisualExit, check_attention_implementation, check_module_paths
 
 __all__ = ["FastV", "dyvte_fastv", "fastv", "fastv_keep_count", "first_layer_within", "top_slots", "vtw_kl_curve"]
 
@@ -54,12 +56,17 @@ def fastv_keep_count(image_tokens: int, ratio: float) -> int:
     """Image tokens FastV keeps of ``image_tokens``: ``ceil((1 - ratio) * image_tokens)``, computed
     with a 1e-9 slack so that float error does not keep one more (``(1 - 0.7) * 10`` keeps 3)."""
     if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"expected a FastV pruning ratio R in [0, 1], found {ratio}")
+        raise UsageError(f"expected a FastV pruning ratio R in [0, 1], found {ratio}")
     return max(0, math.ceil((1.0 - ratio) * image_tokens - _SLACK))
 
 
 class FastV:
-    """Handle of attached FastV pruning (a context manager, or call ``remove()``); see ``fastv``.
+    """FastV pruning on one model instance (see ``fastv``): a context manager, or ``attach()`` then
+    ``remove()``.
+
+    Constructing checks everything (layer, ratio, attention implementation, module paths) and
+    attaches nothing; attaching attaches the surgery's hooks and the attention reader and, under
+    SDPA, runs the decoder with the observed-SDPA function; removing undoes all three (idempotent).
 
     Attributes:
         layer: FastV ranks in this decoder layer's attention and prunes after it.
@@ -95,35 +102,56 @@ class FastV:
         self.kept: torch.Tensor | None = None
         self.dropped: torch.Tensor | None = None
         self.weights_read: list[int] = []
-        implementation = self.adapter.attention_implementation(model)
-        if implementation not in ("eager", "sdpa", OBSERVED_SDPA):
-            raise ExitSurgeryError(
-                f"expected the decoder to run 'eager' or 'sdpa' attention for FastV, found {implementation!r}"
-            )
-        self._stack = ExitStack()
-        try:
-            self.surgery = self._stack.enter_context(
-                VisualExit(model, exit_layers, removals=removals, compact=compact, adapter=self.adapter)
-            )
-            path = self.adapter.attention_paths(model)[layer]
-            if implementation == "eager":
-                self._stack.enter_context(attached(model, [Hook(path, self._read_eager)]))
-            else:
-                self._stack.enter_context(attached(model, [Hook(path, self._observe_sdpa, kind="attention_observer")]))
-                if implementation != OBSERVED_SDPA:
-                    self.adapter.set_attention_implementation(model, OBSERVED_SDPA)
-                    self._stack.callback(self.adapter.set_attention_implementation, model, implementation)
-        except BaseException:
-            self._stack.close()
-            raise
+        self._implementation = self.adapter.attention_implementation(model)
+        check_attention_implementation(self._implementation, "FastV")
+        self.surgery = VisualExit(model, exit_layers, removals=removals, compact=compact, adapter=self.adapter)
+        path = self.adapter.attention_paths(model)[layer]
+        self._observing = path_of_model(model, self.adapter)
+        if self._observing.hook_kind == "forward":
+            self._reader = Hook(path, self._read_eager)
+        else:
+            self._reader = Hook(path, self._observe_sdpa, kind=self._observing.hook_kind)
+        check_module_paths(model, [self._reader])
+        self._stack: ExitStack | None = None
 
     # public -------------------------------------------------------------------------------
+    @property
+    def is_attached(self) -> bool:
+        """True between ``attach()`` (or entering the block) and ``remove()`` (or leaving it)."""
+        return self._stack is not None
+
+    def attach(self) -> FastV:
+        """Attach the surgery and the attention reader, and switch to the observing attention
+        implementation under SDPA; returns the handle. A failure halfway undoes what was done.
+
+        Raises:
+            ExitSurgeryError: the handle is attached already, or the model's attention implementation
+                changed since the handle was made.
+        """
+        if self._stack is not None:
+            raise ExitSurgeryError("expected a detached FastV handle to attach, found it attached already")
+        implementation = self.adapter.attention_implementation(self.model)
+        if implementation != self._implementation:
+            raise ExitSurgeryError(
+                f"expected the decoder to run {self._implementation!r} attention as when the FastV handle was made, "
+                f"found {implementation!r}"
+            )
+        with ExitStack() as stack:
+            stack.enter_context(self.surgery)
+            stack.enter_context(attached(self.model, [self._reader]))
+            if self._observing.hook_kind != "forward":
+                stack.enter_context(running_attention(self.model, self.adapter, self._observing.record_implementation))
+            self._stack = stack.pop_all()
+        return self
+
     def remove(self) -> None:
         """Restore the attention implementation and detach every hook (idempotent)."""
-        self._stack.close()
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
 
     def __enter__(self) -> FastV:
-        return self
+        return self.attach()
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
@@ -224,7 +252,8 @@ def fastv(
     exit_layers: int | Sequence[int | None] | None = None,
     compact: bool = True,
 ) -> FastV:
-    """Attach FastV pruning to ``model``; returns the handle (context manager or ``remove()``).
+    """FastV pruning for ``model``: a handle that attaches on entering the block (or on
+    ``attach()``, then ``remove()``); making it attaches nothing.
 
     Args:
         layer: K; the image tokens are ranked in layer K's attention and pruned after it.
@@ -274,11 +303,11 @@ def dyvte_fastv(
     (``inputs="hidden"``) are supported here.
 
     Raises:
-        ValueError: gates that read attention statistics.
+        GateMismatchError (a ValueError): gates that read attention statistics.
     """
     gates.check_model(model)
     if gates.config.inputs != "hidden":
-        raise ValueError(
+        raise GateMismatchError(
             f"expected gates with inputs='hidden' for DyVTE + FastV (attention-statistics gates need the "
             f"recorder's full-length stream), found inputs={gates.config.inputs!r}"
         )
@@ -318,14 +347,15 @@ def vtw_kl_curve(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]
     last column (exit after the last layer) is 0: that exit changes nothing.
 
     Raises:
-        ValueError: a batch is right padded (its last column is not every row's last prompt token).
+        UsageError (a ValueError): a batch is right padded (its last column is not every row's last prompt
+            token), or there is no batch.
     """
     num_layers = len(resolve_adapter(model).decoder_layers(model))
     curves: list[torch.Tensor] = []
     for inputs in batches:
         mask = inputs.get("attention_mask")
         if mask is not None and not bool(mask[:, -1].bool().all()):
-            raise ValueError("expected left-padded batches (the last column holds each row's last prompt token), found right padding")
+            raise UsageError("expected left-padded batches (the last column holds each row's last prompt token), found right padding")
         with torch.no_grad():
             full = model(**inputs, logits_to_keep=1).logits[:, -1].double().log_softmax(dim=-1)
             rows = []
@@ -335,7 +365,7 @@ def vtw_kl_curve(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]
                 rows.append((full.exp() * (full - exit_logits)).sum(dim=-1))
         curves.append(torch.stack(rows, dim=1).cpu())
     if not curves:
-        raise ValueError("expected calibration samples for VTW, found none")
+        raise UsageError("expected calibration samples for VTW, found none")
     return torch.cat(curves, dim=0)
 
 
@@ -347,7 +377,7 @@ def first_layer_within(kl_per_layer: Sequence[float] | torch.Tensor, eta: float)
     """
     values = [float(v) for v in kl_per_layer]
     if not values:
-        raise ValueError("expected a KL value per layer, found none")
+        raise UsageError("expected a KL value per layer, found none")
     if eta < 0:
-        raise ValueError(f"expected eta >= 0, found {eta}")
+        raise UsageError(f"expected eta >= 0, found {eta}")
     return next((k for k, value in enumerate(values) if value <= eta), len(values) - 1)

@@ -33,7 +33,8 @@ class UsageError(ValueError):
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from analysis.data import read_questions
-    from analysis.dump import all_sum, barrier, distributed, load_model, provenance
+    from analysis.distributed import all_sum, barrier, distributed
+    from analysis.loading import load_model, provenance
     from exit.sweep import LabelRule, read_sweep, run_sweep
 
     questions = read_questions(args.questions, limit=args.limit)
@@ -65,7 +66,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from analysis.dump import distributed
+    from analysis.distributed import distributed
     from exit.train import TrainSettings
 
     settings = TrainSettings(
@@ -98,7 +99,7 @@ def _train(args: argparse.Namespace, settings: Any, progress: bool) -> tuple[Any
     from tqdm import tqdm
 
     from analysis.data import read_questions
-    from analysis.dump import load_model
+    from analysis.loading import load_model
     from exit.gates import DyVTEGates, GateConfig
     from exit.sweep import LabelRule
     from exit.train import feature_shards, read_shard, train_offline, train_online_on_questions
@@ -134,7 +135,7 @@ def _local_device(device: str) -> str:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from analysis.data import load_image
-    from analysis.dump import load_model
+    from analysis.loading import load_model
     from exit.gates import DyVTEGates, answer_with_gates
 
     gates_folder = Path(args.gates)
@@ -153,7 +154,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from analysis.adapters import resolve_adapter
     from analysis.data import read_questions
-    from analysis.dump import load_model
+    from analysis.loading import load_model
     from exit.evaluate import calibrate_vtw, evaluate_methods, parse_method
     from exit.gates import DyVTEGates
 

@@ -2,18 +2,19 @@
 
 ``evaluate_method(model, processor, questions, image_folder, method)`` answers every question by
 greedy ``generate()`` (the KV cache on) under the method, in batches of the questions about one
-image (left padding, each row its own exit), and returns one row per question:
+image (left padding, each row its own exit), and returns one row per question (the registered
+table ``evaluation``, see ``dyvte-stats schema``):
 
 ============================  ================================================================
 question_id, category         from the question file
 answer, prediction, correct   the reference, the model's answer, exact match
-                              (:func:`analysis.shapes.exact_match`: case, articles, number words)
+                              (:func:`analysis.scoring.exact_match`: case, articles, number words)
 exit_layer                    the layer after which the row's last image token left (-1: some
                               stayed to the end, e.g. FastV without an exit)
 tokens, image_tokens          the row's prompt length (no padding) and its image tokens
-relative_prefill_flops        decoder prefill FLOPs under the method over the stock model's, from
-                              the tokens each layer processed for the row
-                              (:func:`exit.flops.prefill_flops_for_counts`)
+relative_prefill_flops        decoder prefill FLOPs under the method over the stock model's: the
+                              method's FLOPs rule (``exit.methods``, from ``exit.flops``) on the
+                              row's tokens, image tokens and exit layer
 batch, batch_seconds,         the batch the row was answered in, that batch's wall time for
 batch_rows                    generate() (prefill and decoding) and its number of rows
 prefill_seconds,              the batch's wall time up to the first next-token scores (vision
@@ -21,41 +22,48 @@ decode_seconds, decode_steps  tower and prefill), the rest of generate(), and th
                               forwards in that rest (generated length - 1)
 ============================  ================================================================
 
-Methods (:func:`parse_method`; the baselines are described in :mod:`exit.baselines`):
-
-=====================  =======================================================================
-``none``               the stock model
-``static:K``           every row exits after layer K
-``vtw`` / ``vtw:K``    VTW: a static exit after the layer :func:`calibrate_vtw` picked (``vtw``
-                       takes the calibration result; ``vtw:K`` names the calibrated layer)
-``fastv:K:R``          FastV: after layer K each row keeps ceil((1 - R) n_image) image tokens
-``dyvte``              the gates decide per row during the prefill
-``dyvte+fastv:K:R``    FastV after layer K, and every image token left goes when the gate fires
-=====================  =======================================================================
+The methods (``none``, ``static:K``, ``vtw``, ``fastv:K:R``, ``dyvte:TAU``, ...) are the table of
+:mod:`exit.methods`; :func:`parse_method` reads one for a loaded model, and the baselines are
+described in :mod:`exit.baselines`. :func:`evaluate_methods` evaluates several on one model and
+writes ``eval-<method>.parquet`` and ``summary.parquet`` (table ``evaluation_summary``) through
+``analysis.io.ParquetShard``, with the provenance (``analysis.loading.provenance`` and the method)
+in each file's metadata.
 """
 
 from __future__ import annotations
 
-import copy
+import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 import torch
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from analysis.adapters import resolve_adapter
-from analysis.data import Question, build_prompt, load_image
-from analysis.shapes import exact_match
-from exit.baselines import FastV, dyvte_fastv, first_layer_within, vtw_kl_curve
-from exit.flops import DecoderShape, prefill_flops, prefill_flops_for_counts
-from exit.gates import DyVTEGates, dyvte_exit
-from exit.surgery import NO_EXIT, VisualExit, visual_token_exit
+from analysis.data import DataError, Question, build_prompt, load_image
+from analysis.errors import UsageError
+from analysis.io import ParquetShard
+from analysis.schema import TABLES, SchemaError
+from analysis.scoring import exact_match
+from exit.baselines import first_layer_within, vtw_kl_curve
+from exit.flops import DecoderShape
+from exit.methods import (
+    METHOD_FORMS,
+    ROWS_TABLE,
+    SUMMARY_FILE,
+    SUMMARY_TABLE,
+    ExitMethod,
+    gates_with_tau,
+    parse_method,
+    rows_file_name,
+)
+from exit.surgery import NO_EXIT
 
 __all__ = [
     "METHOD_FORMS",
@@ -63,65 +71,16 @@ __all__ = [
     "VTWCalibration",
     "calibrate_vtw",
     "encode_questions",
-    "gates_with_tau",
     "evaluate_method",
     "evaluate_methods",
+    "gates_with_tau",
     "parse_method",
+    "require_answers",
     "summarize_evaluation",
     "summary_row",
+    "write_evaluation_rows",
+    "write_evaluation_summary",
 ]
-
-METHOD_FORMS = ("none", "static:K", "vtw", "vtw:K", "fastv:K:R", "dyvte", "dyvte:TAU", "dyvte+fastv:K:R")
-"""The method specs :func:`parse_method` accepts."""
-
-
-@dataclass(frozen=True)
-class ExitMethod:
-    """How image tokens leave the model.
-
-    ``kind`` is "none", "static" (every image token after ``layer``), "vtw" (the same, at a
-    calibrated ``layer``), "fastv" (after ``layer`` keep ``ceil((1 - ratio) n_image)``), "dyvte"
-    (``gates``) or "dyvte+fastv" (``gates``, ``layer`` and ``ratio``).
-    """
-
-    kind: str
-    layer: int | None = None
-    gates: DyVTEGates | None = None
-    ratio: float | None = None
-    tau: float | None = None
-
-    @property
-    def name(self) -> str:
-        """The method as written on the command line (``static:K``, ``fastv:K:R``, ``dyvte:TAU``, ...)."""
-        if self.kind == "dyvte" and self.tau is not None:
-            return f"dyvte:{self.tau:g}"
-        if self.kind in ("static", "vtw"):
-            return f"{self.kind}:{self.layer}"
-        if self.kind in ("fastv", "dyvte+fastv"):
-            return f"{self.kind}:{self.layer}:{self.ratio:g}"
-        return self.kind
-
-    def attached(self, model: nn.Module, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor) -> AbstractContextManager[VisualExit | FastV | None]:
-        """The context that applies the method to one batch; it yields a handle with ``exit_layers``
-        and ``tokens_per_layer()`` (None for the stock model)."""
-        if self.kind == "dyvte":
-            assert self.gates is not None
-            return dyvte_exit(model, self.gates, input_ids, attention_mask)
-        if self.kind == "dyvte+fastv":
-            assert self.gates is not None and self.layer is not None and self.ratio is not None
-            return dyvte_fastv(model, self.gates, input_ids, attention_mask, self.layer, self.ratio)
-        if self.kind == "fastv":
-            assert self.layer is not None and self.ratio is not None
-            return FastV(model, self.layer, self.ratio)
-        if self.kind in ("static", "vtw"):
-            return visual_token_exit(model, exit_layers=[self.layer] * input_ids.shape[0])
-        return _no_exit()
-
-
-@contextmanager
-def _no_exit() -> Iterator[None]:
-    yield None
 
 
 @dataclass(frozen=True)
@@ -143,84 +102,11 @@ class VTWCalibration:
         return len(self.question_ids)
 
 
-def _layer(text: str, spec: str, form: str, num_layers: int, what: str) -> int:
-    try:
-        layer = int(text)
-    except ValueError:
-        raise ValueError(f"expected {form!r} with an integer layer K, found {spec!r}") from None
-    if not 0 <= layer < num_layers:
-        raise ValueError(f"expected the {what} layer in 0..{num_layers - 1}, found {layer}")
-    return layer
-
-
-def _layer_and_ratio(argument: str, spec: str, form: str, num_layers: int) -> tuple[int, float]:
-    layer_text, colon, ratio_text = argument.partition(":")
-    if not colon:
-        raise ValueError(f"expected {form!r} (FastV layer K and pruning ratio R), found {spec!r}")
-    layer = _layer(layer_text, spec, form, num_layers, "FastV")
-    try:
-        ratio = float(ratio_text)
-    except ValueError:
-        raise ValueError(f"expected {form!r} with a number R, found {spec!r}") from None
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"expected the FastV pruning ratio R in [0, 1], found {ratio}")
-    return layer, ratio
-
-
-def parse_method(spec: str, num_layers: int, gates: DyVTEGates | None = None,
-                 vtw: VTWCalibration | None = None) -> ExitMethod:
-    """One of :data:`METHOD_FORMS` (0 <= K < num_layers, 0 <= R <= 1).
-
-    ``dyvte`` and ``dyvte+fastv:K:R`` need ``gates``; ``vtw`` needs ``vtw`` (from
-    :func:`calibrate_vtw`), ``vtw:K`` names the calibrated layer itself.
-
-    Raises:
-        ValueError: an unknown method, a layer or ratio out of range, or a missing gates/calibration.
-    """
-    kind, _, argument = spec.partition(":")
-    if kind == "none" and not argument:
-        return ExitMethod("none")
-    if kind == "dyvte":
-        if gates is None:
-            raise ValueError("expected gates (--gates FOLDER) for the method 'dyvte', found none")
-        if not argument:
-            return ExitMethod("dyvte", gates=gates)
-        try:
-            tau = float(argument)
-        except ValueError:
-            raise ValueError(f"expected 'dyvte:TAU' with a threshold TAU in [0, 1), found {spec!r}") from None
-        if not 0 <= tau < 1:
-            raise ValueError(f"expected the DyVTE threshold TAU in [0, 1), found {tau}")
-        return ExitMethod("dyvte", gates=gates_with_tau(gates, tau), tau=tau)
-    if kind == "static" and argument:
-        return ExitMethod("static", layer=_layer(argument, spec, "static:K", num_layers, "static exit"))
-    if kind == "vtw":
-        if argument:
-            return ExitMethod("vtw", layer=_layer(argument, spec, "vtw:K", num_layers, "VTW exit"))
-        if vtw is None:
-            raise ValueError("expected a VTW calibration (calibrate_vtw) for the method 'vtw', or 'vtw:K', found neither")
-        if not 0 <= vtw.layer < num_layers:
-            raise ValueError(f"expected the calibrated VTW layer in 0..{num_layers - 1}, found {vtw.layer}")
-        return ExitMethod("vtw", layer=vtw.layer)
-    if kind == "fastv" and argument:
-        layer, ratio = _layer_and_ratio(argument, spec, "fastv:K:R", num_layers)
-        return ExitMethod("fastv", layer=layer, ratio=ratio)
-    if kind == "dyvte+fastv" and argument:
-        layer, ratio = _layer_and_ratio(argument, spec, "dyvte+fastv:K:R", num_layers)
-        if gates is None:
-            raise ValueError("expected gates (--gates FOLDER) for the method 'dyvte+fastv', found none")
-        if gates.config.inputs != "hidden":
-            raise ValueError(f"expected gates with inputs='hidden' for 'dyvte+fastv', found {gates.config.inputs!r}")
-        return ExitMethod("dyvte+fastv", layer=layer, ratio=ratio, gates=gates)
-    forms = ", ".join(repr(form) for form in METHOD_FORMS)
-    raise ValueError(f"expected a method {forms}, found {spec!r}")
-
-
-def gates_with_tau(gates: DyVTEGates, tau: float) -> DyVTEGates:
-    """The same gates (shared weights) with another threshold on p(exit)."""
-    clone = copy.copy(gates)
-    clone.config = replace(gates.config, tau=tau)
-    return clone
+def require_answers(questions: Iterable[Question]) -> None:
+    """Raise DataError naming the first question without a reference answer."""
+    for question in questions:
+        if question.answer is None:
+            raise DataError(f"question {question.question_id!r}: expected a reference answer, found none")
 
 
 class _FirstScoresClock(LogitsProcessor):
@@ -270,15 +156,15 @@ def calibrate_vtw(
     :func:`exit.baselines.vtw_kl_curve`; one full forward and one per layer for each batch).
 
     Raises:
-        ValueError: no questions, n < 1 or eta < 0.
+        UsageError: no questions, n < 1 or eta < 0.
     """
     if n < 1:
-        raise ValueError(f"expected at least one calibration sample, found n={n}")
+        raise UsageError(f"expected at least one calibration sample, found n={n}")
     if eta < 0:
-        raise ValueError(f"expected eta >= 0, found {eta}")
+        raise UsageError(f"expected eta >= 0, found {eta}")
     chosen = list(questions)[:n]
     if not chosen:
-        raise ValueError("expected calibration questions for VTW, found none")
+        raise UsageError("expected calibration questions for VTW, found none")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     batches = list(_batches(chosen, batch_size))
@@ -290,6 +176,22 @@ def calibrate_vtw(
         kl=tuple(float(v) for v in mean),
         question_ids=tuple(question.question_id for batch in batches for question in batch),
     )
+
+
+@dataclass(frozen=True)
+class _Model:
+    """What answering a batch needs to know about the model, looked up once per method."""
+
+    image_token_id: int
+    shape: DecoderShape
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, model: nn.Module) -> _Model:
+        parameter = next(model.parameters())
+        return cls(resolve_adapter(model).image_token_id(model), DecoderShape.from_config(model.config),
+                   parameter.device, parameter.dtype)
 
 
 def evaluate_method(
@@ -305,58 +207,53 @@ def evaluate_method(
     """One row per question (see the module docstring), answered under ``method``.
 
     Raises:
-        ValueError: a question has no reference answer.
+        DataError: a question has no reference answer.
     """
-    for question in questions:
-        if question.answer is None:
-            raise ValueError(f"question {question.question_id!r}: expected a reference answer, found none")
-    adapter = resolve_adapter(model)
-    image_token_id = adapter.image_token_id(model)
-    shape = DecoderShape.from_config(model.config)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    num_layers = len(adapter.decoder_layers(model))
+    require_answers(questions)
+    facts = _Model.of(model)
     rows: list[dict[str, Any]] = []
     batches = list(_batches(questions, batch_size))
     for number, batch in enumerate(progress(batches) if progress is not None else batches):
-        inputs = encode_questions(processor, batch, image_folder, device, dtype)
-        mask = inputs["attention_mask"]
-        clock = _FirstScoresClock()
-        start = time.perf_counter()
-        with torch.no_grad(), method.attached(model, inputs["input_ids"], mask) as surgery:
-            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                    logits_processor=LogitsProcessorList([clock]))
-        end = time.perf_counter()
-        prefill_end = clock.first if clock.first is not None else end
-        decode_steps = int(output.shape[1] - inputs["input_ids"].shape[1]) - 1
-        exits = surgery.exit_layers if surgery is not None else [None] * len(batch)
-        counts = surgery.tokens_per_layer().tolist() if surgery is not None else None
-        answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        for row, (question, answer, exit_layer) in enumerate(zip(batch, answers, exits)):
-            tokens = int(mask[row].sum())
-            image_tokens = int(((inputs["input_ids"][row] == image_token_id) & mask[row].bool()).sum())
-            per_layer = counts[row] if counts is not None else [tokens] * num_layers
-            relative = prefill_flops_for_counts(shape, per_layer) / prefill_flops(shape, tokens, image_tokens, None)
-            rows.append({
-                "question_id": question.question_id,
-                "category": question.category or "uncategorised",
-                "answer": question.answer,
-                "prediction": answer.strip(),
-                "correct": exact_match(answer, question.answer or ""),
-                "exit_layer": NO_EXIT if exit_layer is None else int(exit_layer),
-                "tokens": tokens,
-                "image_tokens": image_tokens,
-                "relative_prefill_flops": relative,
-                "batch": number,
-                "batch_seconds": end - start,
-                "batch_rows": len(batch),
-                "prefill_seconds": prefill_end - start,
-                "decode_seconds": end - prefill_end,
-                "decode_steps": decode_steps,
-            })
+        rows += _answer_batch(model, processor, batch, image_folder, method, facts, max_new_tokens, number)
     frame = pd.DataFrame(rows)
     frame.insert(0, "method", method.name)
     return frame
+
+
+def _answer_batch(model: nn.Module, processor: Any, batch: Sequence[Question], image_folder: str | Path,
+                  method: ExitMethod, facts: _Model, max_new_tokens: int, number: int) -> list[dict[str, Any]]:
+    """Answer one batch under ``method``: its rows of the evaluation table (without ``method``)."""
+    inputs = encode_questions(processor, batch, image_folder, facts.device, facts.dtype)
+    input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    clock = _FirstScoresClock()
+    start = time.perf_counter()
+    with torch.no_grad(), method.attached(model, input_ids, mask) as handle:
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                logits_processor=LogitsProcessorList([clock]))
+    end = time.perf_counter()
+    prefill_end = clock.first if clock.first is not None else end
+    exits = handle.exit_layers if handle is not None else [None] * len(batch)
+    answers = processor.batch_decode(output[:, input_ids.shape[1]:], skip_special_tokens=True)
+    timing = {"batch": number, "batch_seconds": end - start, "batch_rows": len(batch),
+              "prefill_seconds": prefill_end - start, "decode_seconds": end - prefill_end,
+              "decode_steps": int(output.shape[1] - input_ids.shape[1]) - 1}
+    rows = []
+    for row, (question, answer, exit_layer) in enumerate(zip(batch, answers, exits)):
+        tokens = int(mask[row].sum())
+        image_tokens = int(((input_ids[row] == facts.image_token_id) & mask[row].bool()).sum())
+        rows.append({
+            "question_id": question.question_id,
+            "category": question.category or "uncategorised",
+            "answer": question.answer,
+            "prediction": answer.strip(),
+            "correct": exact_match(answer, question.answer or ""),
+            "exit_layer": NO_EXIT if exit_layer is None else int(exit_layer),
+            "tokens": tokens,
+            "image_tokens": image_tokens,
+            "relative_prefill_flops": method.relative_prefill_flops(facts.shape, tokens, image_tokens, exit_layer),
+            **timing,
+        })
+    return rows
 
 
 def summarize_evaluation(frame: pd.DataFrame, num_layers: int) -> dict[str, Any]:
@@ -367,7 +264,7 @@ def summarize_evaluation(frame: pd.DataFrame, num_layers: int) -> dict[str, Any]
     second counts every row's token of each decoding forward.
     """
     if frame.empty:
-        raise ValueError("expected evaluated questions to summarise, found none")
+        raise UsageError("expected evaluated questions to summarise, found none")
     layers = frame["exit_layer"].where(frame["exit_layer"] != NO_EXIT, num_layers - 1)
     accuracy = frame.groupby("category")["correct"].mean().to_dict()
     batches = frame.groupby("batch").first()
@@ -389,11 +286,14 @@ def summarize_evaluation(frame: pd.DataFrame, num_layers: int) -> dict[str, Any]
 
 
 def summary_row(method: str, frame: pd.DataFrame, num_layers: int) -> dict[str, Any]:
-    """One line of ``summary.parquet``: :func:`summarize_evaluation` flattened (``accuracy_<category>``)."""
-    summary = summarize_evaluation(frame, num_layers)
+    """One line of ``summary.parquet``: :func:`summarize_evaluation` flattened, in the column order
+    of the ``evaluation_summary`` table (its fixed columns, then ``accuracy_<category>``; times
+    missing from an old frame are NaN)."""
+    summary = {"method": method, "num_layers": num_layers, **summarize_evaluation(frame, num_layers)}
     accuracy = summary.pop("accuracy")
-    return {"method": method, "questions": summary.pop("questions"), "num_layers": num_layers,
-            **{f"accuracy_{k}": v for k, v in accuracy.items()}, **summary}
+    summary["accuracy_overall"] = accuracy.pop("overall")
+    fixed = [column.name for column in TABLES[SUMMARY_TABLE].columns]
+    return {**{name: summary.get(name, math.nan) for name in fixed}, **{f"accuracy_{k}": v for k, v in accuracy.items()}}
 
 
 def evaluate_methods(
@@ -406,32 +306,93 @@ def evaluate_methods(
     max_new_tokens: int = 4,
     batch_size: int = 8,
     progress: Callable[[str], Callable[[Iterable[Any]], Iterable[Any]]] | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Evaluate several methods on one loaded model; (per-question rows, one summary row per method).
 
     With ``out_dir`` each method's rows go to ``out_dir/eval-<method>.parquet`` as soon as the
-    method is done (written to a temporary name, then renamed), and the summary to
-    ``out_dir/summary.parquet``, so a later failure keeps the finished methods.
-    """
-    from analysis.adapters import resolve_adapter
+    method is done, and the summary so far to ``out_dir/summary.parquet``, each committed
+    atomically (:func:`write_evaluation_rows`), so a later failure keeps the finished methods.
 
+    Args:
+        provenance: what produced the files (``analysis.loading.provenance``); default: that of
+            ``model`` with its current attention path and seed 0. Each file adds its method(s).
+
+    Raises:
+        UsageError: two methods of the same name (they would write the same file).
+    """
+    names = [method.name for method in methods]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise UsageError(f"expected each method once, found {twice} more than once")
     num_layers = len(resolve_adapter(model).decoder_layers(model))
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+    base = dict(provenance) if provenance is not None else _default_provenance(model)
     frames, summaries = [], []
     for method in methods:
         frame = evaluate_method(model, processor, questions, image_folder, method, max_new_tokens, batch_size,
                                 progress(method.name) if progress is not None else None)
         summaries.append(summary_row(method.name, frame, num_layers))
         frames.append(frame)
-        if out is not None:
-            _write_parquet(frame, out / f"eval-{method.name.replace(':', '_')}.parquet")
-            _write_parquet(pd.DataFrame(summaries), out / "summary.parquet")
+        if out_dir is not None:
+            write_evaluation_rows(frame, out_dir, {**base, **method.provenance()})
+            write_evaluation_summary(pd.DataFrame(summaries), out_dir, base)
     return pd.concat(frames, ignore_index=True), pd.DataFrame(summaries)
 
 
-def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    partial = path.with_name(path.name + ".partial")
-    frame.to_parquet(partial, index=False)
-    partial.replace(path)
+def _default_provenance(model: nn.Module) -> dict[str, Any]:
+    from analysis.attention import path_of_model
+    from analysis.loading import provenance
+
+    name = getattr(model, "name_or_path", "") or type(model).__name__
+    return provenance(str(name), model, path_of_model(model, resolve_adapter(model)).name, "none", 0)
+
+
+def write_evaluation_rows(frame: pd.DataFrame, out_dir: str | Path, provenance: Mapping[str, Any]) -> Path:
+    """Write one method's rows (:func:`evaluate_method`) to ``out_dir/eval-<method>.parquet``.
+
+    The file is of the registered table ``evaluation`` and carries ``provenance`` with the method
+    name added (``dyvte.provenance``); it is written under a hidden name and renamed when complete.
+
+    Raises:
+        UsageError: the rows are not those of exactly one method. SchemaError: a column is missing
+            or of the wrong type.
+    """
+    methods = list(dict.fromkeys(frame["method"])) if "method" in frame else []
+    if len(methods) != 1:
+        raise UsageError(f"expected the rows of exactly one method, found {methods}")
+    path = Path(out_dir) / rows_file_name(methods[0])
+    return _write_table(frame, path, ROWS_TABLE, {**provenance, "method": methods[0]})
+
+
+def write_evaluation_summary(summary: pd.DataFrame, out_dir: str | Path, provenance: Mapping[str, Any]) -> Path:
+    """Write the summary lines (:func:`summary_row`) to ``out_dir/summary.parquet`` (table
+    ``evaluation_summary``, ``provenance`` with the list of methods added), replacing it atomically."""
+    methods = [str(method) for method in summary["method"]]
+    return _write_table(summary, Path(out_dir) / SUMMARY_FILE, SUMMARY_TABLE, {**provenance, "methods": methods})
+
+
+def _column(frame: pd.DataFrame, field: pa.Field, path: Path) -> pa.Array:
+    try:
+        return pa.array(frame[field.name].tolist(), field.type)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+        raise SchemaError(f"{path}: expected column {field.name!r} of type {field.type}, found {error}") from error
+
+
+def _write_table(frame: pd.DataFrame, path: Path, table: str, provenance: Mapping[str, Any]) -> Path:
+    spec = TABLES[table]
+    fixed = [column.name for column in spec.columns]
+    schema = spec.arrow_schema(dict(provenance), extra=[c for c in frame.columns if c not in fixed])
+    missing = [name for name in schema.names if name not in frame.columns]
+    if missing:
+        raise UsageError(f"{path}: expected {table} columns {schema.names}, found no {missing} in {list(frame.columns)}")
+    data = pa.Table.from_pydict({f.name: _column(frame, f, path) for f in schema}, schema=schema)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shard = ParquetShard(path, schema)
+    try:
+        shard.write(data)
+    except BaseException:
+        shard.file.discard()
+        raise
+    committed = shard.close()
+    assert committed is not None
+    return committed

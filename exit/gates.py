@@ -30,7 +30,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from analysis.errors import DyVTEError, UsageError
 from analysis.adapters import ModelAdapter, resolve_adapter
+from analysis.attention import path_of_model
 from analysis.layout import QUERY_GROUPS, TokenLayout, token_layout
 from analysis.recorder import AttentionRecorder, LayerRecord, record_attention
 from exit.surgery import VisualExit, visual_token_exit
@@ -43,7 +45,7 @@ FORMAT_VERSION = 1
 _ATTENTION_QUERIES = [QUERY_GROUPS.index("text"), QUERY_GROUPS.index("last")]
 
 
-class GateMismatchError(ValueError):
+class GateMismatchError(DyVTEError, ValueError):
     """Gates were made for a different model (or a different input) than the one at hand."""
 
 
@@ -65,11 +67,11 @@ class GateConfig:
 
     def __post_init__(self) -> None:
         if self.inputs not in GATE_INPUTS:
-            raise ValueError(f"expected gate inputs to be one of {list(GATE_INPUTS)}, found {self.inputs!r}")
+            raise UsageError(f"expected gate inputs to be one of {list(GATE_INPUTS)}, found {self.inputs!r}")
         if self.hidden_width < 1:
-            raise ValueError(f"expected a positive hidden width, found {self.hidden_width}")
+            raise UsageError(f"expected a positive hidden width, found {self.hidden_width}")
         if not 0.0 <= self.tau <= 1.0:
-            raise ValueError(f"expected tau in [0, 1], found {self.tau}")
+            raise UsageError(f"expected tau in [0, 1], found {self.tau}")
 
 
 @dataclass(frozen=True)
@@ -104,21 +106,22 @@ def gate_features(record: LayerRecord, inputs: str) -> torch.Tensor:
     """(batch, features) float32 gate input from one layer's record (see the module docstring).
 
     Raises:
-        ValueError: the record lacks what ``inputs`` needs (ask the recorder for states or attention).
+        UsageError (a ValueError): the record lacks what ``inputs`` needs (ask the recorder for states
+            or attention), or ``inputs`` is not a gate input.
     """
     parts: list[torch.Tensor] = []
     if inputs in ("hidden", "both"):
         if record.text_mean is None or record.last is None:
-            raise ValueError(f"expected text states in the record of layer {record.layer} (record_states=True), found none")
+            raise UsageError(f"expected text states in the record of layer {record.layer} (record_states=True), found none")
         parts.append(torch.cat([record.text_mean, record.last], dim=-1).float())
     if inputs in ("attention", "both"):
         if record.mass is None or record.entropy is None:
-            raise ValueError(f"expected attention statistics in the record of layer {record.layer}, found none")
+            raise UsageError(f"expected attention statistics in the record of layer {record.layer}, found none")
         mass = record.mass[:, :, _ATTENTION_QUERIES, :].flatten(1)  # (batch, head * 2 * 3)
         entropy = record.entropy[:, :, _ATTENTION_QUERIES].flatten(1)  # (batch, head * 2)
         parts.append(torch.cat([mass, entropy], dim=-1).float())
     if not parts:
-        raise ValueError(f"expected gate inputs to be one of {list(GATE_INPUTS)}, found {inputs!r}")
+        raise UsageError(f"expected gate inputs to be one of {list(GATE_INPUTS)}, found {inputs!r}")
     return torch.nan_to_num(torch.cat(parts, dim=-1), nan=0.0)
 
 
@@ -129,16 +132,16 @@ def select_features(features: torch.Tensor, found: str, wanted: str, signature: 
     "both" serves gates of all three kinds.
 
     Raises:
-        ValueError: ``wanted`` cannot be taken from ``found``.
+        GateMismatchError (a ValueError): ``wanted`` cannot be taken from ``found``.
     """
     if found == wanted:
         return features
     if found != "both" or wanted not in ("hidden", "attention"):
-        raise ValueError(f"expected cached features of kind {wanted!r} or 'both' for {wanted!r} gates, found {found!r}")
+        raise GateMismatchError(f"expected cached features of kind {wanted!r} or 'both' for {wanted!r} gates, found {found!r}")
     hidden = 2 * signature.hidden_size
     expected = feature_size(GateConfig(inputs="both"), signature)
     if features.shape[-1] != expected:
-        raise ValueError(f"expected {expected} cached 'both' features per layer, found {features.shape[-1]}")
+        raise GateMismatchError(f"expected {expected} cached 'both' features per layer, found {features.shape[-1]}")
     return features[..., :hidden] if wanted == "hidden" else features[..., hidden:]
 
 
@@ -246,7 +249,7 @@ def gate_recording(
     return record_attention(
         model,
         layout,
-        attention="eager" if adapter.attention_implementation(model) == "eager" else "sdpa",
+        attention=path_of_model(model, adapter).name,
         record_attention=inputs in ("attention", "both"),
         record_states=inputs in ("hidden", "both"),
         keep=keep,

@@ -38,6 +38,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
+from analysis.errors import DyVTEError
 from analysis.plots import PlotError
 
 __all__ = [
@@ -89,7 +90,7 @@ FAMILY_STYLES: dict[str, FamilyStyle] = {
 """Legend label, colour and marker of each method family (others get the next colour of tab10)."""
 
 
-class EvaluationFolderError(ValueError):
+class EvaluationFolderError(DyVTEError, ValueError):
     """An evaluation folder is incomplete, unreadable or inconsistent."""
 
 

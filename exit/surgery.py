@@ -1,8 +1,10 @@
 """Reversible removal of image tokens after decoder layers, per row, KV-cache aware.
 
-``visual_token_exit(model, exit_layers)`` attaches hooks (through ``analysis.hooks.attached``) to
-one model instance and returns a ``VisualExit`` handle: use it as a context manager or call
-``remove()``. While attached, every prefill of the model drops the image tokens of row ``b``
+``visual_token_exit(model, exit_layers)`` makes a ``VisualExit`` handle for one model instance:
+making it checks the plan, the module paths and the attention implementation and attaches
+nothing; entering it as a context manager (or calling ``attach()``) attaches its hooks through
+``analysis.hooks.attached``, and leaving it (or ``remove()``) detaches them. While attached, every
+prefill of the model drops the image tokens of row ``b``
 from the decoder layers after ``exit_layers[b]``; text tokens keep their original positions
 (RoPE cos/sin are taken at the original position ids), so removal after layer k gives the same
 text-token outputs as masking the image keys for every query in the layers after k.
@@ -69,16 +71,18 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
 
+from analysis.errors import DyVTEError
 from analysis.adapters import ModelAdapter, resolve_adapter
-from analysis.hooks import OBSERVED_SDPA, Hook, attached
+from analysis.attention import DECODER_IMPLEMENTATIONS
+from analysis.hooks import Hook, attached
 from analysis.layout import IMAGE, PADDING, TokenLayout, token_layout
 
-SUPPORTED_ATTENTION: tuple[str, ...] = ("eager", "sdpa", OBSERVED_SDPA)
+SUPPORTED_ATTENTION = DECODER_IMPLEMENTATIONS
 NO_EXIT = -1
 """Value of a row's exit layer when it does not exit (yet)."""
 
 
-class ExitSurgeryError(RuntimeError):
+class ExitSurgeryError(DyVTEError, RuntimeError):
     """The exit surgery was asked for something it cannot do, or the model ran inputs it cannot follow."""
 
 
@@ -141,6 +145,28 @@ def compact_layout(keep: torch.Tensor) -> CompactLayout:
     return CompactLayout(index=index, valid=valid)
 
 
+def check_attention_implementation(implementation: str, user: str = "") -> None:
+    """Raise ExitSurgeryError unless the decoder's attention ``implementation`` is one the surgery
+    handles (``SUPPORTED_ATTENTION``); ``user`` names who asks, for the message."""
+    if implementation not in SUPPORTED_ATTENTION:
+        raise ExitSurgeryError(
+            f"expected the decoder to run one of {list(SUPPORTED_ATTENTION)} attention"
+            f"{' for ' + user if user else ''}, found {implementation!r}"
+        )
+
+
+def check_module_paths(model: nn.Module, hooks: Sequence[Hook]) -> None:
+    """Raise ExitSurgeryError unless every hook's path names a module of ``model`` (what
+    ``analysis.hooks.attached`` checks on entry, checked here when a handle is made)."""
+    modules = {name for name, _ in model.named_modules()}
+    missing = sorted({hook.path for hook in hooks if hook.path not in modules})
+    if missing:
+        raise ExitSurgeryError(
+            f"expected module paths of {type(model).__name__}, found no module named {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}"
+        )
+
+
 def attention_mask_for_keys(
     config: Any, key_valid: torch.Tensor, query_length: int, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -151,10 +177,7 @@ def attention_mask_for_keys(
     visible to query slot i iff j <= i and ``key_valid[:, j]``.
     """
     implementation = config._attn_implementation
-    if implementation not in SUPPORTED_ATTENTION:
-        raise ExitSurgeryError(
-            f"expected the decoder to run one of {list(SUPPORTED_ATTENTION)} attention, found {implementation!r}"
-        )
+    check_attention_implementation(implementation)
     kv_length = int(key_valid.shape[1])
     mask = ALL_MASK_ATTENTION_FUNCTIONS[implementation](
         batch_size=int(key_valid.shape[0]),
@@ -239,7 +262,12 @@ def _removal_plan(removals: Mapping[int, torch.Tensor] | None, num_layers: int) 
 
 
 class VisualExit:
-    """Handle of an attached exit surgery; a context manager, or call ``remove()``.
+    """Exit surgery on one model instance: a context manager, or ``attach()`` then ``remove()``.
+
+    Constructing checks everything (the plan, the module paths, the attention implementation)
+    and attaches nothing; entering the block (or ``attach()``) attaches the hooks through
+    ``analysis.hooks.attached``, leaving it (or ``remove()``, idempotent) detaches them. What the
+    last prefill did (``exit_layers``, ``tokens_per_layer()``, ...) stays readable after removal.
 
     Attributes:
         model: the model instance the hooks are attached to.
@@ -264,23 +292,45 @@ class VisualExit:
         self._compact = compact
         self._config = self.adapter.text_config(model)
         self._image_token_id = self.adapter.image_token_id(model)
+        check_attention_implementation(self.adapter.attention_implementation(model), "the exit surgery")
         self._run: _Run | None = None
-        hooks = [Hook("", self._before_model, kind="forward_pre", with_kwargs=True)]
-        hooks += [
+        self._hooks = [Hook("", self._before_model, kind="forward_pre", with_kwargs=True)]
+        self._hooks += [
             Hook(path, self._before_layer(i), kind="forward_pre", with_kwargs=True) for i, path in enumerate(layer_paths)
         ]
         # The decoder's layers keep the compacted stream; the final norm gets it back at full length.
-        hooks.append(Hook(self.adapter.final_norm_path, self._before_final_norm, kind="forward_pre"))
-        self._stack = ExitStack()
-        self._stack.enter_context(attached(model, hooks))
+        self._hooks.append(Hook(self.adapter.final_norm_path, self._before_final_norm, kind="forward_pre"))
+        check_module_paths(model, self._hooks)
+        self._stack: ExitStack | None = None
 
     # public -------------------------------------------------------------------------------
+    @property
+    def is_attached(self) -> bool:
+        """True between ``attach()`` (or entering the block) and ``remove()`` (or leaving it)."""
+        return self._stack is not None
+
+    def attach(self) -> VisualExit:
+        """Attach the hooks (through ``analysis.hooks.attached``); returns the handle.
+
+        Raises:
+            ExitSurgeryError: the handle is attached already.
+        """
+        if self._stack is not None:
+            raise ExitSurgeryError("expected a detached exit surgery to attach, found it attached already")
+        stack = ExitStack()
+        stack.enter_context(attached(self.model, self._hooks))
+        self._run = None  # a new attachment never follows the prefill of an earlier one
+        self._stack = stack
+        return self
+
     def remove(self) -> None:
         """Detach every hook of this surgery (idempotent); ``exit_layers`` stays readable."""
-        self._stack.close()
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
 
     def __enter__(self) -> VisualExit:
-        return self
+        return self.attach()
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
@@ -406,16 +456,26 @@ class VisualExit:
             )
         past = cache.get_seq_length() if cache is not None else 0
         if past == 0:
-            layout = token_layout(input_ids, attention_mask, self._image_token_id)
-            run = _Run(layout=layout, drop_layer=torch.full_like(layout.group, NO_EXIT))
-            exits = self._initial_exits(layout.batch_size, input_ids.device)
-            image = layout.group == IMAGE
-            for layer in sorted(set(exits.tolist()) - {NO_EXIT}):
-                run.remove(layer, image & (exits == layer)[:, None])
-            for layer in sorted(self._removals):
-                run.remove(layer, self._image_positions(run, self._removals[layer], f"the removal after layer {layer}"))
-            self._run = run
-            return
+            self._run = self._start_prefill(input_ids, attention_mask)
+        else:
+            self._start_decoding(input_ids, attention_mask, cache, past)
+
+    def _start_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> _Run:
+        """The run of a new prefill, with the exits and removals planned up front."""
+        layout = token_layout(input_ids, attention_mask, self._image_token_id)
+        run = _Run(layout=layout, drop_layer=torch.full_like(layout.group, NO_EXIT))
+        exits = self._initial_exits(layout.batch_size, input_ids.device)
+        image = layout.group == IMAGE
+        for layer in sorted(set(exits.tolist()) - {NO_EXIT}):
+            run.remove(layer, image & (exits == layer)[:, None])
+        for layer in sorted(self._removals):
+            run.remove(layer, self._image_positions(run, self._removals[layer], f"the removal after layer {layer}"))
+        return run
+
+    def _start_decoding(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: Any, past: int
+    ) -> None:
+        """Check that a decoding step follows this surgery's prefill in a DynamicCache; keep its mask."""
         run = self._run
         if run is None or run.layout.batch_size != input_ids.shape[0]:
             before = "no prefill" if run is None else f"a prefill of {run.layout.batch_size} rows"
@@ -452,84 +512,119 @@ class VisualExit:
         return torch.tensor(plan, dtype=torch.long, device=device)
 
     def _before_layer(self, layer: int) -> Any:
+        """The forward pre-hook of decoder layer ``layer``: its inputs while decoding or prefilling."""
+
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             run = self._run
             if run is None:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
             if run.decoding:
-                keys = run.layer_keys.get(layer)
-                if keys is None:
-                    return None
-                new_keys = run.attention_mask[:, run.layout.seq_len :].to(keys.device)
-                cache = kwargs.get("cache", kwargs.get("past_key_values"))
-                if cache is not None and cache.get_seq_length(layer) + hidden.shape[1] != keys.shape[1] + new_keys.shape[1]:
-                    raise ExitSurgeryError(
-                        f"expected decoder layer {layer}'s cache to hold {keys.shape[1] + new_keys.shape[1] - hidden.shape[1]} "
-                        f"tokens, found {cache.get_seq_length(layer)}"
-                    )
-                valid = torch.cat([keys, new_keys], 1)
-                window = self._sliding_window(layer, cache)
-                if window is None:
-                    mask = attention_mask_for_keys(self._config, valid, hidden.shape[1], hidden.dtype)
-                else:
-                    mask = self._sliding_decoding_mask(run, layer, cache, valid, hidden, window)
-                return args, {**kwargs, "attention_mask": mask}
-            run.current_layer = layer
-            removed = run.removed_before(layer).to(hidden.device)
-            if run.compact is None and not bool(removed.any()):
-                return None
-            group = run.layout.group.to(hidden.device)
-            real = group != PADDING
-            if run.compact is None:
-                held = real
-                columns = torch.arange(group.shape[1], device=group.device).expand_as(group)
-            else:
-                held, columns = run.compact.valid, run.compact.index
-            gone = held & removed.gather(1, columns)  # slots of the stream whose token has left
-            if self._compact and bool(gone.any(dim=1).all()):
-                # Every row drops tokens the stream still holds: (re)compact to the remaining ones.
-                full = hidden if run.compact is None else run.compact.scatter(hidden, run.snapshot)
-                run.compact = compact_layout(real & ~removed)
-                if run.compact_from is None:
-                    run.compact_from = layer
-                run.snapshot = full
-                hidden = run.compact.gather(full)
-                args = (hidden, *args[1:]) if args else args
-                if not args:
-                    kwargs = {**kwargs, "hidden_states": hidden}
-                held, columns = run.compact.valid, run.compact.index
-                gone = torch.zeros_like(held)
-            keys = held & ~gone
-            own = kwargs.get("attention_mask")
-            if own is not None and not isinstance(own, torch.Tensor):
-                raise ExitSurgeryError(
-                    f"expected decoder layer {layer} to receive a 4-D attention mask tensor or None, found {type(own).__name__}"
-                )
-            if run.compact is not None:
-                cos, sin = kwargs["position_embeddings"]
-                kwargs = {**kwargs, "position_embeddings": (run.compact.gather(cos), run.compact.gather(sin))}
-                if kwargs.get("position_ids") is not None:
-                    kwargs["position_ids"] = run.compact.gather_positions(kwargs["position_ids"])
-                mask = attention_mask_for_keys(self._config, keys, hidden.shape[1], hidden.dtype)
-                if own is not None:
-                    # The model's own mask (padding, causal, and whatever else the family adds: sliding
-                    # windows over prompt columns, bidirectional image blocks) at the kept slots; slots
-                    # that hold no token keep the plain padding mask.
-                    own = own.expand(hidden.shape[0], *own.shape[1:])[:, 0]  # batch query key
-                    rows = torch.arange(hidden.shape[0], device=own.device)[:, None, None]
-                    gathered = own[rows, columns[:, :, None], columns[:, None, :]][:, None]  # batch 1 slot slot
-                    gathered = _without_keys(gathered, ~keys)
-                    mask = torch.where(held[:, None, :, None], gathered, mask)
-            elif own is None:
-                mask = attention_mask_for_keys(self._config, keys, hidden.shape[1], hidden.dtype)
-            else:
-                mask = _without_keys(own.expand(hidden.shape[0], *own.shape[1:]), ~keys)
-            run.layer_keys[layer] = keys
-            run.layer_columns[layer] = columns
-            return args, {**kwargs, "attention_mask": mask}
+                return self._decoding_inputs(run, layer, hidden, args, kwargs)
+            return self._prefill_inputs(run, layer, hidden, args, kwargs)
 
         return hook
+
+    def _decoding_inputs(
+        self, run: _Run, layer: int, hidden: torch.Tensor, args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict] | None:
+        """A decoding step's mask at ``layer`` over the slots its cache layer kept from the prefill
+        plus the new tokens (None: the prefill removed nothing before this layer)."""
+        keys = run.layer_keys.get(layer)
+        if keys is None:
+            return None
+        new_keys = run.attention_mask[:, run.layout.seq_len :].to(keys.device)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and cache.get_seq_length(layer) + hidden.shape[1] != keys.shape[1] + new_keys.shape[1]:
+            raise ExitSurgeryError(
+                f"expected decoder layer {layer}'s cache to hold {keys.shape[1] + new_keys.shape[1] - hidden.shape[1]} "
+                f"tokens, found {cache.get_seq_length(layer)}"
+            )
+        valid = torch.cat([keys, new_keys], 1)
+        window = self._sliding_window(layer, cache)
+        if window is None:
+            mask = attention_mask_for_keys(self._config, valid, hidden.shape[1], hidden.dtype)
+        else:
+            mask = self._sliding_decoding_mask(run, layer, cache, valid, hidden, window)
+        return args, {**kwargs, "attention_mask": mask}
+
+    def _prefill_inputs(
+        self, run: _Run, layer: int, hidden: torch.Tensor, args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict] | None:
+        """The prefill's inputs of ``layer``: the stream (re)compacted once every row has dropped
+        tokens it still holds, else the removed keys masked (None: nothing removed yet)."""
+        run.current_layer = layer
+        removed = run.removed_before(layer).to(hidden.device)
+        if run.compact is None and not bool(removed.any()):
+            return None
+        group = run.layout.group.to(hidden.device)
+        real = group != PADDING
+        if run.compact is None:
+            held = real
+            columns = torch.arange(group.shape[1], device=group.device).expand_as(group)
+        else:
+            held, columns = run.compact.valid, run.compact.index
+        gone = held & removed.gather(1, columns)  # slots of the stream whose token has left
+        if self._compact and bool(gone.any(dim=1).all()):
+            # Every row drops tokens the stream still holds: (re)compact to the remaining ones.
+            hidden = self._recompact(run, layer, hidden, real & ~removed)
+            args = (hidden, *args[1:]) if args else args
+            if not args:
+                kwargs = {**kwargs, "hidden_states": hidden}
+            held, columns = run.compact.valid, run.compact.index
+            gone = torch.zeros_like(held)
+        keys = held & ~gone
+        own = kwargs.get("attention_mask")
+        if own is not None and not isinstance(own, torch.Tensor):
+            raise ExitSurgeryError(
+                f"expected decoder layer {layer} to receive a 4-D attention mask tensor or None, found {type(own).__name__}"
+            )
+        if run.compact is not None:
+            kwargs = self._compacted_positions(run.compact, kwargs)
+            mask = self._compacted_mask(own, keys, held, columns, hidden)
+        elif own is None:
+            mask = attention_mask_for_keys(self._config, keys, hidden.shape[1], hidden.dtype)
+        else:
+            mask = _without_keys(own.expand(hidden.shape[0], *own.shape[1:]), ~keys)
+        run.layer_keys[layer] = keys
+        run.layer_columns[layer] = columns
+        return args, {**kwargs, "attention_mask": mask}
+
+    def _recompact(self, run: _Run, layer: int, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Compact the stream (``hidden``, full or compacted) to the ``keep`` (batch, seq) positions
+        before ``layer``; keep the full-length stream as the snapshot; return the compacted states."""
+        full = hidden if run.compact is None else run.compact.scatter(hidden, run.snapshot)
+        run.compact = compact_layout(keep)
+        if run.compact_from is None:
+            run.compact_from = layer
+        run.snapshot = full
+        return run.compact.gather(full)
+
+    @staticmethod
+    def _compacted_positions(compact: CompactLayout, kwargs: dict) -> dict:
+        """The layer's cos/sin and position ids gathered at the compacted slots."""
+        cos, sin = kwargs["position_embeddings"]
+        kwargs = {**kwargs, "position_embeddings": (compact.gather(cos), compact.gather(sin))}
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = compact.gather_positions(kwargs["position_ids"])
+        return kwargs
+
+    def _compacted_mask(
+        self, own: torch.Tensor | None, keys: torch.Tensor, held: torch.Tensor, columns: torch.Tensor, hidden: torch.Tensor
+    ) -> torch.Tensor:
+        """The mask of a layer on the compacted stream: the padded causal mask over ``keys``, or
+        where the model passed its own mask, that mask at the kept slots."""
+        mask = attention_mask_for_keys(self._config, keys, hidden.shape[1], hidden.dtype)
+        if own is not None:
+            # The model's own mask (padding, causal, and whatever else the family adds: sliding
+            # windows over prompt columns, bidirectional image blocks) at the kept slots; slots
+            # that hold no token keep the plain padding mask.
+            own = own.expand(hidden.shape[0], *own.shape[1:])[:, 0]  # batch query key
+            rows = torch.arange(hidden.shape[0], device=own.device)[:, None, None]
+            gathered = own[rows, columns[:, :, None], columns[:, None, :]][:, None]  # batch 1 slot slot
+            gathered = _without_keys(gathered, ~keys)
+            mask = torch.where(held[:, None, :, None], gathered, mask)
+        return mask
 
     def _sliding_window(self, layer: int, cache: Any) -> int | None:
         """The sliding window of decoder layer ``layer``, or None for a full-attention layer: the cache
@@ -586,7 +681,8 @@ def visual_token_exit(
     removals: Mapping[int, torch.Tensor] | None = None,
     compact: bool = True,
 ) -> VisualExit:
-    """Attach image-token exit to ``model``; returns the handle (context manager or ``remove()``).
+    """Image-token exit for ``model``: a handle that attaches on entering the block (or on
+    ``attach()``, then ``remove()``); making it attaches nothing.
 
     Args:
         model: a supported image-text model (``analysis.adapters``) running eager or SDPA attention.
@@ -604,6 +700,10 @@ def visual_token_exit(
         with visual_token_exit(model, exit_layers=[3, None]) as surgery:
             out = model.generate(**batch, max_new_tokens=8)
         surgery.exit_layers  # [3, None]
+
+        surgery = visual_token_exit(model, 3).attach()  # handle use
+        ...
+        surgery.remove()
     """
     return VisualExit(model, exit_layers, removals=removals, compact=compact)
 
@@ -615,6 +715,8 @@ __all__ = [
     "SUPPORTED_ATTENTION",
     "VisualExit",
     "attention_mask_for_keys",
+    "check_attention_implementation",
+    "check_module_paths",
     "compact_layout",
     "visual_token_exit",
 ]

@@ -27,7 +27,6 @@ writer caches them (with the labels) as safetensors shards for ``exit.train``.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
@@ -41,32 +40,22 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from analysis.errors import DyVTEError
 from analysis.adapters import ModelAdapter, resolve_adapter
 from analysis.hooks import Hook, attached
+from analysis.io import AtomicFile, ParquetShard, parse_shard_file, shard_file_name
 from analysis.layout import IMAGE, PADDING, TokenLayout, token_layout
-from analysis.schema import PROVENANCE_KEY, TABLE_KEY, VERSION_KEY, Column, SchemaError
+from analysis.schema import EXIT_SWEEP, SchemaError, validate_arrow_schema
 from exit.gates import GATE_INPUTS, gate_features, gate_recording
 from exit.surgery import CompactLayout, attention_mask_for_keys, compact_layout
 
-SWEEP_TABLE = "exit_sweep"
-SWEEP_SCHEMA_VERSION = 1
+SWEEP_TABLE = EXIT_SWEEP.name
+SWEEP_SCHEMA_VERSION = EXIT_SWEEP.version
+SWEEP_COLUMNS = EXIT_SWEEP.columns
 FEATURES_PREFIX = "features"
 
-SWEEP_COLUMNS: tuple[Column, ...] = (
-    Column("sample_id", pa.string(), "", "identifier of the sample (the question id)"),
-    Column("layer", pa.int32(), "index", "exit after this decoder layer (0 = first); L-1 = no removal"),
-    Column("agreement", pa.float32(), "fraction", "answer tokens whose argmax equals the full model's"),
-    Column("ce_exit", pa.float32(), "nats / token", "mean answer cross-entropy with the image removed after the layer"),
-    Column("ce_full", pa.float32(), "nats / token", "mean answer cross-entropy of the full model"),
-    Column("ce_ratio", pa.float32(), "ratio", "ce_exit / ce_full"),
-    Column("label", pa.bool_(), "", "exit is safe: agreement > min_agreement and ce_ratio < max_ce_ratio"),
-    Column("n_answer", pa.int32(), "tokens", "answer tokens (teacher-forced)"),
-    Column("n_image", pa.int32(), "tokens", "image tokens removed after the layer"),
-    Column("n_kept", pa.int32(), "tokens", "tokens left in the layers after the exit"),
-)
 
-
-class SweepError(ValueError):
+class SweepError(DyVTEError, ValueError):
     """The sweep's inputs do not describe a teacher-forced answer after an image prompt."""
 
 
@@ -157,6 +146,22 @@ def prompt_layout(layout: TokenLayout, answer_mask: torch.Tensor) -> TokenLayout
     return TokenLayout(group=group, last_index=first_answer - 1, image_token_id=layout.image_token_id)
 
 
+@dataclass
+class _AnswerTokens:
+    """Where the answer tokens of a teacher-forced batch are, for the logits that predict them.
+
+    Attributes:
+        rows: (n_answer_tokens,) batch row of each answer token.
+        predict_slots: (n_answer_tokens,) slot, in the compacted (non-image) stream, of the token
+            that predicts it (the one before it).
+        targets: (n_answer_tokens,) the answer token ids.
+    """
+
+    rows: torch.Tensor
+    predict_slots: torch.Tensor
+    targets: torch.Tensor
+
+
 def exit_sweep(
     model: nn.Module,
     inputs: dict[str, torch.Tensor],
@@ -182,12 +187,44 @@ def exit_sweep(
     adapter = adapter or resolve_adapter(model)
     if features is not None and features not in GATE_INPUTS:
         raise SweepError(f"expected features to be one of {list(GATE_INPUTS)} or None, found {features!r}")
-    layers = adapter.decoder_layers(model)
-    paths = adapter.layer_paths(model)
-    num_layers = len(layers)
     device = next(model.parameters()).device
-    input_ids = inputs["input_ids"]
-    layout = token_layout(input_ids, inputs.get("attention_mask"), adapter.image_token_id(model))
+    layout = token_layout(inputs["input_ids"], inputs.get("attention_mask"), adapter.image_token_id(model))
+    answer_mask = _checked_answer_mask(layout, answer_mask)
+    keep = (layout.group != PADDING) & (layout.group != IMAGE)
+    compact = compact_layout(keep.to(device))
+    answer = _answer_tokens(compact, answer_mask.to(device), inputs["input_ids"].to(device))
+    prompt = None if features is None else prompt_layout(layout, answer_mask)
+    states, inputs_of, records = _full_forward(model, inputs, compact, adapter, features, prompt)
+    with torch.no_grad():
+        logits = _exit_logits(model, adapter, states, inputs_of, answer, layout.batch_size)
+        agreement, ce_exit, ce_full, counts = answer_metrics(logits[-1], logits, answer.targets, answer.rows, layout.batch_size)
+    ce_ratio = ce_exit / ce_full.clamp_min(1e-12)[:, None]
+    gate_inputs = None
+    if features is not None:
+        gate_inputs = torch.stack([gate_features(record, features) for record in records], dim=1).cpu()
+    return SweepResult(
+        agreement=agreement.cpu(),
+        ce_exit=ce_exit.cpu(),
+        ce_full=ce_full.cpu(),
+        ce_ratio=ce_ratio.cpu(),
+        label=rule.label(agreement, ce_ratio).cpu(),
+        n_answer=counts.long().cpu(),
+        n_image=(layout.group == IMAGE).sum(1).cpu(),
+        n_kept=keep.sum(1).cpu(),
+        rule=rule,
+        features=gate_inputs,
+        features_kind=features,
+    )
+
+
+def _checked_answer_mask(layout: TokenLayout, answer_mask: torch.Tensor) -> torch.Tensor:
+    """``answer_mask`` as bool on the layout's device, checked to mark each row's last real,
+    non-image tokens (the whole answer after the prompt).
+
+    Raises:
+        SweepError: the mask has another shape, marks padding or image tokens, leaves a row
+            without an answer token, or is not each row's tail.
+    """
     group = layout.group
     answer_mask = answer_mask.to(group.device).bool()
     if answer_mask.shape != group.shape:
@@ -202,19 +239,39 @@ def exit_sweep(
     first_answer = torch.where(answer_mask, positions, layout.seq_len).min(dim=1).values
     if not torch.equal(answer_mask, (positions >= first_answer[:, None]) & (group != PADDING)):
         raise SweepError("expected each row's answer to be its last real tokens (prompt, then the whole answer)")
-    compact = compact_layout(keep.to(device))
-    slot_of = torch.full(group.shape, -1, dtype=torch.long, device=device)
+    return answer_mask
+
+
+def _answer_tokens(compact: CompactLayout, answer_mask: torch.Tensor, input_ids: torch.Tensor) -> _AnswerTokens:
+    """The answer tokens of ``answer_mask`` (on the compact layout's device) and their predicting slots.
+
+    Raises:
+        SweepError: an answer token does not follow a real non-image token.
+    """
+    slot_of = torch.full(answer_mask.shape, -1, dtype=torch.long, device=compact.index.device)
     rows, slots = compact.valid.nonzero(as_tuple=True)
     slot_of[rows, compact.index[rows, slots]] = slots
-    answer_rows, answer_positions = answer_mask.to(device).nonzero(as_tuple=True)
+    answer_rows, answer_positions = answer_mask.nonzero(as_tuple=True)
     predict_slots = slot_of[answer_rows, answer_positions - 1]
     if bool((answer_positions == 0).any()) or bool((predict_slots < 0).any()):
         raise SweepError("expected every answer token to follow a real non-image token (the one that predicts it)")
-    targets = input_ids.to(device)[answer_rows, answer_positions]
+    return _AnswerTokens(rows=answer_rows, predict_slots=predict_slots, targets=input_ids[answer_rows, answer_positions])
 
-    states: list[torch.Tensor | None] = [None] * num_layers
-    config = adapter.text_config(model)
-    inputs_of = _KeptLayerInputs(compact, config)
+
+def _full_forward(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    compact: CompactLayout,
+    adapter: ModelAdapter,
+    features: str | None,
+    prompt: TokenLayout | None,
+) -> tuple[list[torch.Tensor | None], _KeptLayerInputs, list[Any]]:
+    """Run the full model once; return each layer's output states at the kept tokens (compacted),
+    each layer's own inputs gathered there (``_KeptLayerInputs``) and, with ``features``, the gate
+    recorder's records over the ``prompt`` layout."""
+    paths = adapter.layer_paths(model)
+    states: list[torch.Tensor | None] = [None] * len(paths)
+    inputs_of = _KeptLayerInputs(compact, adapter.text_config(model))
 
     def keep_inputs(layer: int) -> Any:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -233,63 +290,74 @@ def exit_sweep(
     # Layer 0 never runs a branch: every branch starts after it.
     hooks = [Hook(path, keep_inputs(i), kind="forward_pre", with_kwargs=True) for i, path in enumerate(paths) if i > 0]
     hooks += [Hook(path, keep_state(i)) for i, path in enumerate(paths)]
-    records = []
+    records: list[Any] = []
     with torch.no_grad(), attached(model, hooks):
-        if features is None:
+        if features is None or prompt is None:
             model(**inputs, logits_to_keep=1)
         else:
-            with gate_recording(model, prompt_layout(layout, answer_mask), features, adapter=adapter) as recording:
+            with gate_recording(model, prompt, features, adapter=adapter) as recording:
                 model(**inputs, logits_to_keep=1)
             records = recording.records
     inputs_of.forward_done()
+    return states, inputs_of, records
 
+
+def _exit_logits(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    states: list[torch.Tensor | None],
+    inputs_of: _KeptLayerInputs,
+    answer: _AnswerTokens,
+    batch: int,
+) -> list[torch.Tensor]:
+    """(n_answer_tokens, vocab) float32 logits at the answer tokens for the exit after each layer
+    k (the last entry: the full model, which the exit after the last layer is).
+
+    The branch that exits after k runs the kept tokens' states from layer k through layers
+    k+1..L-1; all branches active at a layer go through it as one batch. ``states`` is consumed.
+    """
+    layers = adapter.decoder_layers(model)
+    num_layers = len(layers)
     norm, head = adapter.final_norm(model), model.get_output_embeddings()
-    batch = layout.batch_size
 
     def answer_logits(hidden: torch.Tensor) -> torch.Tensor:
-        return head(norm(hidden[answer_rows, predict_slots])).float()  # (n_answer_tokens, vocab)
+        return head(norm(hidden[answer.rows, answer.predict_slots])).float()  # (n_answer_tokens, vocab)
 
-    with torch.no_grad():
-        full_logits = answer_logits(states[-1])
-        exit_logits: list[torch.Tensor] = [torch.empty(0)] * num_layers
-        branches: list[torch.Tensor] = []
-        for layer in range(1, num_layers):
-            branches.append(states[layer - 1])  # the branch that exits after layer - 1 starts here
-            count = len(branches)
-            mask, (cos, sin), position_ids = inputs_of.layers.pop(layer)
-            hidden = layers[layer](
-                torch.cat(branches),
-                attention_mask=_repeat_rows(mask, count, 0),
-                position_embeddings=(_repeat_rows(cos, count, 0), _repeat_rows(sin, count, 0)),
-                position_ids=None if position_ids is None else _repeat_rows(position_ids, count, -2),
-                cache=None,
-                use_cache=False,
-            )
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-            branches = list(hidden.split(batch))
-            states[layer - 1] = None  # no longer needed
-        for k, branch in enumerate(branches):
-            exit_logits[k] = answer_logits(branch)
-        exit_logits[num_layers - 1] = full_logits
+    full_logits = answer_logits(states[-1])
+    exit_logits: list[torch.Tensor] = [torch.empty(0)] * num_layers
+    branches: list[torch.Tensor] = []
+    for layer in range(1, num_layers):
+        branches.append(states[layer - 1])  # the branch that exits after layer - 1 starts here
+        branches = _run_branches(layers[layer], branches, *inputs_of.layers.pop(layer), batch)
+        states[layer - 1] = None  # no longer needed
+    for k, branch in enumerate(branches):
+        exit_logits[k] = answer_logits(branch)
+    exit_logits[num_layers - 1] = full_logits
+    return exit_logits
 
-        agreement, ce_exit, ce_full, counts = answer_metrics(full_logits, exit_logits, targets, answer_rows, batch)
-    ce_ratio = ce_exit / ce_full.clamp_min(1e-12)[:, None]
-    gate_inputs = None
-    if features is not None:
-        gate_inputs = torch.stack([gate_features(record, features) for record in records], dim=1).cpu()
-    return SweepResult(
-        agreement=agreement.cpu(),
-        ce_exit=ce_exit.cpu(),
-        ce_full=ce_full.cpu(),
-        ce_ratio=ce_ratio.cpu(),
-        label=rule.label(agreement, ce_ratio).cpu(),
-        n_answer=counts.long().cpu(),
-        n_image=(group == IMAGE).sum(1).cpu(),
-        n_kept=keep.sum(1).cpu(),
-        rule=rule,
-        features=gate_inputs,
-        features_kind=features,
+
+def _run_branches(
+    layer: nn.Module,
+    branches: list[torch.Tensor],
+    mask: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    position_ids: torch.Tensor | None,
+    batch: int,
+) -> list[torch.Tensor]:
+    """Every active branch (``batch`` rows each) through one decoder layer, as one batch, with the
+    layer's own inputs of the full forward (``_KeptLayerInputs``) repeated per branch."""
+    count = len(branches)
+    cos, sin = position_embeddings
+    hidden = layer(
+        torch.cat(branches),
+        attention_mask=_repeat_rows(mask, count, 0),
+        position_embeddings=(_repeat_rows(cos, count, 0), _repeat_rows(sin, count, 0)),
+        position_ids=None if position_ids is None else _repeat_rows(position_ids, count, -2),
+        cache=None,
+        use_cache=False,
     )
+    hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    return list(hidden.split(batch))
 
 
 class _KeptLayerInputs:
@@ -397,29 +465,13 @@ def answer_metrics(
 
 
 def sweep_schema(provenance: dict[str, Any] | None = None) -> pa.Schema:
-    """The arrow schema of the sweep table with the toolkit's metadata keys."""
-    metadata = {TABLE_KEY: SWEEP_TABLE.encode(), VERSION_KEY: str(SWEEP_SCHEMA_VERSION).encode()}
-    if provenance is not None:
-        metadata[PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True).encode()
-    return pa.schema([pa.field(c.name, c.dtype, nullable=False) for c in SWEEP_COLUMNS], metadata=metadata)
+    """The arrow schema of the sweep table (``analysis.schema.EXIT_SWEEP``) with the toolkit's metadata."""
+    return EXIT_SWEEP.arrow_schema(provenance)
 
 
 def validate_sweep_schema(schema: pa.Schema, where: str = "table") -> None:
     """Raise SchemaError unless ``schema`` is the sweep table's (metadata, version, columns)."""
-    metadata = schema.metadata or {}
-    table = metadata.get(TABLE_KEY, b"").decode()
-    version = metadata.get(VERSION_KEY, b"").decode()
-    if table != SWEEP_TABLE or version != str(SWEEP_SCHEMA_VERSION):
-        raise SchemaError(
-            f"{where}: expected an {SWEEP_TABLE} table of schema version {SWEEP_SCHEMA_VERSION}, "
-            f"found table {table or None!r} version {version or None!r}"
-        )
-    expected = [(c.name, c.dtype) for c in SWEEP_COLUMNS]
-    found = [(f.name, f.type) for f in schema]
-    if expected != found:
-        raise SchemaError(
-            f"{where}: expected columns {[f'{n}:{t}' for n, t in expected]}, found {[f'{n}:{t}' for n, t in found]}"
-        )
+    validate_arrow_schema(schema, where, expected=SWEEP_TABLE)
 
 
 def sweep_table(result: SweepResult, sample_ids: list[str]) -> pa.Table:
@@ -450,19 +502,18 @@ def sweep_table(result: SweepResult, sample_ids: list[str]) -> pa.Table:
 class SweepWriter:
     """Stream sweep tables (and cached gate features) into ``out_dir``; a context manager.
 
-    Files: ``exit_sweep-NNNNN.parquet`` (one row group per batch; written under a hidden
-    temporary name and renamed when complete) and, for batches with features,
-    ``features-NNNNN-BBBBB.safetensors`` holding ``features`` (batch, layers, F) float32 and
-    ``label`` (batch, layers) uint8, with the sample ids in the metadata (also written under a
-    temporary name, then renamed). ``tag`` (``analysis.io.shard_tag``) names the files of one
-    process of a data-parallel sweep: ``exit_sweep-shard000of002-00000.parquet``, ...
+    Files: ``exit_sweep-NNNNN.parquet`` (one row group per batch; an ``analysis.io.ParquetShard``,
+    written under a hidden temporary name and renamed when complete, also after an exception) and,
+    for batches with features, ``features-NNNNN-BBBBB.safetensors`` holding ``features`` (batch,
+    layers, F) float32 and ``label`` (batch, layers) uint8, with the sample ids in the metadata
+    (each an ``analysis.io.AtomicFile``: written under a temporary name, then renamed). ``tag``
+    (``analysis.io.shard_tag``) names the files of one process of a data-parallel sweep:
+    ``exit_sweep-shard000of002-00000.parquet``, ...
     """
 
     def __init__(
         self, out_dir: str | Path, provenance: dict[str, Any], rule: LabelRule = LabelRule(), *, tag: str = ""
     ) -> None:
-        from analysis.io import parse_shard_file, shard_file_name
-
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.provenance = {**provenance, "label_rule": asdict(rule)}
@@ -470,36 +521,45 @@ class SweepWriter:
         taken = [parsed[2] for p in self.out_dir.glob(f"{SWEEP_TABLE}-*.parquet")
                  if (parsed := parse_shard_file(p)) and parsed[1] == tag]
         self.shard = max(taken, default=-1) + 1
-        self.final = self.out_dir / shard_file_name(SWEEP_TABLE, tag, self.shard)
-        self.partial = self.out_dir / f".{self.final.name}.partial"
-        self._writer: pq.ParquetWriter | None = None
+        self._table = ParquetShard(self.out_dir / shard_file_name(SWEEP_TABLE, tag, self.shard), sweep_schema(self.provenance))
         self.batches = 0
         self.rows_written = 0
         self.files: list[Path] = []
 
+    @property
+    def final(self) -> Path:
+        """The parquet shard's final name."""
+        return self._table.path
+
+    @property
+    def partial(self) -> Path:
+        """The hidden name the parquet shard is written under until ``close()``."""
+        return self._table.file.partial
+
     def write(self, result: SweepResult, sample_ids: list[str]) -> None:
+        """Append one batch: a row group of the table and, with features, one feature file."""
         table = sweep_table(result, sample_ids)
-        if self._writer is None:
-            self._writer = pq.ParquetWriter(self.partial, sweep_schema(self.provenance))
-        self._writer.write_table(table.replace_schema_metadata(self._writer.schema.metadata))
+        self._table.write(table)
         if result.features is not None:
-            tag = f"{self.tag}-" if self.tag else ""
-            path = self.out_dir / f"{FEATURES_PREFIX}-{tag}{self.shard:05d}-{self.batches:05d}.safetensors"
-            partial = path.with_name(f".{path.name}.partial")
-            tensors = {"features": result.features.float().contiguous(), "label": result.label.to(torch.uint8).contiguous()}
-            metadata = {"sample_ids": json.dumps(list(sample_ids)), "features_kind": str(result.features_kind)}
-            save_file(tensors, str(partial), metadata=metadata)
-            os.replace(partial, path)  # never a half-written feature file under its final name
-            self.files.append(path)
+            self.files.append(self._write_features(result, sample_ids))
         self.batches += 1
         self.rows_written += table.num_rows
 
+    def _write_features(self, result: SweepResult, sample_ids: list[str]) -> Path:
+        assert result.features is not None
+        tag = f"{self.tag}-" if self.tag else ""
+        path = self.out_dir / f"{FEATURES_PREFIX}-{tag}{self.shard:05d}-{self.batches:05d}.safetensors"
+        tensors = {"features": result.features.float().contiguous(), "label": result.label.to(torch.uint8).contiguous()}
+        metadata = {"sample_ids": json.dumps(list(sample_ids)), "features_kind": str(result.features_kind)}
+        with AtomicFile(path) as file:  # never a half-written feature file under its final name
+            save_file(tensors, str(file.partial), metadata=metadata)
+        return file.path
+
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            os.replace(self.partial, self.final)
-            self.files.append(self.final)
-            self._writer = None
+        """Commit the parquet shard under its final name (idempotent; nothing if nothing was written)."""
+        path = self._table.close()
+        if path is not None:
+            self.files.append(path)
 
     def __enter__(self) -> SweepWriter:
         return self
@@ -579,7 +639,7 @@ def run_sweep(
 ) -> SweepRun:
     """Sweep every question (its ``answer`` is the reference) and stream the table and features to ``out_dir``.
 
-    ``shard`` (an ``analysis.dump.Shard``; under torchrun the rank's) sweeps only every n-th
+    ``shard`` (an ``analysis.distributed.Shard``; under torchrun the rank's) sweeps only every n-th
     question, into files named with the shard's tag; the shards' union is the single-process sweep.
 
     Raises:
@@ -588,8 +648,9 @@ def run_sweep(
     from tqdm import tqdm
 
     from analysis.data import build_prompt, load_image
-    from analysis.dump import Shard, barrier, check_questions
-    from analysis.io import parse_shard_file, tag_count
+    from analysis.data import check_questions
+    from analysis.distributed import Shard, barrier
+    from analysis.io import tag_count
 
     shard = shard or Shard()
     check_questions(questions, image_folder)

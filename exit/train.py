@@ -396,10 +396,6 @@ def train_online_on_questions(
     batched; afterwards every held-out sample is swept over all layers and each gate's accuracy
     is reported.
     """
-    from analysis.data import build_prompt, load_image
-    from exit.sweep import exit_sweep, teacher_forced_inputs
-
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     train = [q for q in questions if not is_heldout(q.question_id, settings.holdout_fraction, settings.seed)]
     heldout = [q for q in questions if is_heldout(q.question_id, settings.holdout_fraction, settings.seed)]
     if not train:
@@ -407,43 +403,66 @@ def train_online_on_questions(
     missing = [q.question_id for q in questions if not q.answer]
     if missing:
         raise SweepError(f"expected a reference answer for every question, found none for {missing[:5]}")
+    prepare = _TeacherForcedBatches(model, processor, image_folder, _global_batches(train, settings))
+    report = train_online(gates, model, prepare, settings, progress=progress, rule=rule)
+    rank, world = _rank_world()
+    swept = _swept_heldout(model, prepare, heldout[rank::world], settings.batch_size, rule, gates.config.inputs)
+    return evaluate_examples(gates, swept, report, reduce=world > 1)
 
-    def prepared(batch: Sequence[Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        if not batch:
-            return {}, torch.zeros(0, 0, dtype=torch.bool)
-        prompts = [build_prompt(processor, q) for q in batch]
-        images = [[load_image(image_folder, name) for name in q.images] for q in batch]
-        inputs, answer_mask = teacher_forced_inputs(processor, prompts, images, [str(q.answer) for q in batch])
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        return inputs, answer_mask
 
+def _global_batches(train: Sequence[Any], settings: TrainSettings) -> list[list[Any]]:
+    """This process's part of every training batch: every process walks the same seeded global
+    batches (shuffled each epoch) and labels its strided part of each."""
     generator = torch.Generator().manual_seed(settings.seed)
     order = [i for _ in range(settings.epochs) for i in torch.randperm(len(train), generator=generator).tolist()]
     rank, world = _rank_world()
-    # Every process walks the same global batches and labels its strided part of each.
-    batches = [[train[i] for i in order[s : s + settings.batch_size]][rank::world]
-               for s in range(0, len(order), settings.batch_size)]
-    heldout = heldout[rank::world]
+    return [[train[i] for i in order[s : s + settings.batch_size]][rank::world]
+            for s in range(0, len(order), settings.batch_size)]
 
-    class _Batches:
-        def __len__(self) -> int:
-            return len(batches)
 
-        def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-            return (prepared(batch) for batch in batches)
+class _TeacherForcedBatches:
+    """Batches of questions as (teacher-forced inputs on the model's device, answer mask), made
+    when iterated; ``len`` is the number of batches (for the learning-rate schedule)."""
 
-    report = train_online(gates, model, _Batches(), settings, progress=progress, rule=rule)
-    kind = gates.config.inputs
+    def __init__(self, model: nn.Module, processor: Any, image_folder: str | Path, batches: list[list[Any]]) -> None:
+        parameter = next(model.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+        self.processor = processor
+        self.image_folder = image_folder
+        self.batches = batches
 
-    def swept() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for start in range(0, len(heldout), settings.batch_size):
-            inputs, answer_mask = prepared(heldout[start : start + settings.batch_size])
-            result = exit_sweep(model, inputs, answer_mask, rule=rule, features=kind)
-            assert result.features is not None
-            yield result.features, result.label
+    def __len__(self) -> int:
+        return len(self.batches)
 
-    return evaluate_examples(gates, swept(), report, reduce=world > 1)
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        return (self.prepared(batch) for batch in self.batches)
+
+    def prepared(self, batch: Sequence[Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One batch of questions as model inputs (prompt + reference answer) and its answer mask."""
+        from analysis.data import build_prompt, load_image
+        from exit.sweep import teacher_forced_inputs
+
+        if not batch:
+            return {}, torch.zeros(0, 0, dtype=torch.bool)
+        prompts = [build_prompt(self.processor, q) for q in batch]
+        images = [[load_image(self.image_folder, name) for name in q.images] for q in batch]
+        inputs, answer_mask = teacher_forced_inputs(self.processor, prompts, images, [str(q.answer) for q in batch])
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return inputs, answer_mask
+
+
+def _swept_heldout(
+    model: nn.Module, prepare: _TeacherForcedBatches, heldout: Sequence[Any], batch_size: int, rule: LabelRule, kind: str
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(features, labels) of the held-out questions, swept over all layers batch by batch."""
+    from exit.sweep import exit_sweep
+
+    for start in range(0, len(heldout), batch_size):
+        inputs, answer_mask = prepare.prepared(heldout[start : start + batch_size])
+        result = exit_sweep(model, inputs, answer_mask, rule=rule, features=kind)
+        assert result.features is not None
+        yield result.features, result.label
 
 
 __all__ = [

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from analysis.data import Question, build_prompt  # noqa: E402
-from analysis.tiny import TinyLlavaSpec, tiny_llava, tiny_processor  # noqa: E402
+from analysis.testing.tiny import TinyLlavaSpec, tiny_llava, tiny_processor  # noqa: E402
 
 IMAGE_SIZE = 28  # 4 image tokens per image
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from analysis import demo_model
-from analysis.demo_model import DemoModelUnavailable, locate_demo_parts
+from analysis.demo import model as demo_model
+from analysis.demo.model import DemoModelUnavailable, locate_demo_parts
 
 
 def unavailable_reason() -> str | None:

@@ -82,7 +82,7 @@ def dump_tiny_model(root: Path, layers: int = 6) -> Path:
     from PIL import Image
 
     from analysis.cli import main
-    from analysis.tiny import TinyLlavaSpec, save_tiny_llava
+    from analysis.testing.tiny import TinyLlavaSpec, save_tiny_llava
 
     model = save_tiny_llava(root / "model", TinyLlavaSpec(num_layers=layers, num_kv_heads=2))
     images = root / "images"

@@ -15,7 +15,7 @@ from PIL import Image
 
 from analysis.cli import main
 from analysis.io import read_errors, read_samples, read_statistics
-from analysis.tiny import TinyLlavaSpec, save_tiny_llava
+from analysis.testing.tiny import TinyLlavaSpec, save_tiny_llava
 
 GOOD = [{"question_id": "good1", "image": "red.png", "text": "What colour?"},
         {"question_id": "good2", "image": "blue.png", "text": "<image>\nIs it blue?"}]
@@ -83,7 +83,7 @@ def test_fail_fast_stops_at_the_bad_sample(model_dir, images, tmp_path, capsys, 
 def test_a_sample_without_image_tokens_fails_alone(model_dir, images):
     from analysis.data import Question
     from analysis.dump import prepare_batch
-    from analysis.tiny import tiny_processor
+    from analysis.testing.tiny import tiny_processor
 
     processor = tiny_processor(28)
     z = processor.tokenizer.convert_tokens_to_ids("Z")  # pretend "Z" marks image positions
@@ -117,7 +117,7 @@ def test_sdpa_only_backend_asked_for_attention_weights_stops(model_dir, images):
 
     from analysis import record_attention, resolve_adapter, token_layout
     from analysis.data import Question, build_prompt
-    from analysis.dump import load_model
+    from analysis.loading import load_model
     from analysis.recorder import RecordingError
 
     @dataclass(frozen=True)
@@ -167,7 +167,7 @@ def test_parquet_of_another_schema_version_stops(model_dir, images, tmp_path, ca
 
 
 def test_gates_for_another_model_stop(model_dir, images, tmp_path, capsys):
-    from analysis.tiny import tiny_llava
+    from analysis.testing.tiny import tiny_llava
     from exit import DyVTEGates, GateConfig
     from exit.cli import main as exit_main
 

@@ -6,6 +6,8 @@ the image tokens differ and their attention scores do not tie), batch 2 with lef
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -13,13 +15,15 @@ from PIL import Image
 
 from analysis import resolve_adapter, supported_model_types, token_layout
 from analysis.data import Question, build_prompt
+from analysis.errors import DyVTEError
 from analysis.hooks import OBSERVED_SDPA, Hook, attached, attached_count
 from analysis.layout import IMAGE, PADDING
-from analysis.tiny import TinyLlavaSpec, tiny_llava, tiny_processor
-from analysis.tiny_families import RowSpec, tiny_family_batch, tiny_family_model
+from analysis.testing.tiny import TinyLlavaSpec, tiny_llava, tiny_processor
+from analysis.testing.families import RowSpec, tiny_family_batch, tiny_family_model
 from exit import (
     DyVTEGates,
     ExitSurgeryError,
+    FastV,
     GateConfig,
     ModelSignature,
     dyvte_exit,
@@ -288,6 +292,22 @@ def test_fastv_tokens_per_layer_follow_the_formula(models, inputs):
         assert pruning.tokens_per_layer()[row].tolist() == expected == [tokens, tokens, tokens - 8, tokens - 16]
 
 
+def test_bad_settings_are_toolkit_errors(models, inputs):
+    model = models("mha", "sdpa")
+    gates = DyVTEGates.for_model(model, GateConfig(inputs="attention", hidden_width=4))
+    calls = {
+        r"ratio R in \[0, 1\]": lambda: fastv_keep_count(4, 1.5),
+        "eta >= 0": lambda: first_layer_within([0.1], -1.0),
+        "a KL value per layer": lambda: first_layer_within([], 0.1),
+        "calibration samples": lambda: vtw_kl_curve(model, []),
+        "inputs='hidden'": lambda: dyvte_fastv(model, gates, inputs["input_ids"], inputs["attention_mask"], 1, 0.5).__enter__(),
+    }
+    for message, call in calls.items():
+        with pytest.raises(DyVTEError, match=message) as error:
+            call()
+        assert isinstance(error.value, ValueError), message
+
+
 def test_bad_settings_are_named(models, inputs):
     model = models("mha", "sdpa")
     before = attached_count(model)
@@ -325,11 +345,86 @@ def test_no_hook_left_behind(models, inputs):
         with pytest.raises(RuntimeError, match="boom"), dyvte_fastv(model, gates, inputs["input_ids"],
                                                                    inputs["attention_mask"], 1, 0.5):
             raise RuntimeError("boom")
-        handle = fastv(model, 1, 0.5)
+        handle = fastv(model, 1, 0.5).attach()
         model(**inputs)
         handle.remove()
         handle.remove()
     assert attached_count(model) == before and resolve_adapter(model).attention_implementation(model) == "sdpa"
+
+
+def reporting(adapter, implementation):
+    """A copy of ``adapter`` that reports ``implementation`` as the decoder's attention."""
+
+    class Reporting(type(adapter)):
+        def attention_implementation(self, model):
+            return implementation
+
+    return Reporting(**{f.name: getattr(adapter, f.name) for f in dataclasses.fields(adapter) if f.init})
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_the_fastv_handle_attaches_on_entry_only(models, inputs, implementation):
+    model = models("mha", implementation)
+    adapter = resolve_adapter(model)
+    with torch.no_grad():
+        model(**inputs)  # transformers attaches its own output-capturing hooks on the first forward
+    before = attached_count(model)
+    pruning = fastv(model, LAYER, RATIO)
+    assert isinstance(pruning, FastV) and not pruning.is_attached and not pruning.surgery.is_attached
+    assert attached_count(model) == before and adapter.attention_implementation(model) == implementation
+    observed = OBSERVED_SDPA if implementation == "sdpa" else "eager"
+    with pruning as entered:
+        assert entered is pruning and pruning.is_attached and pruning.surgery.is_attached
+        assert attached_count(model) > before and adapter.attention_implementation(model) == observed
+        with pytest.raises(ExitSurgeryError, match="attached already"):
+            pruning.attach()
+        with torch.no_grad():
+            model(**inputs)
+    assert not pruning.is_attached and not pruning.surgery.is_attached
+    assert attached_count(model) == before and adapter.attention_implementation(model) == implementation
+    kept, exits = pruning.kept.clone(), pruning.exit_layers
+    assert pruning.weights_read == [LAYER] and bool(kept.any())
+    # handle use
+    assert pruning.attach() is pruning and attached_count(model) > before
+    assert adapter.attention_implementation(model) == observed
+    with torch.no_grad():
+        model(**inputs)
+    pruning.remove()
+    pruning.remove()
+    assert attached_count(model) == before and adapter.attention_implementation(model) == implementation
+    assert torch.equal(pruning.kept, kept) and pruning.exit_layers == exits and pruning.weights_read == [LAYER, LAYER]
+
+
+def test_a_failing_fastv_construction_or_attach_leaves_nothing(models, inputs, monkeypatch):
+    model = models("mha", "sdpa")
+    adapter = resolve_adapter(model)
+    with torch.no_grad():
+        model(**inputs)
+    before = attached_count(model)
+    with pytest.raises(ExitSurgeryError, match="no module named"):
+        FastV(model, LAYER, RATIO, adapter=dataclasses.replace(adapter, attention_attr="no_such_attention"))
+    with pytest.raises(ExitSurgeryError, match="flash_attention_2"):
+        FastV(model, LAYER, RATIO, adapter=reporting(adapter, "flash_attention_2"))
+    with pytest.raises(ExitSurgeryError, match="exit layer in 0..3"):
+        FastV(model, LAYER, RATIO, exit_layers=7)
+    assert attached_count(model) == before and adapter.attention_implementation(model) == "sdpa"
+    pruning = FastV(model, LAYER, RATIO)
+    adapter.set_attention_implementation(model, "eager")
+    try:
+        with pytest.raises(ExitSurgeryError, match="as when the FastV handle was made"):
+            pruning.attach()
+    finally:
+        adapter.set_attention_implementation(model, "sdpa")
+    assert attached_count(model) == before
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("refused")
+
+    monkeypatch.setattr("exit.baselines.running_attention", refuse)
+    with pytest.raises(RuntimeError, match="refused"):
+        pruning.attach()  # fails after the surgery and the reader were attached: both come off again
+    assert not pruning.is_attached and not pruning.surgery.is_attached
+    assert attached_count(model) == before and adapter.attention_implementation(model) == "sdpa"
 
 
 # DyVTE + FastV ----------------------------------------------------------------------------------

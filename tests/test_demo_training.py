@@ -1,4 +1,4 @@
-"""Training and evaluation code of the demo model (analysis.demo_training), on a tiny LLaVA.
+"""Training and evaluation code of the demo model (analysis.demo.training), on a tiny LLaVA.
 
 Cheap: a 4-layer hidden-64 model, 28 px images (4 image tokens) and a 6-image ShapesVQA split.
 """
@@ -16,11 +16,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from analysis import demo_training as dt  # noqa: E402
+from analysis.demo import training as dt  # noqa: E402
 from analysis.data import build_prompt, load_image, read_questions  # noqa: E402
-from analysis.demo_model import apply_demo_weights  # noqa: E402
-from analysis.shapes import QUESTION_TYPES, write_split  # noqa: E402
-from analysis.tiny import TinyLlavaSpec, tiny_llava, tiny_processor  # noqa: E402
+from analysis.demo.model import apply_demo_weights  # noqa: E402
+from analysis.demo.shapes import QUESTION_TYPES, write_split  # noqa: E402
+from analysis.testing.tiny import TinyLlavaSpec, tiny_llava, tiny_processor  # noqa: E402
 
 SPEC = TinyLlavaSpec(num_kv_heads=2)
 
@@ -227,13 +227,13 @@ def test_command_line_help_lists_examples(capsys):
     with pytest.raises(SystemExit):
         dt.main(["train", "--help"])
     out = capsys.readouterr().out
-    assert "--steps" in out and "python -m analysis.demo_training train" in out
+    assert "--steps" in out and "python -m analysis.demo.training train" in out
 
 
 def test_grounding_targets_mark_the_patches_a_shape_covers():
     from PIL import Image, ImageDraw
 
-    from analysis.shapes import COLOURS, Scene, SceneObject
+    from analysis.demo.shapes import COLOURS, Scene, SceneObject
 
     image = Image.new("RGB", (56, 56), (255, 255, 255))
     ImageDraw.Draw(image).rectangle([14, 28, 41, 55], fill=COLOURS["red"])  # patches (row 2-3, column 1-2)
@@ -248,7 +248,7 @@ def test_grounding_targets_mark_the_patches_a_shape_covers():
 
 
 def test_grounding_stage_fits_the_projector_to_the_words(split):
-    from analysis.shapes import read_scenes
+    from analysis.demo.shapes import read_scenes
 
     model, processor = tiny_llava(SPEC), tiny_processor(SPEC.image_size)
     examples = dt.pack_split(split, extra_per_type=0, seed=0)

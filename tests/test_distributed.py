@@ -17,9 +17,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from analysis.cli import main as stats_main
-from analysis.dump import Shard
+from analysis.distributed import Shard
 from analysis.io import read_samples, read_statistics
-from analysis.tiny import TinyLlavaSpec, save_tiny_llava
+from analysis.testing.tiny import TinyLlavaSpec, save_tiny_llava
 from exit.cli import main as exit_main
 from exit.sweep import read_sweep
 

@@ -10,8 +10,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from analysis.data import read_questions  # noqa: E402
-from analysis.shapes import write_split  # noqa: E402
-from analysis.tiny import TinyLlavaSpec, tiny_llava, tiny_processor  # noqa: E402
+from analysis.demo.shapes import write_split  # noqa: E402
+from analysis.testing.tiny import TinyLlavaSpec, tiny_llava, tiny_processor  # noqa: E402
 from analysis.adapters import resolve_adapter  # noqa: E402
 from exit.evaluate import calibrate_vtw, evaluate_method, parse_method, summarize_evaluation  # noqa: E402
 from exit.flops import DecoderShape, fastv_tokens_per_layer, prefill_flops, prefill_flops_for_counts  # noqa: E402
@@ -173,7 +173,7 @@ def test_several_methods_share_the_model_and_write_parquet(split, tiny, tmp_path
 def test_eval_command_compares_methods_on_one_model(split, tmp_path, capsys):
     import pandas as pd
 
-    from analysis.tiny import save_tiny_llava
+    from analysis.testing.tiny import save_tiny_llava
     from exit.cli import main
 
     model_dir = save_tiny_llava(tmp_path / "model", SPEC)

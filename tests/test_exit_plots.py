@@ -193,8 +193,8 @@ def test_results_table_compares_every_method_with_the_stock_model():
 def test_figures_of_a_folder_written_by_evaluate_methods(tmp_path):
     """The reader and the figures take what exit.evaluate really writes (tiny random LLaVA)."""
     from analysis.data import read_questions
-    from analysis.shapes import write_split
-    from analysis.tiny import TinyLlavaSpec, tiny_llava, tiny_processor
+    from analysis.demo.shapes import write_split
+    from analysis.testing.tiny import TinyLlavaSpec, tiny_llava, tiny_processor
     from exit.evaluate import evaluate_methods, parse_method
 
     spec = TinyLlavaSpec(num_kv_heads=2)

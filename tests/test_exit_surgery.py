@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from analysis import resolve_adapter, token_layout
 from analysis.hooks import Hook, attached, attached_count
 from analysis.layout import IMAGE, PADDING
-from exit import ExitSurgeryError, compact_layout, visual_token_exit
+from exit import ExitSurgeryError, VisualExit, compact_layout, visual_token_exit
 
 IMPLEMENTATIONS = ["eager", "sdpa"]
 # Per batch case: exit plans (one entry per row; None = no exit).
@@ -175,11 +177,71 @@ def test_no_hook_left_behind(tiny_models, case_inputs):
     with pytest.raises(RuntimeError, match="boom"), visual_token_exit(model, 1):
         raise RuntimeError("boom")
     assert attached_count(model) == before
-    handle = visual_token_exit(model, [0])
+    handle = visual_token_exit(model, [0]).attach()
     with torch.no_grad():
         model(**inputs)
     handle.remove()
     handle.remove()
+    assert attached_count(model) == before
+
+
+def reporting(adapter, implementation):
+    """A copy of ``adapter`` that reports ``implementation`` as the decoder's attention."""
+
+    class Reporting(type(adapter)):
+        def attention_implementation(self, model):
+            return implementation
+
+    return Reporting(**{f.name: getattr(adapter, f.name) for f in dataclasses.fields(adapter) if f.init})
+
+
+def test_the_handle_attaches_on_entry_only(tiny_models, case_inputs):
+    model = tiny_models("mha", "sdpa")
+    inputs = case_inputs("batch1")
+    with torch.no_grad():
+        stock = model(**inputs).logits  # also attaches transformers' own output-capturing hooks
+    before = attached_count(model)
+    surgery = visual_token_exit(model, [0])
+    assert isinstance(surgery, VisualExit) and not surgery.is_attached and attached_count(model) == before
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, stock), "a handle that was never entered changes nothing"
+    with surgery as entered:
+        assert entered is surgery and surgery.is_attached and attached_count(model) > before
+        with pytest.raises(ExitSurgeryError, match="attached already"):
+            surgery.attach()
+        assert surgery.is_attached and attached_count(model) > before
+        with torch.no_grad():
+            exited = model(**inputs).logits
+    assert not surgery.is_attached and attached_count(model) == before
+    assert surgery.exit_layers == [0], "what the last prefill did stays readable after leaving"
+    # handle use: attach() returns the handle, remove() is idempotent, the surgery is the same
+    assert surgery.attach() is surgery and attached_count(model) > before
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, exited)
+    surgery.remove()
+    surgery.remove()
+    assert not surgery.is_attached and attached_count(model) == before
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, stock)
+    with surgery:  # a removed handle can be entered again
+        assert attached_count(model) > before
+    assert attached_count(model) == before
+
+
+def test_a_failing_construction_attaches_nothing(tiny_models, case_inputs):
+    model = tiny_models("mha", "sdpa")
+    with torch.no_grad():
+        model(**case_inputs("batch1"))
+    before = attached_count(model)
+    adapter = resolve_adapter(model)
+    with pytest.raises(ExitSurgeryError, match="no module named"):
+        VisualExit(model, 1, adapter=dataclasses.replace(adapter, final_norm_path="model.language_model.no_norm"))
+    with pytest.raises(ExitSurgeryError, match="flash_attention_2"):
+        VisualExit(model, 1, adapter=reporting(adapter, "flash_attention_2"))
+    with pytest.raises(ExitSurgeryError, match="removal layers in 0..3"):
+        VisualExit(model, removals={4: torch.zeros(1, 2, dtype=torch.bool)})
+    with pytest.raises(ExitSurgeryError, match="exit layer in 0..3"):
+        VisualExit(model, [0, 9])
     assert attached_count(model) == before
 
 

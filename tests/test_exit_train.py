@@ -7,7 +7,7 @@ import json
 import torch
 from PIL import Image
 
-from analysis.tiny import TinyLlavaSpec, save_tiny_llava
+from analysis.testing.tiny import TinyLlavaSpec, save_tiny_llava
 from exit import DyVTEGates, GateConfig, ModelSignature, feature_size
 from exit.sweep import LabelRule, SweepError, SweepResult, SweepWriter, teacher_forced_inputs
 from exit.train import TAU_GRID, TrainSettings, _replay_dyvte, is_heldout, online_step, train_offline

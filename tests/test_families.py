@@ -1,7 +1,7 @@
 """Every supported family on a tiny random model: recorder, logits, stages, exit surgery, cached generate.
 
 One parametrised set of tests runs over ``supported_model_types()``; the models come from
-``analysis.tiny_families`` (stock transformers classes, tiny configs, random weights) and the
+``analysis.testing.families`` (stock transformers classes, tiny configs, random weights) and the
 batch has two left-padded rows, the second with two images, so padding and several images are
 covered for every family.
 """
@@ -18,8 +18,8 @@ from analysis.adapters import UnsupportedModelError
 from analysis.hooks import Hook, attached, attached_count
 from analysis.layout import IMAGE, PADDING, SYSTEM, TEXT
 from analysis.stages import detect_dataset_stages
-from analysis.tiny_families import IMAGE as IMAGE_ID
-from analysis.tiny_families import MARKER_A, MARKER_B, RowSpec, tiny_family_batch, tiny_family_model, tiny_family_types
+from analysis.testing.families import IMAGE as IMAGE_ID
+from analysis.testing.families import MARKER_A, MARKER_B, RowSpec, tiny_family_batch, tiny_family_model, tiny_family_types
 from exit import DyVTEGates, GateConfig, dyvte_exit, visual_token_exit
 from exit.sweep import exit_sweep
 from tests.test_recorder import assert_relative_close, reference_statistics

@@ -18,7 +18,7 @@ from exit.flops import (
     relative_prefill_flops,
     vision_flops,
 )
-from analysis.tiny import TinyLlavaSpec, tiny_llava
+from analysis.testing.tiny import TinyLlavaSpec, tiny_llava
 
 SPECS = {
     "mha": TinyLlavaSpec(image_size=56, num_layers=4),

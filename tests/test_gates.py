@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from analysis import record_attention, resolve_adapter, token_layout
+from analysis.errors import DyVTEError, UsageError
 from analysis.hooks import attached_count
-from analysis.tiny import TinyLlavaSpec, tiny_llava
+from analysis.testing.tiny import TinyLlavaSpec, tiny_llava
 from exit import DyVTEGates, GateConfig, GateMismatchError, ModelSignature, dyvte_exit, gate_features, visual_token_exit
 from exit.gates import feature_size
 
@@ -49,6 +50,14 @@ def test_gate_structure_and_seeded_xavier_init(tiny_models):
     assert not torch.equal(gates.gates[0][0].weight, gates.gates[1][0].weight)
     with pytest.raises(ValueError, match="expected gate inputs"):
         GateConfig(inputs="pixels")
+
+
+def test_bad_gate_settings_are_toolkit_errors():
+    for settings, message in (({"inputs": "pixels"}, "expected gate inputs"), ({"hidden_width": 0}, "positive hidden width"),
+                              ({"tau": 1.5}, r"tau in \[0, 1\]")):
+        with pytest.raises(UsageError, match=message) as error:
+            GateConfig(**settings)
+        assert isinstance(error.value, DyVTEError) and isinstance(error.value, ValueError)
 
 
 @pytest.mark.parametrize("inputs", ["hidden", "attention", "both"])

@@ -18,7 +18,7 @@ from PIL import Image
 
 from analysis.cli import main
 from analysis.io import clean_incomplete, finished_samples, parse_shard_file, read_errors, read_samples, read_statistics
-from analysis.tiny import TinyLlavaSpec, save_tiny_llava
+from analysis.testing.tiny import TinyLlavaSpec, save_tiny_llava
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = 60

@@ -1,4 +1,4 @@
-"""ShapesVQA (analysis.shapes): determinism, question types, answers consistent with the scenes,
+"""ShapesVQA (analysis.demo.shapes): determinism, question types, answers consistent with the scenes,
 scoring, and disjoint fixed splits. Small splits, except where scenes alone are cheap."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from analysis.data import Question, read_questions
-from analysis.shapes import (
+from analysis.demo.shapes import (
     COLOURS,
     MARKER_FILE,
     QUESTION_TYPES,
@@ -19,13 +19,10 @@ from analysis.shapes import (
     SPLITS,
     Scene,
     SceneObject,
-    accuracy_by_type,
     ask,
     ensure_split,
-    exact_match,
     horizontal_side,
     is_complete,
-    normalise_answer,
     read_scenes,
     render_scene,
     scene_for,
@@ -161,32 +158,6 @@ def test_ensure_split_reuses_a_complete_split(tmp_path, monkeypatch):
     assert (folder / MARKER_FILE).is_file()
     with pytest.raises(KeyError, match="split"):
         ensure_split(tmp_path, "nonsense")
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [("Two.", "2"), ("The Circle!", "circle"), ("  RED  ", "red"), ('"yes"', "yes"), ("a square", "square"),
-     ("left.", "left"), ("4", "4"), ("the", "the"), ("", "")],
-)
-def test_normalise_answer(text, expected):
-    assert normalise_answer(text) == expected
-
-
-def test_exact_match_and_accuracy_by_type():
-    assert exact_match("Three", "3") and exact_match("Yes.", "yes") and not exact_match("yes no", "yes")
-    questions = [
-        Question("a", ("x.png",), "q", "red", "colour"),
-        Question("b", ("x.png",), "q", "2", "count"),
-        Question("c", ("x.png",), "q", "yes", "exists"),
-        Question("d", ("x.png",), "q", "no", "exists"),
-    ]
-    scores = accuracy_by_type({"a": "Red.", "b": "three", "c": "yes"}, questions)  # d has no prediction
-    assert scores == {"colour": 1.0, "count": 0.0, "exists": 0.5, "overall": 0.5}
-    assert list(scores)[-1] == "overall"
-    with pytest.raises(ValueError, match="answer"):
-        accuracy_by_type({}, [Question("e", ("x.png",), "q")])
-    with pytest.raises(ValueError, match="at least one"):
-        accuracy_by_type({}, [])
 
 
 def test_write_split_rejects_bad_arguments(tmp_path):

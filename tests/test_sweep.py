@@ -107,6 +107,32 @@ def test_writer_streams_a_validated_table_and_feature_shards(tmp_path, tiny_mode
         read_sweep(tmp_path)
 
 
+def test_writer_commits_what_it_finished_and_never_shows_a_partial_file(tmp_path, tiny_models, forced):
+    model = tiny_models("mha")
+    inputs, answer_mask, _, _ = forced
+    result = exit_sweep(model, inputs, answer_mask, features="hidden")
+    with pytest.raises(RuntimeError, match="stop"), SweepWriter(tmp_path, {"model": "tiny"}) as writer:
+        writer.write(result, ["q1", "q2"])
+        names = sorted(p.name for p in tmp_path.iterdir())
+        assert names == [".exit_sweep-00000.parquet.partial", "features-00000-00000.safetensors"]
+        raise RuntimeError("stop")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exit_sweep-00000.parquet", "features-00000-00000.safetensors"]
+    assert writer.files == [tmp_path / "features-00000-00000.safetensors", tmp_path / "exit_sweep-00000.parquet"]
+    assert list(read_sweep(tmp_path)["sample_id"].unique()) == ["q1", "q2"] and writer.rows_written == 8
+    with SweepWriter(tmp_path, {"model": "tiny"}, tag="shard001of002") as tagged:
+        tagged.write(result, ["q3", "q4"])
+    with SweepWriter(tmp_path, {"model": "tiny"}) as again:  # the next writer takes the next shard number
+        again.write(result, ["q5", "q6"])
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "exit_sweep-00000.parquet", "features-00000-00000.safetensors",
+        "exit_sweep-shard001of002-00000.parquet", "features-shard001of002-00000-00000.safetensors",
+        "exit_sweep-00001.parquet", "features-00001-00000.safetensors",
+    }
+    with SweepWriter(tmp_path / "empty", {"model": "tiny"}) as empty:
+        pass
+    assert list((tmp_path / "empty").iterdir()) == [] and empty.files == []
+
+
 def test_answer_mask_must_mark_the_answer(tiny_models, forced):
     model = tiny_models("mha")
     inputs, answer_mask, _, _ = forced

@@ -51,7 +51,8 @@ tests check that none of the fixed splits' scenes repeats).
 
 Typical use::
 
-    from analysis.shapes import ensure_split, accuracy_by_type
+    from analysis.demo.shapes import ensure_split
+    from analysis.scoring import accuracy_by_type
     from analysis.data import read_questions
 
     folder = ensure_split("data/shapesvqa", "val")          # generates once, then reuses
@@ -64,7 +65,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -72,8 +72,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from PIL import Image, ImageDraw
-
-from analysis.data import Question
 
 FORMAT_VERSION = 1
 DEFAULT_IMAGE_SIZE = 336
@@ -297,6 +295,86 @@ def _plural(shape: str) -> str:
     return shape + "s"
 
 
+def _ask_colour(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
+    shape_counts = Counter(o.shape for o in scene.objects)
+    unique = [o for o in scene.objects if shape_counts[o.shape] == 1]
+    if not unique:
+        return None
+    obj = _choice(rng, unique)
+    return f"What colour is the {obj.shape}? {ONE_WORD}", obj.colour
+
+
+def _ask_shape(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
+    colour_counts = Counter(o.colour for o in scene.objects)
+    unique = [o for o in scene.objects if colour_counts[o.colour] == 1]
+    if not unique:
+        return None
+    obj = _choice(rng, unique)
+    return f"What shape is the {obj.colour} object? {ONE_WORD}", obj.shape
+
+
+def _unique_pairs(objects: Sequence[SceneObject]) -> list[SceneObject]:
+    """The objects whose (colour, shape) pair occurs once in the scene, in drawing order."""
+    pair_counts = Counter((o.colour, o.shape) for o in objects)
+    return [o for o in objects if pair_counts[(o.colour, o.shape)] == 1]
+
+
+def _ask_size(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
+    unique_pairs = _unique_pairs(scene.objects)
+    if not unique_pairs:
+        return None
+    obj = _choice(rng, unique_pairs)
+    return f"Is the {obj.name} small or large? {ONE_WORD}", obj.size
+
+
+def _ask_count(scene: Scene, rng: random.Random) -> tuple[str, str]:
+    objects = scene.objects
+    shape_counts = Counter(o.shape for o in objects)
+    colour_counts = Counter(o.colour for o in objects)
+    variant = _choice(rng, ("all", "colour", "shape"))
+    if variant == "all":
+        return f"How many shapes are there? {ONE_NUMBER}", str(len(objects))
+    if variant == "colour":
+        colour = _choice(rng, sorted(colour_counts, key=tuple(COLOURS).index))
+        return f"How many {colour} shapes are there? {ONE_NUMBER}", str(colour_counts[colour])
+    shape = _choice(rng, sorted(shape_counts, key=SHAPES.index))
+    return f"How many {_plural(shape)} are there? {ONE_NUMBER}", str(shape_counts[shape])
+
+
+def _ask_position(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
+    options: list[tuple[str, str]] = []
+    for obj in _unique_pairs(scene.objects):
+        horizontal = horizontal_side(obj, scene.image_size)
+        if horizontal is not None:
+            options.append((f"Is the {obj.name} in the left or the right half of the image? {ONE_WORD}", horizontal))
+        vertical = vertical_side(obj, scene.image_size)
+        if vertical is not None:
+            options.append((f"Is the {obj.name} in the top or the bottom half of the image? {ONE_WORD}", vertical))
+    return _choice(rng, options) if options else None
+
+
+def _ask_exists(scene: Scene, rng: random.Random, exists_answer: str) -> tuple[str, str]:
+    objects = scene.objects
+    if exists_answer == "yes":
+        obj = _choice(rng, objects)
+        colour, shape = obj.colour, obj.shape
+    elif exists_answer == "no":
+        pair_counts = Counter((o.colour, o.shape) for o in objects)
+        colour_counts = Counter(o.colour for o in objects)
+        shape_counts = Counter(o.shape for o in objects)
+        absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in pair_counts]
+        near = [(c, s) for c, s in absent if c in colour_counts or s in shape_counts]
+        colour, shape = _choice(rng, near or absent)
+    else:
+        raise ValueError(f"expected exists_answer 'yes' or 'no', found {exists_answer!r}")
+    return f"Is there a {colour} {shape} in the image? {ONE_WORD}", exists_answer
+
+
+_ASKERS = {"colour": _ask_colour, "shape": _ask_shape, "size": _ask_size, "count": _ask_count,
+           "position": _ask_position}
+"""The question makers of every type but "exists" (which also takes the wanted answer)."""
+
+
 def ask(scene: Scene, category: str, rng: random.Random, exists_answer: str = "yes") -> tuple[str, str] | None:
     """One question of ``category`` about ``scene``: (text with instruction, answer), or None.
 
@@ -306,59 +384,11 @@ def ask(scene: Scene, category: str, rng: random.Random, exists_answer: str = "y
     Raises:
         ValueError: unknown category or exists_answer.
     """
-    objects = scene.objects
-    shape_counts = Counter(o.shape for o in objects)
-    colour_counts = Counter(o.colour for o in objects)
-    pair_counts = Counter((o.colour, o.shape) for o in objects)
-    unique_pairs = [o for o in objects if pair_counts[(o.colour, o.shape)] == 1]
-    if category == "colour":
-        unique = [o for o in objects if shape_counts[o.shape] == 1]
-        if not unique:
-            return None
-        obj = _choice(rng, unique)
-        return f"What colour is the {obj.shape}? {ONE_WORD}", obj.colour
-    if category == "shape":
-        unique = [o for o in objects if colour_counts[o.colour] == 1]
-        if not unique:
-            return None
-        obj = _choice(rng, unique)
-        return f"What shape is the {obj.colour} object? {ONE_WORD}", obj.shape
-    if category == "size":
-        if not unique_pairs:
-            return None
-        obj = _choice(rng, unique_pairs)
-        return f"Is the {obj.name} small or large? {ONE_WORD}", obj.size
-    if category == "count":
-        variant = _choice(rng, ("all", "colour", "shape"))
-        if variant == "all":
-            return f"How many shapes are there? {ONE_NUMBER}", str(len(objects))
-        if variant == "colour":
-            colour = _choice(rng, sorted(colour_counts, key=tuple(COLOURS).index))
-            return f"How many {colour} shapes are there? {ONE_NUMBER}", str(colour_counts[colour])
-        shape = _choice(rng, sorted(shape_counts, key=SHAPES.index))
-        return f"How many {_plural(shape)} are there? {ONE_NUMBER}", str(shape_counts[shape])
-    if category == "position":
-        options: list[tuple[str, str]] = []
-        for obj in unique_pairs:
-            horizontal = horizontal_side(obj, scene.image_size)
-            if horizontal is not None:
-                options.append((f"Is the {obj.name} in the left or the right half of the image? {ONE_WORD}", horizontal))
-            vertical = vertical_side(obj, scene.image_size)
-            if vertical is not None:
-                options.append((f"Is the {obj.name} in the top or the bottom half of the image? {ONE_WORD}", vertical))
-        return _choice(rng, options) if options else None
     if category == "exists":
-        if exists_answer == "yes":
-            obj = _choice(rng, objects)
-            colour, shape = obj.colour, obj.shape
-        elif exists_answer == "no":
-            absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in pair_counts]
-            near = [(c, s) for c, s in absent if c in colour_counts or s in shape_counts]
-            colour, shape = _choice(rng, near or absent)
-        else:
-            raise ValueError(f"expected exists_answer 'yes' or 'no', found {exists_answer!r}")
-        return f"Is there a {colour} {shape} in the image? {ONE_WORD}", exists_answer
-    raise ValueError(f"expected a category in {QUESTION_TYPES}, found {category!r}")
+        return _ask_exists(scene, rng, exists_answer)
+    if category not in _ASKERS:
+        raise ValueError(f"expected a category in {QUESTION_TYPES}, found {category!r}")
+    return _ASKERS[category](scene, rng)
 
 
 def image_questions(
@@ -406,42 +436,33 @@ def _jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
             handle.write(json.dumps(row, ensure_ascii=True) + "\n")
 
 
-def write_split(
-    out_dir: str | Path,
-    split: str,
-    n_images: int,
-    seed: int,
-    image_size: int = DEFAULT_IMAGE_SIZE,
-    questions_per_image: int = len(QUESTION_TYPES),
-) -> Path:
-    """Generate a split into ``out_dir/split`` and return that folder (also the image folder).
-
-    Overwrites an earlier split of that name: the completed-marker is removed first and
-    written last, and stale ``images/*.png`` from a larger earlier split are removed.
-    Deterministic: the same arguments give byte-identical files.
-
-    Raises:
-        ValueError: ``n_images`` < 1, ``questions_per_image`` outside 1..len(QUESTION_TYPES),
-            or an unusable ``split`` name or ``image_size``.
-    """
+def _check_split_arguments(split: str, n_images: int, questions_per_image: int) -> None:
     if n_images < 1:
         raise ValueError(f"expected n_images >= 1, found {n_images}")
     if not 1 <= questions_per_image <= len(QUESTION_TYPES):
         raise ValueError(f"expected questions_per_image in 1..{len(QUESTION_TYPES)}, found {questions_per_image}")
     if not split or split in (".", "..") or "/" in split or "\\" in split:
         raise ValueError(f"expected a split name without path separators, found {split!r}")
-    folder = Path(out_dir) / split
+
+
+def _prepare_split_folder(folder: Path, names: Sequence[str]) -> None:
+    """Create ``folder/images``, remove the completed-marker and any image not among ``names``."""
     images_dir = folder / IMAGES_DIR
     images_dir.mkdir(parents=True, exist_ok=True)
     (folder / MARKER_FILE).unlink(missing_ok=True)
-
-    width = max(6, len(str(n_images - 1)))
-    names = [f"{IMAGES_DIR}/{i:0{width}d}.png" for i in range(n_images)]
     keep = {Path(n).name for n in names}
     for stale in images_dir.glob("*.png"):
         if stale.name not in keep:
             stale.unlink()
 
+
+def _draw_split(folder: Path, split: str, names: Sequence[str], width: int, seed: int, image_size: int,
+                questions_per_image: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Draw, render and save every image of a split; return its scene rows and question rows.
+
+    ``width`` is the number of digits of the image numbers in the question ids. ``exists``
+    answers alternate yes/no over the whole split, in the order the questions are drawn.
+    """
     questions: list[dict[str, Any]] = []
     scenes: list[dict[str, Any]] = []
     exists_asked = 0
@@ -464,6 +485,33 @@ def write_split(
                     "category": category,
                 }
             )
+    return scenes, questions
+
+
+def write_split(
+    out_dir: str | Path,
+    split: str,
+    n_images: int,
+    seed: int,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    questions_per_image: int = len(QUESTION_TYPES),
+) -> Path:
+    """Generate a split into ``out_dir/split`` and return that folder (also the image folder).
+
+    Overwrites an earlier split of that name: the completed-marker is removed first and
+    written last, and stale ``images/*.png`` from a larger earlier split are removed.
+    Deterministic: the same arguments give byte-identical files.
+
+    Raises:
+        ValueError: ``n_images`` < 1, ``questions_per_image`` outside 1..len(QUESTION_TYPES),
+            or an unusable ``split`` name or ``image_size``.
+    """
+    _check_split_arguments(split, n_images, questions_per_image)
+    folder = Path(out_dir) / split
+    width = max(6, len(str(n_images - 1)))
+    names = [f"{IMAGES_DIR}/{i:0{width}d}.png" for i in range(n_images)]
+    _prepare_split_folder(folder, names)
+    scenes, questions = _draw_split(folder, split, names, width, seed, image_size, questions_per_image)
     _jsonl(folder / SCENES_FILE, scenes)
     _jsonl(folder / QUESTIONS_FILE, questions)
     _jsonl(folder / ANSWERS_FILE, ({k: q[k] for k in ("question_id", "answer", "category")} for q in questions))
@@ -521,65 +569,11 @@ def read_scenes(folder: str | Path) -> dict[str, Scene]:
     return scenes
 
 
-# --------------------------------------------------------------------------- scoring
-
-NUMBER_WORDS: dict[str, str] = {
-    word: str(value)
-    for value, word in enumerate(
-        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-        "fifteen sixteen seventeen eighteen nineteen twenty".split()
-    )
-}
-_ARTICLES = frozenset({"a", "an", "the"})
-_EDGE_PUNCTUATION = ".,!?;:\"'`()[]{}"
-
-
-def normalise_answer(text: str) -> str:
-    """Lowercase, collapse whitespace, strip surrounding quotes and trailing punctuation, drop a
-    leading article, and write number words as digits ("Two." -> "2", "The Circle!" -> "circle")."""
-    words = text.lower().split()
-    words = [w.strip(_EDGE_PUNCTUATION) for w in words]
-    words = [w for w in words if w]
-    if len(words) > 1 and words[0] in _ARTICLES:
-        words = words[1:]
-    return " ".join(NUMBER_WORDS.get(w, w) for w in words)
-
-
-def exact_match(prediction: str, answer: str) -> bool:
-    """True when the prediction equals the answer after :func:`normalise_answer` on both."""
-    return normalise_answer(prediction) == normalise_answer(answer)
-
-
-def accuracy_by_type(predictions: Mapping[str, str], questions: Iterable[Question]) -> dict[str, float]:
-    """Exact-match accuracy per category (question type) and ``"overall"`` (over all questions).
-
-    A question without a prediction counts as wrong; a question without a category is counted
-    under ``"uncategorised"``.
-
-    Raises:
-        ValueError: a question has no answer, or there are no questions.
-    """
-    correct: Counter[str] = Counter()
-    total: Counter[str] = Counter()
-    for question in questions:
-        if question.answer is None:
-            raise ValueError(f"question {question.question_id!r}: expected an answer to score against, found none")
-        category = question.category or "uncategorised"
-        prediction = predictions.get(question.question_id)
-        hit = prediction is not None and exact_match(prediction, question.answer)
-        for key in (category, "overall"):
-            total[key] += 1
-            correct[key] += hit
-    if not total:
-        raise ValueError("expected at least one question to score, found none")
-    return {key: correct[key] / total[key] for key in sorted(total, key=lambda k: (k == "overall", k))}
-
-
 # --------------------------------------------------------------------------- command line
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m analysis.shapes --root DIR [--split val ...]``: make sure splits exist."""
+    """``python -m analysis.demo.shapes --root DIR [--split val ...]``: make sure splits exist."""
     parser = argparse.ArgumentParser(description="Generate ShapesVQA splits (only those missing).")
     parser.add_argument("--root", type=Path, required=True, help="folder that holds one sub-folder per split")
     parser.add_argument("--split", action="append", choices=sorted(SPLITS), help="split(s); default all")

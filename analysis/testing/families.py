@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from analysis.errors import DyVTEError
+
 VOCAB_SIZE = 96
 PAD, BOS, EOS, IMAGE = 0, 1, 2, 3
 MARKER_A, MARKER_B, MARKER_C = 4, 5, 6
@@ -47,7 +49,7 @@ HIDDEN, INTERMEDIATE, LAYERS, HEADS = 64, 128, 4, 4
 VISION_HIDDEN = 32
 
 
-class TinyFamilyError(ValueError):
+class TinyFamilyError(DyVTEError, ValueError):
     """A tiny model or prompt was asked for a family that has no builder."""
 
 

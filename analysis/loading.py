@@ -1,0 +1,138 @@
+"""Loading checkpoints, named models, and the provenance written beside every result.
+
+:func:`load_model` loads any supported image-text checkpoint (a hub id or a local folder) with its
+processor through ``from_pretrained``. Short names such as ``"demo"`` resolve through
+:data:`NAMED_MODELS`, a registry of ``name -> "module:function"`` references: the function returns
+the folder to load (building it first if needed) and is imported only when its name is asked for,
+so the loader never imports the code behind a name. :func:`register_model_name` adds a name.
+:func:`provenance` says what produced a file: model, library versions, git revision, attention
+path, dtype, seed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import platform
+import subprocess
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import analysis
+from analysis.adapters import resolve_adapter
+from analysis.attention import attention_path
+from analysis.errors import UsageError
+from analysis.options import DTYPE_CHOICES
+
+__all__ = [
+    "DTYPES",
+    "NAMED_MODELS",
+    "git_revision",
+    "load_model",
+    "provenance",
+    "register_model_name",
+    "resolve_model_name",
+]
+
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_CHOICES}
+"""The torch dtype of each ``--dtype`` / ``dtype=`` choice; the first is the default."""
+
+NAMED_MODELS: dict[str, str | Callable[[], Path]] = {
+    "demo": "analysis.demo.model:demo_model_folder",
+}
+"""Model names that resolve to a folder: ``name -> "module:function"`` (imported on first use) or a
+callable; the function returns the checkpoint folder, building it if needed."""
+
+
+def register_model_name(name: str, resolver: str | Callable[[], Path]) -> None:
+    """Make ``name`` usable wherever a model id is (``--model name``, ``load_model(name)``).
+
+    Args:
+        name: the short name; it shadows a hub id or folder of the same name.
+        resolver: a callable returning the checkpoint folder, or ``"module:function"`` naming one.
+    """
+    if isinstance(resolver, str) and ":" not in resolver:
+        raise UsageError(f"expected a resolver as 'module:function', found {resolver!r}")
+    NAMED_MODELS[name] = resolver
+
+
+def resolve_model_name(model_id: str | Path) -> str | Path:
+    """The folder a registered model name stands for (built on first use); any other id unchanged."""
+    resolver = NAMED_MODELS.get(str(model_id))
+    if resolver is None:
+        return model_id
+    if isinstance(resolver, str):
+        module, function = resolver.split(":")
+        resolver = getattr(importlib.import_module(module), function)
+    return resolver()
+
+
+def load_model(
+    model_id: str | Path,
+    dtype: str = "float32",
+    device: str = "cpu",
+    attention: str = "sdpa",
+) -> tuple[Any, Any]:
+    """Load a supported image-text model and its processor with ``from_pretrained``.
+
+    The family is checked from the config before any weights are read, so an unsupported model
+    fails in a second with the list of supported families. A registered name (``"demo"``, see
+    :data:`NAMED_MODELS`) resolves to its folder first, which then loads like any checkpoint.
+
+    Raises:
+        UsageError: ``dtype`` or ``attention`` is not one of the choices.
+        UnsupportedModelError: the checkpoint's family is not in the adapter table.
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    if dtype not in DTYPES:
+        raise UsageError(f"expected dtype to be one of {list(DTYPES)}, found {dtype!r}")
+    path = attention_path(attention)
+    model_id = resolve_model_name(model_id)
+    config = AutoConfig.from_pretrained(model_id)
+    adapter = resolve_adapter(config.model_type)
+    model = AutoModelForImageTextToText.from_pretrained(
+        model_id, dtype=DTYPES[dtype], attn_implementation=path.load_implementation
+    )
+    adapter.image_token_id(model)
+    processor = AutoProcessor.from_pretrained(model_id)
+    processor.tokenizer.padding_side = "left"
+    return model.to(device).eval(), processor
+
+
+def git_revision() -> str | None:
+    """The git revision of the toolkit's checkout, or None outside a checkout."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def provenance(model_id: str, model: Any, attention: str, heads: str, seed: int) -> dict[str, Any]:
+    """What produced a file: model, library versions, git revision, attention path, dtype, seed."""
+    import pyarrow
+    import transformers
+
+    return {
+        "model": str(model_id),
+        "model_type": model.config.model_type,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "device": str(next(model.parameters()).device),
+        "attention_path": attention,
+        "attention_path_description": attention_path(attention).description,
+        "heads": heads,
+        "seed": seed,
+        "dyvte_version": analysis.__version__,
+        "git_revision": git_revision(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "pyarrow": pyarrow.__version__,
+        "python": platform.python_version(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
