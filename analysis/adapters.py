@@ -97,9 +97,10 @@ class ModelAdapter:
         """Dotted module names of every decoder layer's self-attention module."""
         return [f"{path}.{self.attention_attr}" for path in self.layer_paths(model)]
 
-    def text_config(self, model: nn.Module) -> Any:
-        """The config that describes the text decoder (heads, hidden size, layers)."""
-        config = model.config
+    def text_config(self, model_or_config: Any) -> Any:
+        """The config that describes the text decoder (heads, hidden size, layers), from a model or
+        from its config alone (no weights needed)."""
+        config = getattr(model_or_config, "config", model_or_config)
         return getattr(config, self.text_config_key) if self.text_config_key else config
 
     def image_token_id(self, model: nn.Module) -> int:

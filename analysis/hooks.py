@@ -79,6 +79,18 @@ class _ObserverHandle:
             _observers.pop(self.key, None)
 
 
+def missing_paths(model: nn.Module, hooks: list[Hook]) -> list[str]:
+    """The hooks' module paths that name no module of ``model``, sorted (what ``attached`` checks first)."""
+    modules = {name for name, _ in model.named_modules()}
+    return sorted({hook.path for hook in hooks if hook.path not in modules})
+
+
+def missing_paths_message(model: nn.Module, missing: list[str]) -> str:
+    """The error message for paths that name no module of ``model``."""
+    return (f"expected module paths of {type(model).__name__}, found no module named {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}")
+
+
 @contextmanager
 def attached(model: nn.Module, hooks: list[Hook]) -> Iterator[None]:
     """Attach ``hooks`` to ``model`` for the duration of the block, and always remove them.
@@ -86,13 +98,10 @@ def attached(model: nn.Module, hooks: list[Hook]) -> Iterator[None]:
     Raises:
         KeyError: a path names no module of the model (checked before anything is attached).
     """
-    modules = dict(model.named_modules())
-    missing = sorted({hook.path for hook in hooks if hook.path not in modules})
+    missing = missing_paths(model, hooks)
     if missing:
-        raise KeyError(
-            f"expected module paths of {type(model).__name__}, found no module named {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''}"
-        )
+        raise KeyError(missing_paths_message(model, missing))
+    modules = dict(model.named_modules())
     handles: list[Any] = []
     try:
         for hook in hooks:

@@ -30,9 +30,11 @@ from analysis.options import DTYPE_CHOICES
 __all__ = [
     "DTYPES",
     "NAMED_MODELS",
+    "decoder_depth",
     "git_revision",
     "load_model",
     "provenance",
+    "read_config",
     "register_model_name",
     "resolve_model_name",
 ]
@@ -70,6 +72,33 @@ def resolve_model_name(model_id: str | Path) -> str | Path:
     return resolver()
 
 
+def read_config(model_id: str | Path) -> Any:
+    """The config of a checkpoint (hub id, folder or registered name), without reading its weights.
+
+    Raises:
+        UsageError: there is no readable config at ``model_id``.
+    """
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model_name(model_id))
+    except (OSError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UsageError(
+            f"expected --model to name a checkpoint (hub id, folder or registered name), found {str(model_id)!r}: {reason}"
+        ) from error
+
+
+def decoder_depth(model_id: str | Path) -> int:
+    """The number of text-decoder layers of a checkpoint, read from its config (no weights).
+
+    Raises:
+        UsageError: no config at ``model_id``. UnsupportedModelError: a family the toolkit lacks.
+    """
+    config = read_config(model_id)
+    return int(resolve_adapter(config.model_type).text_config(config).num_hidden_layers)
+
+
 def load_model(
     model_id: str | Path,
     dtype: str = "float32",
@@ -86,14 +115,13 @@ def load_model(
         UsageError: ``dtype`` or ``attention`` is not one of the choices.
         UnsupportedModelError: the checkpoint's family is not in the adapter table.
     """
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     if dtype not in DTYPES:
         raise UsageError(f"expected dtype to be one of {list(DTYPES)}, found {dtype!r}")
     path = attention_path(attention)
     model_id = resolve_model_name(model_id)
-    config = AutoConfig.from_pretrained(model_id)
-    adapter = resolve_adapter(config.model_type)
+    adapter = resolve_adapter(read_config(model_id).model_type)
     model = AutoModelForImageTextToText.from_pretrained(
         model_id, dtype=DTYPES[dtype], attn_implementation=path.load_implementation
     )

@@ -74,8 +74,8 @@ def main() -> None:
 
     from analysis.data import read_questions
     from analysis.dump import dump_statistics
-    from analysis.loading import load_model
     from analysis.io import read_samples
+    from analysis.loading import load_model
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory(prefix="dump-memory-") as tmp:

@@ -293,7 +293,8 @@ def validate_memory_method(model: Any, plain: Variant) -> bool:
 
     found = peak_bytes(bare)
     ok &= found == known + 1000
-    print(f"  validation, bare allocation of {known + 1000} B: measured {found} B: {'OK' if found == known + 1000 else 'MISMATCH'}")
+    verdict = "OK" if found == known + 1000 else "MISMATCH"
+    print(f"  validation, bare allocation of {known + 1000} B: measured {found} B: {verdict}")
 
     held: list[torch.Tensor] = []
 
@@ -447,7 +448,8 @@ def benchmark(
     check_recorder_leaves_logits(model, inputs, layout)
     variants = make_variants(model, inputs, layout, num_layers)
 
-    print(f"\ntime (median of {rounds} interleaved rounds after {args.warmup} warm-up rounds; threads {torch.get_num_threads()}):")
+    threads = torch.get_num_threads()
+    print(f"\ntime (median of {rounds} interleaved rounds after {args.warmup} warm-up rounds; threads {threads}):")
     times = time_variants(variants, rounds, args.warmup)
     medians = {name: statistics.median(samples) for name, samples in times.items()}
     for variant in variants:
@@ -539,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:  # any failure to load is a skip, not a benchmark failure
             print(f"\n=== demo model: skipped, it did not load: {type(error).__name__}: {error} ===")
             return 0
-        demo_size = demo_processor.image_processor.crop_size["height"] if hasattr(demo_processor.image_processor, "crop_size") and demo_processor.image_processor.crop_size else 336
+        crop = getattr(demo_processor.image_processor, "crop_size", None)
+        demo_size = crop["height"] if crop else 336
         benchmark("demo model (analysis.demo.model)", demo_model, demo_processor, args, args.demo_rounds, demo_size)
     print_load("at end")
     return 0

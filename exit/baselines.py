@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 from analysis.adapters import ModelAdapter, resolve_adapter
-from analysis.errors import UsageError
 from analysis.attention import path_of_model, running_attention
+from analysis.errors import UsageError
 from analysis.hooks import Hook, attached
 from analysis.layout import IMAGE, token_layout
 from analysis.recorder import LayerRecord
@@ -102,8 +102,7 @@ class FastV:
         self.kept: torch.Tensor | None = None
         self.dropped: torch.Tensor | None = None
         self.weights_read: list[int] = []
-        self._implementation = self.adapter.attention_implementation(model)
-        check_attention_implementation(self._implementation, "FastV")
+        check_attention_implementation(self.adapter.attention_implementation(model), "FastV")
         self.surgery = VisualExit(model, exit_layers, removals=removals, compact=compact, adapter=self.adapter)
         path = self.adapter.attention_paths(model)[layer]
         self._observing = path_of_model(model, self.adapter)
@@ -125,16 +124,15 @@ class FastV:
         implementation under SDPA; returns the handle. A failure halfway undoes what was done.
 
         Raises:
-            ExitSurgeryError: the handle is attached already, or the model's attention implementation
-                changed since the handle was made.
+            ExitSurgeryError: the handle is attached already, or the decoder's attention moved between
+                eager and the SDPA path since the handle was made (its reader would not fit).
         """
         if self._stack is not None:
             raise ExitSurgeryError("expected a detached FastV handle to attach, found it attached already")
-        implementation = self.adapter.attention_implementation(self.model)
-        if implementation != self._implementation:
+        if path_of_model(self.model, self.adapter) != self._observing:
             raise ExitSurgeryError(
-                f"expected the decoder to run {self._implementation!r} attention as when the FastV handle was made, "
-                f"found {implementation!r}"
+                f"expected the decoder to run attention on the {self._observing.name!r} path as when the FastV handle "
+                f"was made, found {self.adapter.attention_implementation(self.model)!r}"
             )
         with ExitStack() as stack:
             stack.enter_context(self.surgery)
@@ -355,7 +353,9 @@ def vtw_kl_curve(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]
     for inputs in batches:
         mask = inputs.get("attention_mask")
         if mask is not None and not bool(mask[:, -1].bool().all()):
-            raise UsageError("expected left-padded batches (the last column holds each row's last prompt token), found right padding")
+            raise UsageError(
+                "expected left-padded batches (the last column holds each row's last prompt token), found right padding"
+            )
         with torch.no_grad():
             full = model(**inputs, logits_to_keep=1).logits[:, -1].double().log_softmax(dim=-1)
             rows = []

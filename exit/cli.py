@@ -1,4 +1,11 @@
-"""`dyvte-exit`: the command line of the exit half. Thin shells over plain functions."""
+"""`dyvte-exit`: the command line of the exit half. Thin shells over plain functions.
+
+The shared options (model, questions, batch size, seed, progress) come from the parent parsers of
+``analysis.options``, each subcommand's ``--help`` ends with its own examples, and
+``analysis.options.run_command`` turns every toolkit error into one line and exit status 2.
+``eval`` checks its methods (``exit.methods``) completely before the model loads: the syntax and
+ranges first, then the layers against the checkpoint's config.
+"""
 
 from __future__ import annotations
 
@@ -6,40 +13,93 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-EPILOG = """examples:
-  dyvte-exit sweep --model demo --questions .cache/shapesvqa/train/questions.jsonl \\
-      --image-folder .cache/shapesvqa/train --out runs/sweep --features hidden --limit 256
-  dyvte-exit train --sweep runs/sweep --model demo --out runs/gates --hidden-width 2048 --epochs 1
-  torchrun --nproc-per-node 4 -m exit.cli sweep --model demo --questions q.jsonl --image-folder img/ --out runs/sweep
-  torchrun --nproc-per-node 2 -m exit.cli train --sweep runs/sweep --model demo --out runs/gates   # data-parallel
-  dyvte-exit train --online --model demo --questions .cache/shapesvqa/train/questions.jsonl \\
-      --image-folder .cache/shapesvqa/train --out runs/gates-online --batch-size 8 --lr 6e-5
-  dyvte-exit eval --model demo --questions .cache/shapesvqa/test/questions.jsonl \
-      --image-folder .cache/shapesvqa/test --gates runs/gates --out runs/eval \
-      --method none --method dyvte --method dyvte:0.7 --method static:14 --method fastv:2:0.5 \
-      --method vtw --calibration-questions .cache/shapesvqa/val/questions.jsonl \
-      --calibration-image-folder .cache/shapesvqa/val
-  dyvte-exit figures runs/eval --out figures
-  dyvte-exit generate --model demo --gates runs/gates --image .cache/shapesvqa/val/images/000000.png \\
-      --question "What colour is the triangle? Answer with one word."
-"""
+from analysis.errors import UsageError
+from analysis.options import (
+    batch_options,
+    model_options,
+    positive_int,
+    progress_option,
+    question_options,
+    run_command,
+    seed_option,
+    subcommand,
+)
+from exit.methods import CALIBRATION, GATES, METHOD_FORMS
+
+if TYPE_CHECKING:
+    from analysis.data import Question
+    from exit.methods import ExitMethod, MethodSpec
+
+SWEEP_EXAMPLES = [
+    "dyvte-exit sweep --model demo --questions .cache/shapesvqa/train/questions.jsonl \\",
+    "    --image-folder .cache/shapesvqa/train --out runs/sweep --features hidden --limit 256",
+    "torchrun --nproc-per-node 4 -m exit.cli sweep --model demo --questions q.jsonl --image-folder img/ --out runs/sweep",
+]
+TRAIN_EXAMPLES = [
+    "dyvte-exit train --sweep runs/sweep --model demo --out runs/gates --hidden-width 2048 --epochs 1",
+    "torchrun --nproc-per-node 2 -m exit.cli train --sweep runs/sweep --model demo --out runs/gates   # data-parallel",
+    "dyvte-exit train --online --model demo --questions .cache/shapesvqa/train/questions.jsonl \\",
+    "    --image-folder .cache/shapesvqa/train --out runs/gates-online --batch-size 8 --lr 6e-5",
+]
+EVAL_EXAMPLES = [
+    "dyvte-exit eval --model demo --questions .cache/shapesvqa/test/questions.jsonl \\",
+    "    --image-folder .cache/shapesvqa/test --gates runs/gates --out runs/eval \\",
+    "    --method none --method dyvte --method dyvte:0.7 --method static:14 --method fastv:2:0.5 \\",
+    "    --method vtw --calibration-questions .cache/shapesvqa/val/questions.jsonl \\",
+    "    --calibration-image-folder .cache/shapesvqa/val",
+    "dyvte-exit eval --model demo --questions q.jsonl --image-folder img/ --method none,static:6,fastv:2:0.5 --limit 64",
+]
+FIGURES_EXAMPLES = ["dyvte-exit figures runs/eval --out figures"]
+GENERATE_EXAMPLES = [
+    "dyvte-exit generate --model demo --gates runs/gates --image .cache/shapesvqa/val/images/000000.png \\",
+    '    --question "What colour is the triangle? Answer with one word."',
+]
+EPILOG = "examples:\n" + "\n".join(
+    f"  {line}" for lines in (SWEEP_EXAMPLES, TRAIN_EXAMPLES, EVAL_EXAMPLES, FIGURES_EXAMPLES, GENERATE_EXAMPLES)
+    for line in lines
+)
+
+NEED_OPTIONS: dict[str, str] = {
+    GATES: "expected --gates FOLDER for the methods {methods}, found none",
+    CALIBRATION: "expected --calibration-questions (and --calibration-image-folder) for {methods}, found none; "
+                 "calibrate on data other than the evaluation questions, or give the layer as 'vtw:K'",
+}
+"""The usage error of each need of a method (``exit.methods``) that no option provides."""
 
 
-class UsageError(ValueError):
-    """The options given do not make a complete command."""
+def tau_value(text: str) -> float:
+    """argparse type: a threshold on p(exit) in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), found {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), found {value:g}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    """argparse type: a number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, found {text!r}") from None
+    if not value >= 0.0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, found {value:g}")
+    return value
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from analysis.data import read_questions
-    from analysis.distributed import all_sum, barrier, distributed
+    from analysis.distributed import all_sum, barrier, distributed, local_device
     from analysis.loading import load_model, provenance
     from exit.sweep import LabelRule, read_sweep, run_sweep
 
     questions = read_questions(args.questions, limit=args.limit)
     with distributed() as group:  # data-parallel under torchrun: each process sweeps every n-th question
-        model, processor = load_model(args.model, dtype=args.dtype, device=_local_device(args.device), attention=args.attn)
+        model, processor = load_model(args.model, dtype=args.dtype, device=local_device(args.device), attention=args.attn)
         features = None if args.features == "none" else args.features
         run = run_sweep(
             model,
@@ -99,6 +159,7 @@ def _train(args: argparse.Namespace, settings: Any, progress: bool) -> tuple[Any
     from tqdm import tqdm
 
     from analysis.data import read_questions
+    from analysis.distributed import local_device
     from analysis.loading import load_model
     from exit.gates import DyVTEGates, GateConfig
     from exit.sweep import LabelRule
@@ -108,7 +169,7 @@ def _train(args: argparse.Namespace, settings: Any, progress: bool) -> tuple[Any
         if args.questions is None or args.image_folder is None:
             raise UsageError("expected --questions and --image-folder with --online, found them missing")
         questions = read_questions(args.questions, limit=args.limit)
-        model, processor = load_model(args.model, dtype="float32", device=_local_device(args.device), attention="sdpa")
+        model, processor = load_model(args.model, dtype="float32", device=local_device(args.device), attention="sdpa")
         config = GateConfig(inputs=args.features or "hidden", hidden_width=args.hidden_width, tau=args.tau, seed=args.seed)
         gates = DyVTEGates.for_model(model, config)
         bar = (lambda items: tqdm(items, desc="train (online)", unit="step")) if progress else None
@@ -122,15 +183,6 @@ def _train(args: argparse.Namespace, settings: Any, progress: bool) -> tuple[Any
     del model
     bar = (lambda items: tqdm(items, desc="train", unit="epoch")) if progress else None
     return gates, train_offline(gates, args.sweep, settings, progress=bar)
-
-
-def _local_device(device: str) -> str:
-    """Under torchrun, ``cuda`` means this process's GPU (``cuda:LOCAL_RANK``)."""
-    import os
-
-    if device == "cuda" and "LOCAL_RANK" in os.environ:
-        return f"cuda:{os.environ['LOCAL_RANK']}"
-    return device
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -149,41 +201,65 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from analysis.adapters import resolve_adapter
+def _check_eval(args: argparse.Namespace) -> tuple[list[MethodSpec], list[Question], list[Question] | None]:
+    """Everything ``eval`` can check before the model loads: the methods (syntax, ranges, duplicates,
+    needs, layers against the checkpoint's config), the gate folder and the question files.
+    Returns (methods, questions, calibration questions or None)."""
     from analysis.data import read_questions
-    from analysis.loading import load_model
-    from exit.evaluate import calibrate_vtw, evaluate_methods, parse_method
+    from analysis.loading import decoder_depth
+    from exit.evaluate import require_answers
     from exit.gates import DyVTEGates
+    from exit.methods import parse_method_specs
 
-    specs = [spec for value in args.method for spec in value.split(",") if spec]
-    needs_gates = any(spec.startswith("dyvte") for spec in specs)
-    needs_vtw = "vtw" in specs
-    if needs_gates and args.gates is None:
-        raise UsageError("expected --gates FOLDER for the dyvte methods, found none")
-    if needs_vtw and args.calibration_questions is None:
-        raise UsageError("expected --calibration-questions (and --calibration-image-folder) for 'vtw', found none; "
-                         "calibrate on data other than the evaluation questions, or give the layer as 'vtw:K'")
+    specs = parse_method_specs(args.method)
+    given = {GATES: args.gates is not None, CALIBRATION: args.calibration_questions is not None}
+    for need, message in NEED_OPTIONS.items():
+        wanting = [spec.name for spec in specs if need in spec.needs]
+        if wanting and not given[need]:
+            raise UsageError(message.format(methods=", ".join(repr(name) for name in wanting)))
     if args.gates is not None:
         DyVTEGates.load(args.gates)  # a broken gate folder fails before the model loads
+    num_layers = decoder_depth(args.model)
+    for spec in specs:
+        spec.check_layers(num_layers)
     questions = read_questions(args.questions, limit=args.limit)
-    model, processor = load_model(args.model, dtype=args.dtype, device=args.device, attention=args.attn)
+    require_answers(questions)
+    calibrating = any(CALIBRATION in spec.needs for spec in specs)
+    return specs, questions, read_questions(args.calibration_questions) if calibrating else None
+
+
+def _bind_methods(args: argparse.Namespace, specs: Sequence[MethodSpec], model: Any, processor: Any,
+                  calibration_questions: Sequence[Question] | None) -> list[ExitMethod]:
+    """The methods for the loaded model: its gates, and the VTW calibration when a method needs it."""
+    from analysis.adapters import resolve_adapter
+    from exit.evaluate import calibrate_vtw
+    from exit.gates import DyVTEGates
+
     num_layers = len(resolve_adapter(model).decoder_layers(model))
     gates = DyVTEGates.load(args.gates, model) if args.gates is not None else None
     calibration = None
-    if needs_vtw:
-        calibration_questions = read_questions(args.calibration_questions)
+    if calibration_questions is not None:
         calibration = calibrate_vtw(model, processor, calibration_questions,
                                     args.calibration_image_folder or args.calibration_questions.parent,
                                     args.vtw_eta, args.vtw_samples, args.batch_size)
         print(f"VTW: first layer with mean KL <= {args.vtw_eta:g} over {calibration.samples} calibration samples: "
               f"{calibration.layer}")
-    methods = [parse_method(spec, num_layers, gates, calibration) for spec in specs]
+    return [spec.bind(num_layers, gates, calibration) for spec in specs]
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from analysis.loading import load_model, provenance
+    from exit.evaluate import evaluate_methods
+
+    specs, questions, calibration_questions = _check_eval(args)
+    model, processor = load_model(args.model, dtype=args.dtype, device=args.device, attention=args.attn)
+    methods = _bind_methods(args, specs, model, processor, calibration_questions)
     progress = None if args.no_progress else (lambda name: lambda items: tqdm(items, desc=name, unit="batch"))
     _, summary = evaluate_methods(model, processor, questions, args.image_folder, methods, args.out,
-                                  args.max_new_tokens, args.batch_size, progress)
+                                  args.max_new_tokens, args.batch_size, progress,
+                                  provenance=provenance(str(args.model), model, args.attn, "none", args.seed))
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if args.out is not None:
         print(f"per-question rows and summary.parquet in {args.out}")
@@ -198,7 +274,104 @@ def _cmd_figures(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_label_rule(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    group = parser.add_argument_group("exit labels (exit.sweep.LabelRule)")
+    group.add_argument("--min-agreement", type=float, default=0.99,
+                       help=f"{prefix}label: argmax agreement above this (default 0.99)")
+    group.add_argument("--max-ce-ratio", type=float, default=1.03,
+                       help=f"{prefix}label: cross-entropy ratio below this (default 1.03)")
+
+
+def _add_sweep(commands: Any) -> None:
+    sweep = subcommand(
+        commands, "sweep", "exit labels for every question and layer (parquet) and the gate features (safetensors)",
+        SWEEP_EXAMPLES,
+        parents=[model_options(), question_options(answers=True), batch_options(1), seed_option(), progress_option()],
+    )
+    sweep.add_argument("--out", required=True, type=Path, help="output folder (exit_sweep-*.parquet, features-*.safetensors)")
+    sweep.add_argument("--features", choices=["hidden", "attention", "both", "none"], default="hidden",
+                       help="gate features to cache for training (default: hidden, the paper's)")
+    _add_label_rule(sweep)
+    sweep.set_defaults(run=_cmd_sweep)
+
+
+def _add_train(commands: Any) -> None:
+    train = subcommand(
+        commands, "train", "train one gate per layer on a sweep's cached features (model frozen)", TRAIN_EXAMPLES,
+        parents=[model_options(attention=False, dtype=False), question_options(required=False, answers=True),
+                 batch_options(128, "training samples per step"), seed_option(), progress_option()],
+    )
+    train.add_argument("--sweep", type=Path, help="offline: folder written by `dyvte-exit sweep` (features cached)")
+    train.add_argument("--online", action="store_true",
+                       help="the paper's online scheme instead: one random exit layer per step, labelled on the fly "
+                            "(needs --questions and --image-folder)")
+    train.add_argument("--features", choices=["hidden", "attention", "both"], default=None,
+                       help="gate input (default: 'hidden' online, the sweep's kind offline; a sweep that cached "
+                            "'both' serves all three)")
+    train.add_argument("--out", required=True, type=Path,
+                       help="folder for gates.safetensors, gate_config.json, train_report.json")
+    train.add_argument("--hidden-width", type=positive_int, default=2048, help="gate hidden width (default 2048, the paper's)")
+    train.add_argument("--tau", type=tau_value, default=0.5, help="exit when p(exit) > tau, in [0, 1) (default 0.5)")
+    train.add_argument("--lr", type=float, default=6e-5)
+    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    train.add_argument("--epochs", type=positive_int, default=1)
+    train.add_argument("--holdout", type=float, default=0.2, help="fraction of samples held out for the accuracy report")
+    _add_label_rule(train, "--online: ")
+    train.set_defaults(run=_cmd_train)
+
+
+def _add_generate(commands: Any) -> None:
+    generate = subcommand(
+        commands, "generate", "answer a question about an image with the gates; print the answer and the exit layer",
+        GENERATE_EXAMPLES, parents=[model_options(), progress_option()],
+    )
+    generate.add_argument("--gates", required=True, type=Path, help="folder written by `dyvte-exit train`")
+    generate.add_argument("--image", required=True, action="append", help="image file (repeat for several images)")
+    generate.add_argument("--question", required=True)
+    generate.add_argument("--max-new-tokens", type=positive_int, default=32)
+    generate.add_argument("--tau", type=tau_value, default=None, help="override the saved threshold, in [0, 1)")
+    generate.set_defaults(run=_cmd_generate)
+
+
+def _add_eval(commands: Any) -> None:
+    evaluate = subcommand(
+        commands, "eval", "accuracy, exit layers, relative prefill FLOPs and time of exit methods on a question file",
+        EVAL_EXAMPLES,
+        parents=[model_options(), question_options(answers=True), batch_options(8, "questions about one image per batch"),
+                 seed_option(), progress_option()],
+    )
+    evaluate.add_argument("--method", required=True, action="append",
+                          help=" | ".join(METHOD_FORMS) + " (exit.methods; repeat, or separate with commas; all share "
+                               "the loaded model; every method is checked before the model loads)")
+    evaluate.add_argument("--gates", type=Path, default=None, help="gate folder for the dyvte methods")
+    evaluate.add_argument("--calibration-questions", type=Path, default=None,
+                          help="question file whose first --vtw-samples questions calibrate 'vtw'")
+    evaluate.add_argument("--calibration-image-folder", type=Path, default=None,
+                          help="images of the calibration questions (default: the question file's folder)")
+    evaluate.add_argument("--vtw-eta", type=non_negative, default=0.1, help="VTW's KL threshold in nats (default 0.1)")
+    evaluate.add_argument("--vtw-samples", type=positive_int, default=20, help="VTW calibration samples (default 20)")
+    evaluate.add_argument("--out", type=Path, default=None,
+                          help="folder for eval-<method>.parquet (one row per question) and summary.parquet")
+    evaluate.add_argument("--max-new-tokens", type=positive_int, default=4)
+    evaluate.set_defaults(run=_cmd_eval)
+
+
+def _add_figures(commands: Any) -> None:
+    figures = subcommand(
+        commands, "figures",
+        "the accuracy-FLOPs frontier, the exit-layer histogram and the results table of an `eval --out` folder",
+        FIGURES_EXAMPLES,
+    )
+    figures.add_argument("folder", type=Path, help="folder written by `dyvte-exit eval --out`")
+    figures.add_argument("--out", type=Path, default=Path("figures"),
+                         help="where frontier.png, exit_histogram.png and exit_results.md go")
+    figures.add_argument("--num-layers", type=positive_int, default=None,
+                         help="decoder layers on the histogram's axis (default: from the summary)")
+    figures.set_defaults(run=_cmd_figures)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``dyvte-exit`` parser: one subcommand per job, each with its own examples."""
     parser = argparse.ArgumentParser(
         prog="dyvte-exit",
         description="DyVTE visual-token exit: label exit layers, train the gates, answer with them.",
@@ -206,129 +379,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    sweep = commands.add_parser(
-        "sweep",
-        help="exit labels for every question and layer (parquet) and the gate features (safetensors)",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sweep.add_argument("--model", required=True, help="checkpoint id or folder, or 'demo' for the demo model")
-    sweep.add_argument("--questions", required=True, type=Path,
-                       help="question file (JSONL with question_id, image, text, answer)")
-    sweep.add_argument("--image-folder", required=True, type=Path)
-    sweep.add_argument("--out", required=True, type=Path, help="output folder (exit_sweep-*.parquet, features-*.safetensors)")
-    sweep.add_argument("--features", choices=["hidden", "attention", "both", "none"], default="hidden",
-                       help="gate features to cache for training (default: hidden, the paper's)")
-    sweep.add_argument("--min-agreement", type=float, default=0.99, help="label: argmax agreement above this (default 0.99)")
-    sweep.add_argument("--max-ce-ratio", type=float, default=1.03, help="label: cross-entropy ratio below this (default 1.03)")
-    sweep.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
-    sweep.add_argument("--batch-size", type=int, default=1)
-    sweep.add_argument("--limit", type=int, default=None, help="only the first N questions")
-    sweep.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    sweep.add_argument("--device", default="cpu")
-    sweep.add_argument("--seed", type=int, default=0)
-    sweep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    sweep.set_defaults(run=_cmd_sweep)
-
-    train = commands.add_parser(
-        "train", help="train one gate per layer on a sweep's cached features (model frozen)", epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    train.add_argument("--sweep", type=Path, help="offline: folder written by `dyvte-exit sweep` (features cached)")
-    train.add_argument("--online", action="store_true",
-                       help="the paper's online scheme instead: one random exit layer per step, labelled on the fly")
-    train.add_argument("--questions", type=Path, help="--online: question file with reference answers")
-    train.add_argument("--image-folder", type=Path, help="--online: folder of the questions' images")
-    train.add_argument("--features", choices=["hidden", "attention", "both"], default=None,
-                       help="gate input (default: 'hidden' online, the sweep's kind offline; a sweep that cached "
-                            "'both' serves all three)")
-    train.add_argument("--limit", type=int, default=None, help="--online: only the first N questions")
-    train.add_argument("--min-agreement", type=float, default=0.99, help="--online: label threshold (default 0.99)")
-    train.add_argument("--max-ce-ratio", type=float, default=1.03, help="--online: label threshold (default 1.03)")
-    train.add_argument("--device", default="cpu", help="--online: device of the model")
-    train.add_argument("--model", required=True, help="the model the sweep was run on (its shape goes into the gates' config)")
-    train.add_argument("--out", required=True, type=Path,
-                       help="folder for gates.safetensors, gate_config.json, train_report.json")
-    train.add_argument("--hidden-width", type=int, default=2048, help="gate hidden width (default 2048, the paper's)")
-    train.add_argument("--tau", type=float, default=0.5, help="exit when p(exit) > tau (default 0.5)")
-    train.add_argument("--lr", type=float, default=6e-5)
-    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    train.add_argument("--epochs", type=int, default=1)
-    train.add_argument("--batch-size", type=int, default=128)
-    train.add_argument("--holdout", type=float, default=0.2, help="fraction of samples held out for the accuracy report")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--no-progress", action="store_true")
-    train.set_defaults(run=_cmd_train)
-
-    generate = commands.add_parser(
-        "generate", help="answer a question about an image with the gates; print the answer and the exit layer",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    generate.add_argument("--model", required=True)
-    generate.add_argument("--gates", required=True, type=Path, help="folder written by `dyvte-exit train`")
-    generate.add_argument("--image", required=True, action="append", help="image file (repeat for several images)")
-    generate.add_argument("--question", required=True)
-    generate.add_argument("--max-new-tokens", type=int, default=32)
-    generate.add_argument("--tau", type=float, default=None, help="override the saved threshold")
-    generate.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
-    generate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    generate.add_argument("--device", default="cpu")
-    generate.add_argument("--no-progress", action="store_true", help="accepted for symmetry; generation prints no bar")
-    generate.set_defaults(run=_cmd_generate)
-    evaluate = commands.add_parser(
-        "eval", help="accuracy, exit layers, relative prefill FLOPs and time of exit methods on a question file",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    evaluate.add_argument("--model", required=True, help="checkpoint id or folder, or 'demo' for the demo model")
-    evaluate.add_argument("--questions", required=True, type=Path, help="question file with reference answers")
-    evaluate.add_argument("--image-folder", required=True, type=Path)
-    evaluate.add_argument("--method", required=True, action="append",
-                          help="none | static:K | vtw | vtw:K | fastv:K:R | dyvte | dyvte:TAU | dyvte+fastv:K:R "
-                               "(repeat, or separate with commas; all share the loaded model)")
-    evaluate.add_argument("--gates", type=Path, default=None, help="gate folder for the dyvte methods")
-    evaluate.add_argument("--calibration-questions", type=Path, default=None,
-                          help="question file whose first --vtw-samples questions calibrate 'vtw'")
-    evaluate.add_argument("--calibration-image-folder", type=Path, default=None,
-                          help="images of the calibration questions (default: the question file's folder)")
-    evaluate.add_argument("--vtw-eta", type=float, default=0.1, help="VTW's KL threshold in nats (default 0.1)")
-    evaluate.add_argument("--vtw-samples", type=int, default=20)
-    evaluate.add_argument("--out", type=Path, default=None,
-                          help="folder for eval-<method>.parquet (one row per question) and summary.parquet")
-    evaluate.add_argument("--limit", type=int, default=None, help="only the first N questions")
-    evaluate.add_argument("--batch-size", type=int, default=8, help="questions about one image per batch")
-    evaluate.add_argument("--max-new-tokens", type=int, default=4)
-    evaluate.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
-    evaluate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    evaluate.add_argument("--device", default="cpu")
-    evaluate.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    evaluate.set_defaults(run=_cmd_eval)
-
-    figures = commands.add_parser(
-        "figures",
-        help="the accuracy-FLOPs frontier, the exit-layer histogram and the results table of an `eval --out` folder",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    figures.add_argument("folder", type=Path, help="folder written by `dyvte-exit eval --out`")
-    figures.add_argument("--out", type=Path, default=Path("figures"), help="where frontier.png, exit_histogram.png and exit_results.md go")
-    figures.add_argument("--num-layers", type=int, default=None,
-                         help="decoder layers on the histogram's axis (default: from the summary)")
-    figures.set_defaults(run=_cmd_figures)
+    for add in (_add_sweep, _add_train, _add_generate, _add_eval, _add_figures):
+        add(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dyvte-exit``; errors print one line and exit 2."""
-    from analysis.cli import run_command, toolkit_errors
-    from exit.gates import GateMismatchError
-    from exit.surgery import ExitSurgeryError
-    from exit.sweep import SweepError
-
-    from analysis.plots import PlotError
-    from exit.plots import EvaluationFolderError
-
-    exit_errors = (GateMismatchError, ExitSurgeryError, SweepError, UsageError, EvaluationFolderError, PlotError)
-    return run_command("dyvte-exit", build_parser(), argv, toolkit_errors() + exit_errors)
+    return run_command("dyvte-exit", build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -42,9 +42,9 @@ relative decoder savings are not diluted or inflated by them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = [

@@ -30,9 +30,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from analysis.errors import DyVTEError, UsageError
 from analysis.adapters import ModelAdapter, resolve_adapter
 from analysis.attention import path_of_model
+from analysis.errors import DyVTEError, UsageError
 from analysis.layout import QUERY_GROUPS, TokenLayout, token_layout
 from analysis.recorder import AttentionRecorder, LayerRecord, record_attention
 from exit.surgery import VisualExit, visual_token_exit

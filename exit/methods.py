@@ -8,7 +8,7 @@ the ``method`` column of an evaluation folder). :data:`METHODS` maps each kind t
 kind             forms                 needs      what happens to the image tokens
 ===============  ====================  =========  ===============================================
 ``none``         none                  -          nothing (the stock model)
-``static``       static:K              -          every row's leave after layer K
+``static``       static:K              -          all of them leave after layer K
 ``vtw``          vtw, vtw:K            (calib.)   VTW: a static exit after the layer its KL
                                                   calibration picked (``vtw``) or K (``vtw:K``)
 ``fastv``        fastv:K:R             -          FastV: after layer K each row keeps
@@ -67,6 +67,7 @@ __all__ = [
     "ROWS_PATTERN",
     "ROWS_TABLE",
     "SUMMARY_FILE",
+    "STOCK_MODEL",
     "SUMMARY_TABLE",
     "ExitMethod",
     "MethodKind",
@@ -146,6 +147,9 @@ def _placeholders(form: str) -> list[str]:
 
 
 # the table ----------------------------------------------------------------------------------
+
+STOCK_MODEL = "none"
+"""The kind that changes nothing: the reference every figure and results table compares against."""
 
 Attach = Callable[["ExitMethod", "nn.Module", "torch.Tensor", "torch.Tensor"], AbstractContextManager[Any]]
 """(method, model, input_ids, attention_mask) -> the context that applies the method to one batch;
@@ -287,7 +291,7 @@ def _kind(kind: str, forms: tuple[str, ...], title: str, description: str, attac
 
 
 METHODS: dict[str, MethodKind] = {entry.kind: entry for entry in (
-    _kind("none", ("none",), "full model", "the stock model", _attach_nothing, _flops_full,
+    _kind(STOCK_MODEL, ("none",), "full model", "the stock model", _attach_nothing, _flops_full,
           label=lambda spec: "full model"),
     _kind("static", ("static:K",), "static exit", "every row's image tokens leave after layer K",
           _attach_static, _flops_exit),

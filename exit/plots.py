@@ -1,7 +1,8 @@
 """Figures of an evaluation folder (``exit.evaluate.evaluate_methods``, ``dyvte-exit eval --out``).
 
 An evaluation folder holds ``eval-<method>.parquet`` (one row per question and method) and
-``summary.parquet`` (one row per method); :func:`read_evaluation` reads and checks both. Every
+``summary.parquet`` (one row per method), the registered tables ``evaluation`` and
+``evaluation_summary`` (``analysis.schema``); :func:`read_evaluation` reads and checks both. Every
 ``plot_*`` function draws a new figure from one of the two tables and returns it without showing it.
 
 ==============  ===================  ==============================================================
@@ -10,7 +11,8 @@ figure          function             what it shows
 frontier        plot_frontier        overall accuracy against relative decoder prefill FLOPs, one
                                      colour, marker and line per method family (dyvte, vtw, static,
                                      fastv, dyvte+fastv; the stock model as a star), each point
-                                     labelled by its settings; the non-dominated points (the
+                                     labelled by its settings (the kind's label in
+                                     ``exit.methods.METHODS``); the non-dominated points (the
                                      accuracy-cost frontier over all methods) as a grey step line
 exit_histogram  plot_exit_histogram  per method, the share of questions whose image tokens left
                                      after each decoder layer, with "never" as its own bar
@@ -34,12 +36,23 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
-from analysis.errors import DyVTEError
+from analysis.errors import DyVTEError, UsageError
 from analysis.plots import PlotError
+from analysis.schema import SchemaError, validate_arrow_schema
+from exit.methods import (
+    METHODS,
+    ROWS_PATTERN,
+    ROWS_TABLE,
+    STOCK_MODEL,
+    SUMMARY_FILE,
+    SUMMARY_TABLE,
+    parse_method_spec,
+)
 
 __all__ = [
     "EvaluationFolderError",
@@ -65,8 +78,6 @@ ROW_COLUMNS: tuple[str, ...] = ("method", "question_id", "category", "correct", 
 """Columns of the per-question rows that the figures and the notebook need."""
 SUMMARY_COLUMNS: tuple[str, ...] = ("method", "questions", "accuracy_overall", "relative_prefill_flops")
 """Columns of the summary that the figures and the notebook need."""
-SUMMARY_FILE = "summary.parquet"
-ROWS_PATTERN = "eval-*.parquet"
 
 
 @dataclass(frozen=True)
@@ -79,15 +90,19 @@ class FamilyStyle:
     points at the same place do not overlap)."""
 
 
-FAMILY_STYLES: dict[str, FamilyStyle] = {
-    "none": FamilyStyle("full model", "black", "*", (-8, 8)),
-    "dyvte": FamilyStyle("DyVTE", "tab:red", "o", (5, 5)),
-    "dyvte+fastv": FamilyStyle("DyVTE + FastV", "tab:purple", "D", (5, 14)),
-    "vtw": FamilyStyle("VTW", "tab:green", "s", (5, -12)),
-    "static": FamilyStyle("static exit", "tab:blue", "v", (-5, -12)),
-    "fastv": FamilyStyle("FastV", "tab:orange", "^", (-5, 5)),
+_LOOKS: dict[str, tuple[str, str, tuple[int, int]]] = {
+    "none": ("black", "*", (-8, 8)),
+    "dyvte": ("tab:red", "o", (5, 5)),
+    "dyvte+fastv": ("tab:purple", "D", (5, 14)),
+    "vtw": ("tab:green", "s", (5, -12)),
+    "static": ("tab:blue", "v", (-5, -12)),
+    "fastv": ("tab:orange", "^", (-5, 5)),
 }
-"""Legend label, colour and marker of each method family (others get the next colour of tab10)."""
+FAMILY_STYLES: dict[str, FamilyStyle] = {
+    kind: FamilyStyle(METHODS[kind].title, *look) for kind, look in _LOOKS.items()
+}
+"""Legend label (the kind's title in ``exit.methods.METHODS``), colour and marker of each method
+family, in legend order (a kind without a look gets the next colour of tab10)."""
 
 
 class EvaluationFolderError(DyVTEError, ValueError):
@@ -112,29 +127,24 @@ def method_name(method: str) -> MethodName:
     """Family and settings of a method name: ``static:6`` -> (static, ``K=6``), ``fastv:2:0.5`` ->
     (fastv, ``K=2 R=0.5``), ``dyvte:0.3`` -> (dyvte, ``tau=0.3``), ``none`` -> (none, ``full model``).
 
-    The family is the part before the first ``:``; settings of a form this function does not know
-    are shown as written.
+    The family is the method's kind and the settings its label in ``exit.methods.METHODS``; a name
+    that is no method of the table keeps the part before the first ``:`` as its family and the
+    rest, as written, as its settings.
     """
-    family, _, argument = method.partition(":")
-    parts = argument.split(":") if argument else []
-    if family == "none" and not parts:
-        settings = "full model"
-    elif family == "dyvte" and len(parts) == 1:
-        settings = f"tau={parts[0]}"
-    elif family in ("static", "vtw") and len(parts) == 1:
-        settings = f"K={parts[0]}"
-    elif family in ("fastv", "dyvte+fastv") and len(parts) == 2:
-        settings = f"K={parts[0]} R={parts[1]}"
-    else:
-        settings = argument
-    return MethodName(method=method, family=family, settings=settings)
+    try:
+        spec = parse_method_spec(method)
+    except UsageError:
+        family, _, argument = method.partition(":")
+        return MethodName(method=method, family=family, settings=argument)
+    return MethodName(method=method, family=spec.kind, settings=spec.label)
 
 
 def _style(family: str, others: list[str]) -> FamilyStyle:
     if family in FAMILY_STYLES:
         return FAMILY_STYLES[family]
     colours = sns.color_palette("tab10").as_hex()
-    return FamilyStyle(family, colours[(len(FAMILY_STYLES) + others.index(family)) % len(colours)], "P")
+    label = METHODS[family].title if family in METHODS else family
+    return FamilyStyle(label, colours[(len(FAMILY_STYLES) + others.index(family)) % len(colours)], "P")
 
 
 def _require(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
@@ -180,10 +190,11 @@ def plot_frontier(summary: pd.DataFrame) -> Figure:
     for family in [f for f in FAMILY_STYLES if f in families] + unknown:
         style = _style(family, unknown)
         points = data[data["_family"] == family].sort_values("relative_prefill_flops")
-        line = "none" if family == "none" or len(points) == 1 else "-"
+        stock = family == STOCK_MODEL
+        line = "none" if stock or len(points) == 1 else "-"
         ax.plot(points["relative_prefill_flops"], points["accuracy_overall"], ls=line, marker=style.marker,
-                color=style.colour, markersize=11 if family == "none" else 7, lw=1.2, label=style.label, zorder=3)
-        if family == "none":
+                color=style.colour, markersize=11 if stock else 7, lw=1.2, label=style.label, zorder=3)
+        if stock:
             ax.axhline(points["accuracy_overall"].max(), color=style.colour, ls=":", lw=0.8, zorder=0)
         for x, y, text in zip(points["relative_prefill_flops"], points["accuracy_overall"], points["_label"]):
             ax.annotate(text, (x, y), xytext=style.offset, textcoords="offset points", fontsize=7,
@@ -263,7 +274,7 @@ def category_accuracy(summary: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def results_table(summary: pd.DataFrame, reference: str = "none") -> pd.DataFrame:
+def results_table(summary: pd.DataFrame, reference: str = STOCK_MODEL) -> pd.DataFrame:
     """The results table of an evaluation, one row per method in summary order.
 
     Columns: ``accuracy`` (%), ``vs <reference>`` (points; absent without that method),
@@ -287,7 +298,7 @@ def results_table(summary: pd.DataFrame, reference: str = "none") -> pd.DataFram
     return table.reset_index(drop=True)
 
 
-def results_markdown(summary: pd.DataFrame, reference: str = "none") -> str:
+def results_markdown(summary: pd.DataFrame, reference: str = STOCK_MODEL) -> str:
     """:func:`results_table` as a Markdown table (as in the README)."""
     table = results_table(summary, reference)
     formats = {"accuracy": "{:.1f} %", f"vs {reference}": "{:+.1f}", "mean exit layer": "{:.1f}",
@@ -300,22 +311,26 @@ def results_markdown(summary: pd.DataFrame, reference: str = "none") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _read_parquet(path: Path) -> pd.DataFrame:
+def _read_parquet(path: Path, columns: Sequence[str], table: str) -> pd.DataFrame:
+    """One file of an evaluation folder: readable, with the ``columns`` the figures need, and of the
+    registered ``table`` (metadata, schema version, every column's type)."""
     try:
-        return pd.read_parquet(path)
+        data = pq.read_table(path)
     except (pa.ArrowException, OSError, ValueError) as error:
         raise EvaluationFolderError(
             f"{path}: expected a parquet file written by exit.evaluate, found unreadable data ({error})"
         ) from error
-
-
-def _check_columns(frame: pd.DataFrame, columns: Sequence[str], path: Path) -> None:
-    missing = [c for c in columns if c not in frame.columns]
+    missing = [c for c in columns if c not in data.column_names]
     if missing:
         raise EvaluationFolderError(
             f"{path}: expected the columns {list(columns)} (written by exit.evaluate), found no {missing} "
-            f"among {list(frame.columns)}"
+            f"among {data.column_names}"
         )
+    try:
+        validate_arrow_schema(data.schema, str(path), expected=table)
+    except SchemaError as error:
+        raise EvaluationFolderError(f"{error} (write evaluation folders with exit.evaluate)") from error
+    return data.to_pandas()
 
 
 def read_evaluation(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -323,8 +338,9 @@ def read_evaluation(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
     Raises:
         FileNotFoundError: no folder, or no ``summary.parquet`` or ``eval-*.parquet`` in it.
-        EvaluationFolderError: an unreadable file, missing columns, or methods in the summary
-            without rows (or rows without a summary line).
+        EvaluationFolderError: an unreadable file, missing columns, a file that is not of its
+            registered table (``evaluation``, ``evaluation_summary``) or schema version, or methods
+            in the summary without rows (or rows without a summary line).
     """
     folder = Path(folder)
     hint = "write one with `dyvte-exit eval ... --out FOLDER` (exit.evaluate.evaluate_methods)"
@@ -338,15 +354,13 @@ def read_evaluation(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         raise FileNotFoundError(
             f"expected {SUMMARY_FILE} and {ROWS_PATTERN} in {folder}, found {present or 'an empty folder'}; {hint}"
         )
-    summary = _read_parquet(summary_path)
-    _check_columns(summary, SUMMARY_COLUMNS, summary_path)
+    summary = _read_parquet(summary_path, SUMMARY_COLUMNS, SUMMARY_TABLE)
     if summary["method"].duplicated().any():
         raise EvaluationFolderError(f"{summary_path}: expected one line per method, found "
                                     f"{sorted(summary['method'][summary['method'].duplicated()])} twice")
     frames: dict[str, pd.DataFrame] = {}
     for path in row_paths:
-        frame = _read_parquet(path)
-        _check_columns(frame, ROW_COLUMNS, path)
+        frame = _read_parquet(path, ROW_COLUMNS, ROWS_TABLE)
         methods = list(frame["method"].unique())
         if len(methods) != 1 or methods[0] in frames:
             raise EvaluationFolderError(f"{path}: expected the rows of one method not seen in another file, "

@@ -71,10 +71,10 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
 
-from analysis.errors import DyVTEError
 from analysis.adapters import ModelAdapter, resolve_adapter
 from analysis.attention import DECODER_IMPLEMENTATIONS
-from analysis.hooks import Hook, attached
+from analysis.errors import DyVTEError
+from analysis.hooks import Hook, attached, missing_paths, missing_paths_message
 from analysis.layout import IMAGE, PADDING, TokenLayout, token_layout
 
 SUPPORTED_ATTENTION = DECODER_IMPLEMENTATIONS
@@ -158,13 +158,9 @@ def check_attention_implementation(implementation: str, user: str = "") -> None:
 def check_module_paths(model: nn.Module, hooks: Sequence[Hook]) -> None:
     """Raise ExitSurgeryError unless every hook's path names a module of ``model`` (what
     ``analysis.hooks.attached`` checks on entry, checked here when a handle is made)."""
-    modules = {name for name, _ in model.named_modules()}
-    missing = sorted({hook.path for hook in hooks if hook.path not in modules})
+    missing = missing_paths(model, list(hooks))
     if missing:
-        raise ExitSurgeryError(
-            f"expected module paths of {type(model).__name__}, found no module named {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''}"
-        )
+        raise ExitSurgeryError(missing_paths_message(model, missing))
 
 
 def attention_mask_for_keys(

@@ -40,8 +40,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from analysis.errors import DyVTEError
 from analysis.adapters import ModelAdapter, resolve_adapter
+from analysis.errors import DyVTEError
 from analysis.hooks import Hook, attached
 from analysis.io import AtomicFile, ParquetShard, parse_shard_file, shard_file_name
 from analysis.layout import IMAGE, PADDING, TokenLayout, token_layout
@@ -647,8 +647,7 @@ def run_sweep(
     """
     from tqdm import tqdm
 
-    from analysis.data import build_prompt, load_image
-    from analysis.data import check_questions
+    from analysis.data import build_prompt, check_questions, load_image
     from analysis.distributed import Shard, barrier
     from analysis.io import tag_count
 

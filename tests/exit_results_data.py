@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from exit.evaluate import summary_row
+from exit.evaluate import summary_row, write_evaluation_rows, write_evaluation_summary
 from exit.flops import DecoderShape, fastv_tokens_per_layer, prefill_flops, prefill_flops_for_counts
 
 NUM_LAYERS = 8
@@ -22,7 +22,7 @@ METHODS: tuple[str, ...] = (
     "none", "static:1", "static:3", "vtw:4", "fastv:1:0.5", "fastv:1:0.75",
     "dyvte:0.2", "dyvte:0.5", "dyvte:0.8", "dyvte+fastv:1:0.5",
 )
-"""Every family of ``exit.evaluate.METHOD_FORMS``: dyvte at three thresholds, two static exits, ..."""
+"""Every kind of ``exit.methods.METHODS``: dyvte at three thresholds, two static exits, ..."""
 
 
 def exit_layer(method: str, index: int) -> int:
@@ -84,16 +84,20 @@ def summary_line(method: str, frame: pd.DataFrame) -> dict[str, object]:
     return summary_row(method, frame, NUM_LAYERS)
 
 
+PROVENANCE = {"model": "synthetic (tests/exit_results_data.py)", "seed": 0}
+"""The provenance the synthetic folder records (a real one comes from ``analysis.loading.provenance``)."""
+
+
 def write_results_folder(folder: str | Path, methods: Sequence[str] = METHODS, questions: int = QUESTIONS) -> Path:
-    """Write ``eval-<method>.parquet`` for every method and ``summary.parquet`` into ``folder``."""
+    """Write ``eval-<method>.parquet`` for every method and ``summary.parquet`` into ``folder``, with
+    the writers of ``exit.evaluate`` (registered tables, provenance in the metadata)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     lines = []
     for method in methods:
         frame = synthetic_rows(method, questions)
-        frame.to_parquet(folder / f"eval-{method.replace(':', '_')}.parquet", index=False)
+        write_evaluation_rows(frame, folder, PROVENANCE)
         lines.append(summary_line(method, frame))
-    pd.DataFrame(lines).to_parquet(folder / "summary.parquet", index=False)
+    write_evaluation_summary(pd.DataFrame(lines), folder, PROVENANCE)
     return folder
 
 

@@ -18,8 +18,8 @@ from analysis.data import Question, build_prompt
 from analysis.errors import DyVTEError
 from analysis.hooks import OBSERVED_SDPA, Hook, attached, attached_count
 from analysis.layout import IMAGE, PADDING
-from analysis.testing.tiny import TinyLlavaSpec, tiny_llava, tiny_processor
 from analysis.testing.families import RowSpec, tiny_family_batch, tiny_family_model
+from analysis.testing.tiny import TinyLlavaSpec, tiny_llava, tiny_processor
 from exit import (
     DyVTEGates,
     ExitSurgeryError,
@@ -244,8 +244,9 @@ def test_ties_keep_the_earlier_position_and_counts_round_up():
 
 
 def test_only_layer_k_reads_attention_weights(models, inputs, monkeypatch):
-    import analysis.hooks
     import transformers.models.llama.modeling_llama as llama
+
+    import analysis.hooks
 
     model = models("gqa", "sdpa")
     adapter = resolve_adapter(model)
@@ -393,6 +394,10 @@ def test_the_fastv_handle_attaches_on_entry_only(models, inputs, implementation)
     pruning.remove()
     assert attached_count(model) == before and adapter.attention_implementation(model) == implementation
     assert torch.equal(pruning.kept, kept) and pruning.exit_layers == exits and pruning.weights_read == [LAYER, LAYER]
+    outer, inner = fastv(model, 1, 0.5), fastv(model, 2, 0.5)  # both made before either is entered
+    with outer, inner:
+        assert outer.is_attached and inner.is_attached and attached_count(model) > before
+    assert attached_count(model) == before and adapter.attention_implementation(model) == implementation
 
 
 def test_a_failing_fastv_construction_or_attach_leaves_nothing(models, inputs, monkeypatch):

@@ -148,3 +148,129 @@ def test_validate_rejects_a_corrupt_file(tmp_path, capsys):
     (tmp_path / "statistics-00000.parquet").write_bytes(b"garbage")
     assert main(["validate", str(tmp_path)]) == 2
     assert "statistics-00000.parquet: expected a readable parquet file" in capsys.readouterr().err
+
+
+# dyvte-exit ----------------------------------------------------------------------------------
+
+
+def answered_questions(folder: Path) -> tuple[Path, Path]:
+    images = folder / "answered-images"
+    images.mkdir()
+    Image.new("RGB", (32, 32), "red").save(images / "0.png")
+    entries = [{"question_id": i, "image": "0.png", "text": "What colour is it?", "answer": "red"} for i in range(2)]
+    questions = folder / "answered.jsonl"
+    questions.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    return questions, images
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail the test if any command loads model weights (analysis.loading.load_model)."""
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("analysis.loading.load_model", load_model)
+
+
+@pytest.mark.parametrize("methods, message", [
+    (["static:99"], "expected the layer K of 'static:99' in 0..3 (the model has 4 decoder layers), found 99"),
+    (["fastv:99:0.5"], "expected the layer K of 'fastv:99:0.5' in 0..3"),
+    (["dyvte:1.5"], "expected 'dyvte:TAU' with a number TAU in [0, 1)"),
+    (["fastv:2"], "expected a method of the form 'fastv:K:R', found 'fastv:2'"),
+    (["foo"], "unknown exit method kind 'foo' in 'foo': expected a method of one of the kinds ['none', 'static', 'vtw', "
+              "'fastv', 'dyvte', 'dyvte+fastv']"),
+    (["static:1,static:1"], "expected each method once, found ['static:1'] more than once"),
+    (["none", "static:1", "none"], "expected each method once, found ['none'] more than once"),
+    (["dyvte"], "expected --gates FOLDER for the methods 'dyvte', found none"),
+    (["vtw"], "expected --calibration-questions"),
+])
+def test_exit_eval_rejects_bad_methods_before_the_model_loads(model_dir, tmp_path, capsys, no_model_loading,
+                                                              methods, message):
+    from exit.cli import main as exit_main
+
+    questions, images = answered_questions(tmp_path)
+    method_options = [option for method in methods for option in ("--method", method)]
+    code = exit_main(["eval", "--model", str(model_dir), "--questions", str(questions), "--image-folder", str(images),
+                      *method_options, "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("dyvte-exit eval: error: ") and message in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_exit_eval_rejects_questions_without_answers_before_the_model_loads(model_dir, dataset, capsys,
+                                                                             no_model_loading):
+    from exit.cli import main as exit_main
+
+    questions, images = dataset
+    assert exit_main(["eval", "--model", str(model_dir), "--questions", str(questions), "--image-folder", str(images),
+                      "--method", "none"]) == 2
+    assert "question '1': expected a reference answer, found none" in capsys.readouterr().err
+
+
+def test_exit_eval_names_a_missing_checkpoint_in_one_line(tmp_path, capsys, no_model_loading):
+    from exit.cli import main as exit_main
+
+    questions, images = answered_questions(tmp_path)
+    assert exit_main(["eval", "--model", str(tmp_path / "absent"), "--questions", str(questions),
+                      "--image-folder", str(images), "--method", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "expected --model to name a checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+def test_exit_eval_entry_point_answers_a_bad_method_in_one_line_without_loading(model_dir, tmp_path):
+    questions, images = answered_questions(tmp_path)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "exit.cli", "eval", "--model", str(model_dir), "--questions", str(questions),
+         "--image-folder", str(images), "--method", "static:99"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "dyvte-exit eval: error: expected the layer K of 'static:99' in 0..3 (the model has 4 decoder layers), found 99"]
+
+
+def test_exit_eval_writes_the_seed_and_the_model_into_the_provenance(model_dir, tmp_path, capsys):
+    from analysis.io import read_provenance
+    from exit.cli import main as exit_main
+
+    questions, images = answered_questions(tmp_path)
+    out = tmp_path / "eval"
+    assert exit_main(["eval", "--model", str(model_dir), "--questions", str(questions), "--image-folder", str(images),
+                      "--method", "none,fastv:1:0.5", "--seed", "3", "--out", str(out), "--no-progress"]) == 0
+    provenance = read_provenance(out / "eval-fastv_1_0.5.parquet")
+    assert provenance["model"] == str(model_dir) and provenance["seed"] == 3 and provenance["attention_path"] == "sdpa"
+    assert provenance["method"] == "fastv:1:0.5" and provenance["layer"] == 1 and provenance["ratio"] == 0.5
+    assert read_provenance(out / "summary.parquet")["methods"] == ["none", "fastv:1:0.5"]
+
+
+@pytest.mark.parametrize("command, example, others", [
+    ("eval", "dyvte-exit eval --model demo --questions", ("dyvte-exit sweep", "dyvte-exit train", "dyvte-exit figures")),
+    ("sweep", "dyvte-exit sweep --model demo", ("dyvte-exit eval", "dyvte-exit generate")),
+    ("train", "dyvte-exit train --online --model demo", ("dyvte-exit eval", "dyvte-exit sweep --model")),
+    ("generate", "dyvte-exit generate --model demo --gates", ("dyvte-exit eval --model",)),
+    ("figures", "dyvte-exit figures runs/eval --out figures", ("dyvte-exit eval --model",)),
+])
+def test_exit_subcommand_help_shows_its_own_examples(capsys, command, example, others):
+    from exit.cli import main as exit_main
+
+    with pytest.raises(SystemExit) as stopped:
+        exit_main([command, "--help"])
+    out = capsys.readouterr().out
+    assert stopped.value.code == 0 and "examples:" in out and example in out
+    assert not [other for other in others if other in out]
+    if command == "eval":  # every continued example line ends with a backslash
+        lines = out[out.index("examples:"):].splitlines()[1:]
+        assert all(line.endswith("\\") for line, following in zip(lines, lines[1:]) if following.startswith("      "))
+        assert "none | static:K | vtw | vtw:K | fastv:K:R | dyvte | dyvte:TAU | dyvte+fastv:K:R" in " ".join(out.split())
+
+
+@pytest.mark.parametrize("tau", ["1", "1.5", "-0.1", "x"])
+def test_exit_tau_options_take_a_threshold_in_zero_one(capsys, tau):
+    from exit.cli import main as exit_main
+
+    with pytest.raises(SystemExit) as stopped:
+        exit_main(["generate", "--model", "m", "--gates", "g", "--image", "i.png", "--question", "?", "--tau", tau])
+    assert stopped.value.code == 2 and "expected a number in [0, 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        exit_main(["train", "--model", "m", "--out", "o", "--tau", tau])

@@ -10,13 +10,13 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+from demo_available import requires_demo  # noqa: E402
+
 from analysis.cli import main  # noqa: E402
 from analysis.data import Question  # noqa: E402
 from analysis.demo.job import one_question_per_image  # noqa: E402
-from analysis.io import read_provenance, read_samples, read_statistics  # noqa: E402
 from analysis.demo.shapes import QUESTIONS_FILE, write_split  # noqa: E402
-from demo_available import requires_demo  # noqa: E402
-
+from analysis.io import read_provenance, read_samples, read_statistics  # noqa: E402
 
 
 def test_one_question_per_image_keeps_file_order_and_the_limit():

@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from demo_available import requires_demo  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from analysis.demo import model as demo_model  # noqa: E402
@@ -27,7 +28,6 @@ from analysis.demo.model import (  # noqa: E402
     load_demo_model,
     locate_demo_parts,
 )
-from demo_available import requires_demo  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +194,7 @@ def test_committed_weights_are_small_and_complete():
 
     path = demo_model.DEMO_WEIGHTS_FILE
     total = sum(f.stat().st_size for f in path.parent.iterdir() if f.is_file())
-    assert total <= 20 * 2**20, f"demo_weights/ holds {total} bytes, expected at most 20 MB"
+    assert total <= 20 * 2**20, f"analysis/demo/weights/ holds {total} bytes, expected at most 20 MB"
     with safe_open(str(path), "pt") as handle:
         keys = set(handle.keys())
         assert handle.metadata()["format"] == "dyvte-demo-weights/1"
@@ -229,7 +229,7 @@ def _held_out_questions(per_type: int):
 
 
 def _right_answers(model, processor, folder, questions, blank_image: bool) -> list[str]:
-    from analysis.demo.training import predict_demo
+    from analysis.demo.evaluation import predict_demo
     from analysis.scoring import exact_match
 
     answers = predict_demo(model, processor, questions, folder, blank_image=blank_image, progress=False)
@@ -248,7 +248,7 @@ def test_trained_demo_answers_from_the_image(demo):
 
 @requires_demo
 def test_trained_demo_meets_the_accuracy_target_on_held_out_questions(demo):
-    from analysis.demo.training import evaluate_demo
+    from analysis.demo.evaluation import evaluate_demo
     from analysis.demo.shapes import ensure_split
 
     model, processor = demo

@@ -1,4 +1,4 @@
-"""Training and evaluation code of the demo model (analysis.demo.training), on a tiny LLaVA.
+"""The demo model's training (analysis.demo.training): packing, branch encoding, the loss, the loop, the command line.
 
 Cheap: a 4-layer hidden-64 model, 28 px images (4 image tokens) and a 6-image ShapesVQA split.
 """
@@ -16,9 +16,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from analysis.demo import training as dt  # noqa: E402
 from analysis.data import build_prompt, load_image, read_questions  # noqa: E402
-from analysis.demo.model import apply_demo_weights  # noqa: E402
+from analysis.demo import training as dt  # noqa: E402
+from analysis.demo.inputs import image_features  # noqa: E402
+from analysis.demo.lora import LoraAdapters  # noqa: E402
 from analysis.demo.shapes import QUESTION_TYPES, write_split  # noqa: E402
 from analysis.testing.tiny import TinyLlavaSpec, tiny_llava, tiny_processor  # noqa: E402
 
@@ -39,6 +40,11 @@ def _config(**changes) -> dt.TrainConfig:
     base = dict(steps=6, batch_size=2, warmup=1, rank=4, extra_per_type=1, image_size=SPEC.image_size, ground_images=0,
                 bf16=False, lr_projector=1e-2, lr_lora=1e-2)
     return dt.TrainConfig(**{**base, **changes})
+
+
+def _hook_count(model) -> int:
+    # transformers installs its own output-capturing hooks on first use: count only ours (closures named "lora_hook")
+    return sum(h.__name__ == "lora_hook" for m in model.modules() for h in m._forward_hooks.values())
 
 
 def test_pack_split_groups_questions_by_image(split):
@@ -83,7 +89,7 @@ def test_branched_loss_equals_separate_single_turn_losses(split, tiny, attention
     assert len(turns) >= 3 and len({len(t[1]) for t in turns}) > 1  # branches of different lengths: padding
     encoded = dt.encode_branches(processor, turns, model.config.image_token_id, 4)
     pixels = processor.image_processor(load_image(split, first.images[0]), return_tensors="pt")["pixel_values"]
-    features = dt.image_features(model, pixels)
+    features = image_features(model, pixels)
     loss, count, _ = dt.branched_answer_loss(model, encoded, features, pad_token_id=0)
     expected, expected_count = torch.zeros(()), 0
     for branch, labels in zip(encoded.branches, encoded.labels):
@@ -95,52 +101,6 @@ def test_branched_loss_equals_separate_single_turn_losses(split, tiny, attention
         expected_count += int((target != dt.IGNORE).sum())
     assert int(count) == expected_count
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
-
-
-def test_image_features_are_what_the_model_projects(tiny):
-    model, _ = tiny
-    pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0))
-    features = dt.image_features(model, pixels)
-    with torch.no_grad():
-        expected = model.model.get_image_features(pixel_values=pixels, vision_feature_layer=-1,
-                                                  vision_feature_select_strategy="default").pooler_output[0]
-        torch.testing.assert_close(model.model.multi_modal_projector(features)[0], expected, rtol=0, atol=0)
-
-
-def test_fresh_adapters_leave_logits_unchanged_and_leave_no_hook(tiny):
-    model, _ = tiny
-    ids = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        before = model(input_ids=ids).logits
-        adapters = dt.LoraAdapters(model, rank=4)
-        with adapters.attached(model):
-            during = model(input_ids=ids).logits
-            assert _hook_count(model) == len(adapters.paths)
-    torch.testing.assert_close(during, before, rtol=0, atol=0)
-    assert len(adapters.paths) == SPEC.num_layers * len(dt.LORA_TARGETS)
-    assert _hook_count(model) == 0
-
-
-def _hook_count(model) -> int:
-    # transformers installs its own output-capturing hooks on first use: count only ours (closures named "lora_hook")
-    return sum(h.__name__ == "lora_hook" for m in model.modules() for h in m._forward_hooks.values())
-
-
-def test_merged_adapters_equal_the_hooked_model(tiny, tmp_path):
-    model, _ = tiny
-    adapters = dt.LoraAdapters(model, rank=4, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        for b in adapters.B:
-            b.normal_(0, 0.1)
-    ids = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad(), adapters.attached(model):
-        hooked = model(input_ids=ids).logits
-    path = dt.save_demo_weights(tmp_path / "w.safetensors", model, adapters, {"steps": 3})
-    assert sum(k.startswith(dt.LORA_PREFIX) for k in load_file(str(path))) == 2 * len(adapters.paths)
-    apply_demo_weights(model, path)  # projector (unchanged) + merged B @ A
-    with torch.no_grad():
-        merged = model(input_ids=ids).logits
-    torch.testing.assert_close(merged, hooked, rtol=1e-5, atol=1e-5)
 
 
 def test_training_lowers_the_loss_and_is_deterministic(split, tmp_path):
@@ -161,18 +121,7 @@ def test_training_lowers_the_loss_and_is_deterministic(split, tmp_path):
     assert len((tmp_path / "a" / "log.jsonl").read_text().splitlines()) == 6
     assert json.loads((tmp_path / "a" / "config.json").read_text())["steps"] == 6
     assert _hook_count(model_a) == 0
-
-
-def test_standardised_projector_centres_and_matches_text_norms(tiny):
-    model, _ = tiny
-    features = 5 + 3 * torch.randn(2, 4, SPEC.vision_hidden_size, generator=torch.Generator().manual_seed(0))
-    first = model.model.multi_modal_projector.linear_1
-    old_bias = first.bias.detach().clone()
-    norms = dt.standardise_projector(model, features)
-    assert norms["projected_norm_after"] == pytest.approx(norms["text_embedding_norm"], rel=1e-4)
-    with torch.no_grad():  # linear_1 now sees centred channels: the mean feature maps to the old bias
-        torch.testing.assert_close(first(features.reshape(-1, SPEC.vision_hidden_size).mean(0)), old_bias,
-                                   rtol=0, atol=1e-4)
+    assert not list((tmp_path / "a").glob(".*.partial"))  # every file written whole, then renamed
 
 
 def test_training_continues_from_saved_weights(split, tmp_path):
@@ -182,7 +131,7 @@ def test_training_continues_from_saved_weights(split, tmp_path):
     saved = str(tmp_path / "a" / "demo_weights.safetensors")
     again, _ = dt.train_demo(tiny_llava(SPEC), processor, examples, split, _config(steps=2, init_weights=saved),
                              None, progress=False)
-    fresh = dt.LoraAdapters(tiny_llava(SPEC), rank=4)
+    fresh = LoraAdapters(tiny_llava(SPEC), rank=4)
     fresh.load_factors(load_file(saved))
     for (path, (a, b)), (_, (a2, b2)) in zip(adapters.deltas().items(), fresh.deltas().items()):
         torch.testing.assert_close(b2 @ a2, b @ a, msg=path)
@@ -196,33 +145,6 @@ def test_lr_schedule_warms_up_and_decays():
     assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
 
 
-def test_cached_prefix_decoding_matches_generate(split, tiny):
-    model, processor = tiny
-    questions = read_questions(split / "questions.jsonl")[:8]
-    assert len({q.images[0] for q in questions}) < len(questions)  # several questions continue one prefill
-    predictions = dt.predict_demo(model, processor, questions, split, max_new_tokens=3, progress=False)
-    assert dt.predict_demo(model, processor, questions, split, max_new_tokens=3, progress=False,
-                           batch_size=3) == predictions
-    for question in questions:
-        inputs = processor(images=load_image(split, question.images[0]), text=build_prompt(processor, question),
-                           return_tensors="pt")
-        output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-        expected = processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        assert predictions[question.question_id] == expected.strip()
-
-
-def test_evaluate_demo_reports_every_type_and_limits_images(split, tiny):
-    model, processor = tiny
-    result = dt.evaluate_demo(model, processor, split, limit=3, max_new_tokens=2, progress=False)
-    assert result["images"] == 3 and result["questions"] == len(result["predictions"])
-    assert set(result["accuracy"]) <= set(QUESTION_TYPES) | {"overall"} and "overall" in result["accuracy"]
-    blank = dt.evaluate_demo(model, processor, split, limit=3, blank_image=True, max_new_tokens=2, progress=False)
-    assert blank["blank_image"] and blank["questions"] == result["questions"]
-    chance = dt.chance_by_type(split)
-    assert chance["uniform"]["exists"] == pytest.approx(0.5) or chance["uniform"]["exists"] == 1.0
-    assert 0 < chance["majority"]["overall"] <= 1
-
-
 def test_command_line_help_lists_examples(capsys):
     with pytest.raises(SystemExit):
         dt.main(["train", "--help"])
@@ -230,33 +152,14 @@ def test_command_line_help_lists_examples(capsys):
     assert "--steps" in out and "python -m analysis.demo.training train" in out
 
 
-def test_grounding_targets_mark_the_patches_a_shape_covers():
-    from PIL import Image, ImageDraw
-
-    from analysis.demo.shapes import COLOURS, Scene, SceneObject
-
-    image = Image.new("RGB", (56, 56), (255, 255, 255))
-    ImageDraw.Draw(image).rectangle([14, 28, 41, 55], fill=COLOURS["red"])  # patches (row 2-3, column 1-2)
-    scene = Scene(56, (255, 255, 255), (SceneObject("red", "square", "large", 14, 28, 28),))
-    words = {w: torch.full((3,), float(i)) for i, w in enumerate([".", "large", "red", "square"])}
-    targets, is_shape = dt.grounding_targets(scene, image, side=56, patch=14, words=words)
-    expected = torch.zeros(16, dtype=torch.bool)
-    expected[[9, 10, 13, 14]] = True
-    assert torch.equal(is_shape, expected)
-    assert torch.equal(targets[9], torch.full((3,), 2.0))  # mean of "large", "red", "square"
-    assert torch.equal(targets[0], words["."])
-
-
-def test_grounding_stage_fits_the_projector_to_the_words(split):
-    from analysis.demo.shapes import read_scenes
-
-    model, processor = tiny_llava(SPEC), tiny_processor(SPEC.image_size)
-    examples = dt.pack_split(split, extra_per_type=0, seed=0)
-    before = {k: v.clone() for k, v in model.model.multi_modal_projector.state_dict().items()}
-    result = dt.ground_projector(model, processor, examples, split, read_scenes(split), images=6, steps=30, lr=1e-2,
-                                 seed=0, batch_patches=64, progress=False)
-    assert result["images"] == 6 and result["held_out_images"] == 1
-    assert 0.0 <= result["colour_nearest"] <= 1.0 and 0.0 <= result["shape_nearest"] <= 1.0
-    after = model.model.multi_modal_projector.state_dict()
-    assert any(not torch.equal(before[k], after[k]) for k in before)
-    assert not any(p.requires_grad for p in model.model.multi_modal_projector.parameters())
+def test_command_line_keeps_its_defaults():
+    parser = dt._parser()
+    train = parser.parse_args(["train", "--out", "runs/x"])
+    assert (train.steps, train.batch_size, train.seed, train.lr_projector, train.lr_lora, train.warmup, train.rank,
+            train.extra_per_type, train.bf16, train.standardise_images, train.ground_images, train.ground_steps,
+            train.ground_lr, train.checkpoint_minutes, train.max_minutes, train.image_size, train.threads) == (
+        1150, 1, 0, 2e-3, 6e-4, 30, 8, 3, False, 16, 240, 600, 2e-3, 5.0, 110.0, 336, 2)
+    assert train.init_weights is None and train.data_root == Path(".cache/shapesvqa")
+    evaluate = parser.parse_args(["eval"])
+    assert (evaluate.split, evaluate.limit, evaluate.weights, evaluate.blank_image, evaluate.max_new_tokens,
+            evaluate.output) == ("val", None, None, False, 4, None)

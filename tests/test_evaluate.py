@@ -9,11 +9,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from analysis.adapters import resolve_adapter  # noqa: E402
 from analysis.data import read_questions  # noqa: E402
 from analysis.demo.shapes import write_split  # noqa: E402
 from analysis.testing.tiny import TinyLlavaSpec, tiny_llava, tiny_processor  # noqa: E402
-from analysis.adapters import resolve_adapter  # noqa: E402
-from exit.evaluate import calibrate_vtw, evaluate_method, parse_method, summarize_evaluation  # noqa: E402
+from exit.evaluate import calibrate_vtw, encode_questions, evaluate_method, parse_method, summarize_evaluation  # noqa: E402
 from exit.flops import DecoderShape, fastv_tokens_per_layer, prefill_flops, prefill_flops_for_counts  # noqa: E402
 from exit.gates import DyVTEGates, GateConfig  # noqa: E402
 
@@ -152,6 +152,112 @@ def test_bad_methods_are_named(spec, message):
         parse_method(spec, SPEC.num_layers)
 
 
+def test_unknown_kind_lists_the_valid_kinds():
+    from analysis.errors import UsageError
+    from exit.methods import METHODS, parse_method_spec
+
+    with pytest.raises(UsageError) as raised:
+        parse_method_spec("pdrop:8")
+    assert "'pdrop'" in str(raised.value) and all(repr(kind) in str(raised.value) for kind in METHODS)
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("static:99x", "integer K"), ("static:-1", "integer K"), ("fastv:2", "'fastv:K:R'"), ("fastv:1:nan", r"\[0, 1\]"),
+    ("dyvte:1.5", r"\[0, 1\)"), ("dyvte:1", r"\[0, 1\)"), ("dyvte:-0.1", r"\[0, 1\)"), ("vtw:1:2", "'vtw' or 'vtw:K'"),
+    ("none:1", "'none'"), ("foo", "one of the kinds"), ("", "one of the kinds"),
+])
+def test_syntax_and_ranges_are_checked_without_a_model(spec, message):
+    from analysis.errors import UsageError
+    from exit.methods import parse_method_spec
+
+    with pytest.raises(UsageError, match=message):
+        parse_method_spec(spec)
+
+
+def test_layers_are_checked_against_the_number_of_decoder_layers():
+    from analysis.errors import UsageError
+    from exit.methods import parse_method_spec
+
+    for spec in ("static:99", "fastv:99:0.5", "vtw:4", "dyvte+fastv:4:0.5"):
+        parsed = parse_method_spec(spec)  # fine without a model
+        with pytest.raises(UsageError, match="in 0..3 \\(the model has 4 decoder layers\\)"):
+            parsed.check_layers(SPEC.num_layers)
+    assert parse_method_spec("static:3").check_layers(SPEC.num_layers).layer == 3
+
+
+def test_every_kind_of_the_table_parses_names_and_labels_its_forms():
+    from exit.methods import CALIBRATION, GATES, METHOD_FORMS, METHODS, parse_method_spec
+
+    examples = {"K": "2", "R": "0.5", "TAU": "0.7"}
+    written = [":".join([form.split(":")[0], *(examples[p] for p in form.split(":")[1:])]) for form in METHOD_FORMS]
+    assert written == ["none", "static:2", "vtw", "vtw:2", "fastv:2:0.5", "dyvte", "dyvte:0.7", "dyvte+fastv:2:0.5"]
+    specs = [parse_method_spec(text) for text in written]
+    assert [spec.name for spec in specs] == written
+    assert [spec.label for spec in specs] == ["full model", "K=2", "", "K=2", "K=2 R=0.5", "", "tau=0.7", "K=2 R=0.5"]
+    assert [sorted(spec.needs) for spec in specs] == [[], [], [CALIBRATION], [], [], [GATES], [GATES], [GATES]]
+    assert {spec.kind for spec in specs} == set(METHODS)
+    assert parse_method_spec(" fastv:2:0.50 ").name == "fastv:2:0.5"  # canonical names (file names)
+
+
+def test_duplicate_methods_are_usage_errors(split, tiny):
+    from analysis.errors import UsageError
+    from exit.evaluate import evaluate_methods
+    from exit.methods import parse_method_specs
+
+    for values in (["static:1,static:1"], ["none", "static:1", "none"], ["dyvte:0.5", "dyvte:0.50"]):
+        with pytest.raises(UsageError, match="expected each method once"):
+            parse_method_specs(values)
+    assert [spec.name for spec in parse_method_specs(["none,static:1", "vtw:2"])] == ["none", "static:1", "vtw:2"]
+    with pytest.raises(UsageError, match="expected at least one method"):
+        parse_method_specs([","])
+    model, processor = tiny
+    twice = [parse_method("static:1", SPEC.num_layers), parse_method("vtw:1", SPEC.num_layers)] * 2
+    with pytest.raises(UsageError, match="expected each method once, found \\['static:1', 'vtw:1'\\]"):
+        evaluate_methods(model, processor, read_questions(split / "questions.jsonl"), split, twice)
+
+
+def test_binding_checks_the_needs_and_the_gates(tiny):
+    from analysis.errors import UsageError
+    from exit.evaluate import VTWCalibration
+
+    model, _ = tiny
+    with pytest.raises(UsageError, match="'dyvte:0.5'"):
+        parse_method("dyvte:0.5", SPEC.num_layers)
+    attention = DyVTEGates.for_model(model, GateConfig(inputs="attention", hidden_width=4))
+    assert parse_method("dyvte", SPEC.num_layers, attention).gates is attention
+    with pytest.raises(UsageError, match="inputs='hidden'"):
+        parse_method("dyvte+fastv:1:0.5", SPEC.num_layers, attention)
+    tuned = parse_method("dyvte:0.25", SPEC.num_layers, attention)
+    assert tuned.gates.config.tau == 0.25 and attention.config.tau == 0.5 and tuned.gates.gates is attention.gates
+    far = VTWCalibration(layer=7, eta=0.1, kl=(0.0,) * 8, question_ids=("q",))
+    with pytest.raises(UsageError, match="0..3"):
+        parse_method("vtw", SPEC.num_layers, vtw=far)
+
+
+@pytest.mark.parametrize("text", ["none", "static:1", "vtw:2", "fastv:1:0.5", "fastv:0:1", "dyvte", "dyvte+fastv:1:0.5",
+                                  "dyvte+fastv:2:0.5"])
+def test_the_flops_rule_of_each_kind_matches_the_tokens_the_surgery_kept(split, tiny, text):
+    """The table's FLOPs rule, evaluated on each row's exit layer, equals the FLOPs of the tokens
+    each layer really processed (the handle's tokens_per_layer), row by row in a padded batch."""
+    model, processor = tiny
+    gates = DyVTEGates.for_model(model, GateConfig(inputs="hidden", hidden_width=8, seed=3))
+    method = parse_method(text, SPEC.num_layers, gates)
+    questions = read_questions(split / "questions.jsonl")
+    inputs = encode_questions(processor, questions, split)
+    image_token_id = resolve_adapter(model).image_token_id(model)
+    shape = DecoderShape.from_config(model.config)
+    with torch.no_grad(), method.attached(model, inputs["input_ids"], inputs["attention_mask"]) as handle:
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    exits = handle.exit_layers if handle is not None else [None] * len(questions)
+    for row, exit_layer in enumerate(exits):
+        mask = inputs["attention_mask"][row].bool()
+        tokens, image_tokens = int(mask.sum()), int(((inputs["input_ids"][row] == image_token_id) & mask).sum())
+        counts = handle.tokens_per_layer()[row].tolist() if handle is not None else [tokens] * SPEC.num_layers
+        expected = prefill_flops_for_counts(shape, counts) / prefill_flops(shape, tokens, image_tokens)
+        assert method.relative_prefill_flops(shape, tokens, image_tokens, exit_layer) == pytest.approx(expected, rel=1e-12)
+
+
 def test_several_methods_share_the_model_and_write_parquet(split, tiny, tmp_path):
     import pandas as pd
 
@@ -167,7 +273,57 @@ def test_several_methods_share_the_model_and_write_parquet(split, tiny, tmp_path
     written = pd.read_parquet(tmp_path / "eval-static_1.parquet")
     assert (written["exit_layer"] == 1).all() and len(written) == len(questions)
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "summary.parquet"), summary)
-    assert not list(tmp_path.glob("*.partial"))
+    assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob(".*.partial"))
+
+
+def test_evaluation_files_are_registered_tables_with_provenance(split, tiny, tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from analysis.io import validate_path
+    from analysis.schema import PROVENANCE_KEY, TABLE_KEY, TABLES, VERSION_KEY, validate_arrow_schema
+    from exit.evaluate import evaluate_methods
+
+    model, processor = tiny
+    questions = read_questions(split / "questions.jsonl")
+    gates = DyVTEGates.for_model(model, GateConfig(inputs="hidden", hidden_width=8))
+    methods = [parse_method(spec, SPEC.num_layers, gates) for spec in ("static:1", "dyvte:0.3")]
+    evaluate_methods(model, processor, questions, split, methods, tmp_path, provenance={"model": "tiny", "seed": 7})
+    expected = {"eval-static_1.parquet": ("evaluation", "static:1"), "eval-dyvte_0.3.parquet": ("evaluation", "dyvte:0.3"),
+                "summary.parquet": ("evaluation_summary", None)}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(expected)
+    for name, (table, method) in expected.items():
+        schema = pq.read_schema(tmp_path / name)
+        assert schema.metadata[TABLE_KEY].decode() == table
+        assert schema.metadata[VERSION_KEY].decode() == str(TABLES[table].version)
+        assert validate_arrow_schema(schema, name, expected=table) == table
+        provenance = json.loads(schema.metadata[PROVENANCE_KEY])
+        assert provenance["model"] == "tiny" and provenance["seed"] == 7
+        if method is not None:
+            assert provenance["method"] == method
+    dyvte = json.loads(pq.read_schema(tmp_path / "eval-dyvte_0.3.parquet").metadata[PROVENANCE_KEY])
+    assert dyvte["tau"] == 0.3 and dyvte["gates"]["tau"] == 0.3 and dyvte["gates"]["model"]["num_layers"] == SPEC.num_layers
+    summary = json.loads(pq.read_schema(tmp_path / "summary.parquet").metadata[PROVENANCE_KEY])
+    assert summary["methods"] == ["static:1", "dyvte:0.3"]
+    summary_columns = pq.read_schema(tmp_path / "summary.parquet").names
+    assert [c for c in summary_columns if c.startswith("accuracy_")][1:] == [
+        f"accuracy_{c}" for c in sorted({q.category for q in questions})]  # the open columns, after accuracy_overall
+    lines = sorted(validate_path(tmp_path))
+    assert [line.rsplit(": ", 1)[1] for line in lines] == [f"evaluation, {len(questions)} rows"] * 2 + [
+        "evaluation_summary, 2 rows"]
+
+
+def test_default_provenance_describes_the_model(split, tiny, tmp_path):
+    from analysis.io import read_provenance
+    from exit.evaluate import evaluate_methods
+
+    model, processor = tiny
+    questions = read_questions(split / "questions.jsonl")[:1]
+    evaluate_methods(model, processor, questions, split, [parse_method("none", SPEC.num_layers)], tmp_path)
+    provenance = read_provenance(tmp_path / "eval-none.parquet")
+    assert provenance["model_type"] == "llava" and provenance["attention_path"] in ("sdpa", "eager")
+    assert {"torch", "transformers", "git_revision", "dtype", "seed", "method", "kind"} <= set(provenance)
 
 
 def test_eval_command_compares_methods_on_one_model(split, tmp_path, capsys):

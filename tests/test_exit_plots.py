@@ -164,6 +164,34 @@ def test_missing_and_corrupt_folders_are_named(tmp_path):
         read_evaluation(folder)
 
 
+def test_files_of_another_table_or_without_metadata_are_named(tmp_path):
+    import pyarrow.parquet as pq
+
+    folder = write_results_folder(tmp_path / "run", methods=["none", "static:1"])
+    synthetic_rows("static:1").to_parquet(folder / "eval-static_1.parquet")  # right columns, no metadata
+    with pytest.raises(EvaluationFolderError, match="eval-static_1.parquet: expected DyVTE exit evaluation rows "
+                                                    "\\(parquet metadata keys dyvte.table and dyvte.schema_version\\)"):
+        read_evaluation(folder)
+    write_results_folder(folder, methods=["none", "static:1"])
+    summary = pq.read_table(folder / "summary.parquet")
+    pq.write_table(summary, folder / "eval-static_1.parquet")
+    with pytest.raises(EvaluationFolderError, match="expected the columns"):
+        read_evaluation(folder)  # a summary where rows belong lacks the rows' columns
+    rows = pq.read_table(folder / "eval-none.parquet")
+    metadata = {**rows.schema.metadata, b"dyvte.schema_version": b"99"}
+    pq.write_table(rows.replace_schema_metadata(metadata), folder / "eval-none.parquet")
+    with pytest.raises(EvaluationFolderError, match="eval-none.parquet: expected schema version 1, found version 99"):
+        read_evaluation(folder)
+
+
+def test_every_method_kind_has_a_style_named_by_the_method_table():
+    from exit.methods import METHODS
+    from exit.plots import FAMILY_STYLES
+
+    assert set(FAMILY_STYLES) == set(METHODS)
+    assert all(FAMILY_STYLES[kind].label == METHODS[kind].title for kind in METHODS)
+
+
 def test_make_exit_figures_writes_both_pngs_and_the_table(exit_results, tmp_path):
     files = make_exit_figures(exit_results, tmp_path / "figures")
     assert [f.name for f in files] == ["frontier.png", "exit_histogram.png", "exit_results.md"]

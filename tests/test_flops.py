@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from analysis.testing.tiny import TinyLlavaSpec, tiny_llava
 from exit import fastv, visual_token_exit
 from exit.flops import (
     DecoderShape,
@@ -18,7 +19,6 @@ from exit.flops import (
     relative_prefill_flops,
     vision_flops,
 )
-from analysis.testing.tiny import TinyLlavaSpec, tiny_llava
 
 SPECS = {
     "mha": TinyLlavaSpec(image_size=56, num_layers=4),

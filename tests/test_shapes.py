@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.data import Question, read_questions
+from analysis.data import read_questions
 from analysis.demo.shapes import (
     COLOURS,
     MARKER_FILE,

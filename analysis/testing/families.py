@@ -358,7 +358,9 @@ _FAMILIES: dict[str, _Family] = {
     "llava_next": _Family(_llava_next_config, "LlavaNextForConditionalGeneration", _pixels_anyres),
     "llava_onevision": _Family(_llava_onevision_config, "LlavaOnevisionForConditionalGeneration", _pixels_anyres),
     "qwen2_vl": _Family(_qwen2_vl_config, "Qwen2VLForConditionalGeneration", _pixels_qwen, **AROUND, mrope=True, type_ids=MM),
-    "qwen2_5_vl": _Family(_qwen2_5_vl_config, "Qwen2_5_VLForConditionalGeneration", _pixels_qwen, **AROUND, mrope=True, type_ids=MM),
+    "qwen2_5_vl": _Family(
+        _qwen2_5_vl_config, "Qwen2_5_VLForConditionalGeneration", _pixels_qwen, **AROUND, mrope=True, type_ids=MM
+    ),
     "internvl": _Family(_internvl_config, "InternVLForConditionalGeneration", _pixels_flat((56, 56)), **AROUND),
     "idefics3": _Family(
         lambda kv: _idefics3_like_config(kv, "idefics3"),
@@ -374,7 +376,9 @@ _FAMILIES: dict[str, _Family] = {
         open_markers=(MARKER_A, MARKER_B),
         close_markers=(MARKER_A,),
     ),
-    "gemma3": _Family(_gemma3_config, "Gemma3ForConditionalGeneration", _pixels_flat((28, 28)), **AROUND, type_ids="token_type_ids"),
+    "gemma3": _Family(
+        _gemma3_config, "Gemma3ForConditionalGeneration", _pixels_flat((28, 28)), **AROUND, type_ids="token_type_ids"
+    ),
     "mistral3": _Family(_mistral3_config, "Mistral3ForConditionalGeneration", _pixels_mistral3),  # breaks: _image_tokens
 }
 
