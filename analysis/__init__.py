@@ -1,9 +1,12 @@
 """analysis: record how a multimodal LLM's decoder attends across token groups.
 
-The lower floor of the DyVTE toolkit. It knows models (``adapters``), token groups
-(``layout``), how to observe attention without changing the model's outputs (``recorder``),
-the mathematics of group statistics (``stats``) and how they are stored (``schema``, ``io``).
-It never imports ``exit``.
+The lower floor of the DyVTE toolkit. Its core knows models (``adapters``, ``loading``), token
+groups (``layout``), how to observe attention without changing the model's outputs (``hooks``,
+``attention``, ``recorder``), the mathematics of group statistics (``stats``), how they are stored
+(``schema``, ``io``) and what the stages are (``stages``, ``plots``); ``errors`` holds the one base
+class of every toolkit error. The core never imports ``exit``, the dump job (``dump``), the command
+line (``cli``), the demo wing (``analysis.demo``) or the testing wing (``analysis.testing``).
+Names below are imported on first use, so ``import analysis`` is cheap.
 
 Typical use::
 
@@ -33,12 +36,18 @@ _EXPORTS: dict[str, str] = {
     "AttentionRecorder": "analysis.recorder",
     "LayerRecord": "analysis.recorder",
     "record_attention": "analysis.recorder",
-    "HEAD_MAX": "analysis.stats",
-    "HEAD_MEAN": "analysis.stats",
+    "HEAD_MAX": "analysis.vocabulary",
+    "HEAD_MEAN": "analysis.vocabulary",
+    "DyVTEError": "analysis.errors",
+    "UsageError": "analysis.errors",
+    "load_model": "analysis.loading",
 }
 
 __all__ = [
     "AttentionRecorder",
+    "DyVTEError",
+    "UsageError",
+    "load_model",
     "HEAD_MAX",
     "HEAD_MEAN",
     "KEY_GROUPS",

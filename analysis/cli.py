@@ -56,17 +56,22 @@ EPILOG = """examples:
 def _cmd_dump(args: argparse.Namespace) -> int:
     from analysis.data import DataError, read_questions
     from analysis.distributed import Shard, all_sum, barrier, distributed, local_device
-    from analysis.dump import dump_statistics, summarize
-    from analysis.io import read_statistics
-    from analysis.loading import load_model
+    from analysis.dump import dump_statistics, prepare_owned_folder, summarize
+    from analysis.io import check_output_folder, read_statistics
+    from analysis.loading import check_loadable, load_model
 
+    check_output_folder(args.out)
     questions = read_questions(args.questions, limit=args.limit, require_image=args.fail_fast)
+    args.stop_hint = "; run the same command with --resume to continue" if not args.resume else ""
     with distributed() as group:
         if args.shard is not None and group.count > 1:
             raise DataError(f"expected either --shard or torchrun, found --shard {args.shard[0]}/{args.shard[1]} "
                             f"under torchrun (rank {group.index} of {group.count})")
         shard = Shard(*args.shard) if args.shard is not None else group
         device = local_device(args.device) if group.count > 1 else args.device
+        check_loadable(args.model, device)
+        if not args.resume:
+            prepare_owned_folder(args.out, shard, resume=False)  # a folder holding a dump is refused now
         model, processor = load_model(args.model, dtype=args.dtype, device=device, attention=args.attn)
         result = dump_statistics(
             model,

@@ -176,3 +176,92 @@ def check_unique_ids(questions: Sequence[Question]) -> None:
         if question.question_id in seen:
             raise DataError(f"expected unique question ids, found {question.question_id!r} twice")
         seen.add(question.question_id)
+
+
+@dataclass
+class PreparedBatch:
+    """Model inputs of the good questions of one batch, and the bad ones with their errors."""
+
+    questions: list[Question]
+    inputs: dict[str, Any] | None  # the processor's tensors
+    failed: list[tuple[Question, Exception]]
+
+
+def prepare_batch(
+    processor: Any,
+    batch: Sequence[Question],
+    image_folder: str | Path,
+    image_token_id: int,
+    max_tokens: int | None,
+    **processor_options: Any,
+) -> PreparedBatch:
+    """Load, render and tokenize a batch; set aside each question that cannot become a sample.
+
+    A question fails on its own (``DataError``) when it has no image, its placeholders do not match
+    its images, an image is missing or unreadable, the processor rejects it, its prompt holds no
+    image token, or its prompt is longer than ``max_tokens``; the rest of the batch goes on.
+    """
+    failed: list[tuple[Question, Exception]] = []
+    good: list[tuple[Question, list[Any], str]] = []
+    for question in batch:
+        try:
+            check_question(question)
+            try:
+                images = [load_image(image_folder, name) for name in question.images]
+            except DataError as error:
+                raise DataError(f"question {question.question_id!r}: {error}") from error
+            good.append((question, images, build_prompt(processor, question)))
+        except DataError as error:
+            failed.append((question, error))
+    while good:
+        try:
+            inputs = processor(
+                images=[image for _, images, _ in good for image in images],
+                text=[prompt for _, _, prompt in good],
+                return_tensors="pt",
+                padding=True,
+                **processor_options,
+            )
+        except (ValueError, TypeError, OSError) as error:
+            if len(good) == 1:
+                failed.append((good[0][0], DataError(f"question {good[0][0].question_id!r}: the processor rejected it: {error}")))
+                good = []
+                break
+            kept = []
+            for item in good:  # find the culprit(s) one by one
+                one = prepare_batch(processor, [item[0]], image_folder, image_token_id, max_tokens, **processor_options)
+                if one.failed:
+                    failed.extend(one.failed)
+                else:
+                    kept.append(item)
+            good = kept
+            continue
+        bad = _row_problems(inputs, [q for q, _, _ in good], image_token_id, max_tokens)
+        if not bad:
+            return PreparedBatch([q for q, _, _ in good], dict(inputs), failed)
+        failed.extend((good[row][0], error) for row, error in bad)
+        rows = {row for row, _ in bad}
+        good = [item for row, item in enumerate(good) if row not in rows]
+    return PreparedBatch([], None, failed)
+
+
+def _row_problems(
+    inputs: Any, questions: Sequence[Question], image_token_id: int, max_tokens: int | None
+) -> list[tuple[int, DataError]]:
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    real = mask.bool() if mask is not None else ids == ids
+    problems = []
+    for row, question in enumerate(questions):
+        n_tokens = int(real[row].sum())
+        n_image = int(((ids[row] == image_token_id) & real[row]).sum())
+        if n_image == 0:
+            problems.append((row, DataError(
+                f"question {question.question_id!r} has no image token: expected at least one token with the image "
+                f"token id {image_token_id}, found none among its {n_tokens} tokens; the processor did not expand an "
+                "image placeholder into that id")))
+        elif max_tokens is not None and n_tokens > max_tokens:
+            problems.append((row, DataError(
+                f"question {question.question_id!r}: expected a prompt of at most {max_tokens} tokens (the model's "
+                f"context, max_position_embeddings), found {n_tokens} tokens")))
+    return problems

@@ -33,6 +33,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from analysis.errors import UsageError
 from analysis.schema import DUMP_TABLES, PROVENANCE_KEY, SchemaError, arrow_schema, validate_arrow_schema
 
 
@@ -52,6 +53,23 @@ def replaced_when_complete(folder: str | Path) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_output_folder(path: str | Path, option: str = "--out") -> Path:
+    """Raise UsageError unless ``path`` can be an output folder: not a file, and the folder (or,
+    when it does not exist yet, its nearest existing parent) writable. Cheap: run it before a
+    model loads, so a bad ``--out`` costs no model loading."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"expected {option} to be a folder (new or existing), found a file at {path}")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise UsageError(f"expected {option} inside a folder, found the file {existing} in its path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"expected {option} {path} to be writable, found {existing} without write permission")
+    return path
 
 
 ERRORS_PREFIX = "_errors"

@@ -19,9 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from analysis.errors import DyVTEError
-
-QUERY_GROUPS: tuple[str, ...] = ("system", "image", "text", "last")
-KEY_GROUPS: tuple[str, ...] = ("system", "image", "text")
+from analysis.vocabulary import KEY_GROUPS, QUERY_GROUPS  # noqa: F401 (re-exported: the groups are the layout's)
 
 PADDING, SYSTEM, IMAGE, TEXT = -1, 0, 1, 2
 

@@ -30,6 +30,8 @@ from analysis.options import DTYPE_CHOICES
 __all__ = [
     "DTYPES",
     "NAMED_MODELS",
+    "check_device",
+    "check_loadable",
     "decoder_depth",
     "git_revision",
     "load_model",
@@ -89,6 +91,36 @@ def read_config(model_id: str | Path) -> Any:
         ) from error
 
 
+def check_device(device: str) -> None:
+    """Raise UsageError unless torch can place tensors on ``device`` (cpu, cuda, cuda:N, mps)."""
+    try:
+        place = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise UsageError(f"expected --device to be cpu, cuda, cuda:N or mps, found {device!r} ({error})") from None
+    if place.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise UsageError(f"expected a CUDA device for --device {device}, found none (torch {torch.__version__}, {build})")
+        if place.index is not None and place.index >= torch.cuda.device_count():
+            raise UsageError(f"expected --device {device} among {torch.cuda.device_count()} CUDA device(s), found no such index")
+    elif place.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"expected an MPS device for --device {device}, found none")
+
+
+def check_loadable(model_id: str | Path, device: str = "cpu") -> Any:
+    """Everything about loading a checkpoint that can fail before its weights are read: the device,
+    the config (hub id, folder or registered name) and the family. Returns the config.
+
+    Raises:
+        UsageError: the device is not there, or there is no readable config at ``model_id``.
+        UnsupportedModelError: the checkpoint's family is not in the adapter table.
+    """
+    check_device(device)
+    config = read_config(model_id)
+    resolve_adapter(config.model_type)
+    return config
+
+
 def decoder_depth(model_id: str | Path) -> int:
     """The number of text-decoder layers of a checkpoint, read from its config (no weights).
 
@@ -121,7 +153,7 @@ def load_model(
         raise UsageError(f"expected dtype to be one of {list(DTYPES)}, found {dtype!r}")
     path = attention_path(attention)
     model_id = resolve_model_name(model_id)
-    adapter = resolve_adapter(read_config(model_id).model_type)
+    adapter = resolve_adapter(check_loadable(model_id, device).model_type)
     model = AutoModelForImageTextToText.from_pretrained(
         model_id, dtype=DTYPES[dtype], attn_implementation=path.load_implementation
     )

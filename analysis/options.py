@@ -3,8 +3,9 @@
 ``dyvte-stats`` (analysis.cli) and ``dyvte-exit`` (exit.cli) build their subcommands from the
 parent parsers below, so an option means the same, takes the same choices (those of
 ``analysis.attention`` and ``analysis.loading``) and is checked the same way everywhere.
-:func:`run_command` is the boundary: any :class:`~analysis.errors.DyVTEError` (and a missing
-file) becomes one line on stderr and exit status 2; SIGTERM and Ctrl-C stop a command with 130
+:func:`run_command` is the boundary: any :class:`~analysis.errors.DyVTEError`, and any foreign
+error from files (``OSError`` and its family, safetensors, pyarrow), becomes one line on stderr
+and exit status 2 (``--debug`` shows the traceback); SIGTERM and Ctrl-C stop a command with 130
 and keep the files finished so far.
 
 This module imports nothing heavy (no torch, no transformers), so ``--help`` and usage errors
@@ -24,12 +25,16 @@ from typing import Any
 
 from analysis.attention import ATTENTION_CHOICES
 from analysis.errors import DyVTEError
+from analysis.vocabulary import HEAD_REDUCTIONS
 
 __all__ = [
     "ATTENTION_CHOICES",
     "DTYPE_CHOICES",
     "HEAD_CHOICES",
     "batch_options",
+    "debug_option",
+    "is_bad_input",
+    "one_line",
     "model_options",
     "positive_int",
     "progress_option",
@@ -42,7 +47,7 @@ __all__ = [
 
 DTYPE_CHOICES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 """The values of ``--dtype`` and ``dtype=`` (``analysis.loading.DTYPES`` maps them to torch dtypes)."""
-HEAD_CHOICES: tuple[str, ...] = ("all", "mean", "max")
+HEAD_CHOICES = HEAD_REDUCTIONS
 
 
 def positive_int(text: str) -> int:
@@ -118,35 +123,71 @@ def progress_option() -> argparse.ArgumentParser:
     return parser
 
 
+def debug_option() -> argparse.ArgumentParser:
+    """``--debug``: show the traceback of an error instead of its one line."""
+    parser = _parent()
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the Python traceback instead of one line (for bug reports)")
+    return parser
+
+
 def subcommand(
     commands: Any, name: str, help: str, examples: Sequence[str], parents: Sequence[argparse.ArgumentParser] = ()
 ) -> argparse.ArgumentParser:
-    """A subcommand whose ``--help`` ends with its own examples, one per line."""
+    """A subcommand whose ``--help`` ends with its own examples, one per line; every subcommand
+    takes ``--debug``."""
     epilog = "examples:\n" + "\n".join(f"  {line}" for line in examples) if examples else None
     return commands.add_parser(
-        name, help=help, description=help[:1].upper() + help[1:] + ".", epilog=epilog, parents=list(parents),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        name, help=help, description=help[:1].upper() + help[1:] + ".", epilog=epilog,
+        parents=[*parents, debug_option()], formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+
+
+FOREIGN_FILE_ERRORS: tuple[str, ...] = ("safetensors", "pyarrow")
+"""Packages whose exceptions mean a file could not be read or written (a truncated safetensors
+file, a corrupt parquet file); like ``OSError`` they are bad input, reported in one line."""
+
+
+def is_bad_input(error: BaseException) -> bool:
+    """A toolkit error, or a foreign error from reading or writing files (OSError and its family,
+    safetensors, pyarrow): what the command lines report in one line rather than as a bug."""
+    module = type(error).__module__.split(".")[0]
+    return isinstance(error, (DyVTEError, OSError)) or module in FOREIGN_FILE_ERRORS
 
 
 def run_command(program: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse ``argv`` and run the chosen subcommand (``args.run(args)``).
 
-    A :class:`DyVTEError` or a missing file prints ``<program> <command>: error: <message>`` and
-    returns 2. SIGTERM (``kill``, a scheduler's time limit) stops the command like Ctrl-C: the
-    writers' context managers close, so every finished file keeps its final name, and the command
-    returns 130.
+    A :class:`DyVTEError` or a foreign file error (:func:`is_bad_input`) prints
+    ``<program> <command>: error: <message>`` on one line and returns 2 (``--debug``: the
+    traceback instead); any other exception is a bug and keeps its traceback. SIGTERM (``kill``,
+    a scheduler's time limit) stops the command like Ctrl-C: the writers' context managers close,
+    so every finished file keeps its final name, and the command returns 130 (``args.stop_hint``,
+    if a command sets it, is added to that message).
     """
     args = parser.parse_args(argv)
     with _sigterm_as_keyboard_interrupt():
         try:
             return int(args.run(args))
-        except (DyVTEError, FileNotFoundError) as error:
-            print(f"{program} {args.command}: error: {error}", file=sys.stderr)
-            return 2
         except KeyboardInterrupt:
-            print(f"{program} {args.command}: stopped; the files finished so far are kept", file=sys.stderr)
+            print(f"{program} {args.command}: stopped; the files finished so far are kept"
+                  f"{getattr(args, 'stop_hint', '')}", file=sys.stderr)
             return 130
+        except Exception as error:
+            if getattr(args, "debug", False) or not is_bad_input(error):
+                raise
+            print(f"{program} {args.command}: error: {one_line(error)}", file=sys.stderr)
+            return 2
+
+
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line (a foreign error is prefixed with its type)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, DyVTEError):
+        return text
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.strerror}: {error.filename}"
+    return f"{type(error).__name__}: {text}"
 
 
 @contextlib.contextmanager

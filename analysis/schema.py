@@ -22,8 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from analysis.errors import DyVTEError
-from analysis.layout import KEY_GROUPS, QUERY_GROUPS
-from analysis.stats import reduce_heads
+from analysis.vocabulary import KEY_GROUPS, QUERY_GROUPS
 
 if TYPE_CHECKING:
     import torch
@@ -264,6 +263,8 @@ def statistics_table(
     heads: str = "mean",
 ) -> pa.Table:
     """Long-format statistics of one recorded batch (rows ordered sample, layer, head, groups)."""
+    from analysis.stats import reduce_heads  # torch: only when a table is built, not to read a schema
+
     if len(sample_ids) != layout.batch_size:
         raise SchemaError(f"expected {layout.batch_size} sample ids (one per row), found {len(sample_ids)}")
     mass = np.stack([reduce_heads(r.mass, heads)[0].cpu().numpy() for r in records], axis=1)  # b l h q k

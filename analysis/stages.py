@@ -64,7 +64,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from analysis.errors import DyVTEError
-from analysis.stats import HEAD_MAX, HEAD_MEAN
+from analysis.vocabulary import HEAD_MAX, HEAD_MEAN
 
 STAGES: tuple[str, ...] = ("early_fusion", "intra_modality", "multimodal_reasoning")
 STAGE_LABELS: dict[str, str] = {

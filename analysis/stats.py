@@ -14,12 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-HEAD_MEAN = -1
-"""``head`` value of a row that holds the mean over heads."""
-HEAD_MAX = -2
-"""``head`` value of a row that holds the maximum over heads."""
-
-HEAD_REDUCTIONS: tuple[str, ...] = ("all", "mean", "max")
+from analysis.errors import UsageError
+from analysis.vocabulary import HEAD_MAX, HEAD_MEAN, HEAD_REDUCTIONS  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -131,4 +127,4 @@ def reduce_heads(values: torch.Tensor, heads: str) -> tuple[torch.Tensor, list[i
         return values.mean(dim=1, keepdim=True), [HEAD_MEAN]
     if heads == "max":
         return values.amax(dim=1, keepdim=True), [HEAD_MAX]
-    raise ValueError(f"expected heads to be one of {list(HEAD_REDUCTIONS)}, found {heads!r}")
+    raise UsageError(f"expected heads to be one of {list(HEAD_REDUCTIONS)}, found {heads!r}")

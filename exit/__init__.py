@@ -27,7 +27,8 @@ Typical use::
     with fastv(model, 2, 0.5) as pruning:   # after layer 2 keep the top half of the image tokens
         out = model.generate(**batch, max_new_tokens=16)
 
-Modules: ``surgery`` (reversible per-row removal of image tokens, KV-cache aware), ``gates``
+Modules: ``methods`` (the one table of exit methods: syntax, needs, attachment, label, FLOPs
+rule), ``surgery`` (reversible per-row removal of image tokens, KV-cache aware), ``gates``
 (GateConfig, one gate per layer, features from the recorder, save/load, gated inference),
 ``sweep`` (exit labels per sample and layer, parquet), ``train`` (offline and online gate
 training), ``baselines`` (FastV, VTW, DyVTE + FastV), ``flops`` (FLOPs formulas), ``evaluate``

@@ -50,6 +50,8 @@ EVAL_EXAMPLES = [
     "    --method vtw --calibration-questions .cache/shapesvqa/val/questions.jsonl \\",
     "    --calibration-image-folder .cache/shapesvqa/val",
     "dyvte-exit eval --model demo --questions q.jsonl --image-folder img/ --method none,static:6,fastv:2:0.5 --limit 64",
+    "dyvte-exit eval ... --out runs/eval --resume              # after a stop: finish every method",
+    "dyvte-exit eval ... --out runs/eval --add --method static:20   # one more method beside the others",
 ]
 FIGURES_EXAMPLES = ["dyvte-exit figures runs/eval --out figures"]
 GENERATE_EXAMPLES = [
@@ -94,9 +96,12 @@ def non_negative(text: str) -> float:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from analysis.data import read_questions
     from analysis.distributed import all_sum, barrier, distributed, local_device
-    from analysis.loading import load_model, provenance
+    from analysis.io import check_output_folder
+    from analysis.loading import check_loadable, load_model, provenance
     from exit.sweep import LabelRule, read_sweep, run_sweep
 
+    check_output_folder(args.out)
+    check_loadable(args.model, local_device(args.device))
     questions = read_questions(args.questions, limit=args.limit)
     with distributed() as group:  # data-parallel under torchrun: each process sweeps every n-th question
         model, processor = load_model(args.model, dtype=args.dtype, device=local_device(args.device), attention=args.attn)
@@ -127,8 +132,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from analysis.distributed import distributed
+    from analysis.io import check_output_folder
+    from analysis.loading import check_loadable
     from exit.train import TrainSettings
 
+    check_output_folder(args.out)
+    check_loadable(args.model, args.device if args.online else "cpu")
     settings = TrainSettings(
         lr=args.lr, weight_decay=args.weight_decay, epochs=args.epochs, batch_size=args.batch_size,
         holdout_fraction=args.holdout, seed=args.seed,
@@ -187,11 +196,15 @@ def _train(args: argparse.Namespace, settings: Any, progress: bool) -> tuple[Any
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from analysis.data import load_image
-    from analysis.loading import load_model
+    from analysis.loading import check_loadable, load_model
     from exit.gates import DyVTEGates, answer_with_gates
 
     gates_folder = Path(args.gates)
     DyVTEGates.load(gates_folder)  # fail on a missing or broken gate folder before loading the model
+    check_loadable(args.model, args.device)
+    for path in args.image:
+        if not Path(path).is_file():
+            raise UsageError(f"expected an image file at {path}, found no file")
     model, processor = load_model(args.model, dtype=args.dtype, device=args.device, attention=args.attn)
     gates = DyVTEGates.load(gates_folder, model, tau=args.tau)
     images = [load_image(Path(path).parent, Path(path).name) for path in args.image]
@@ -206,8 +219,9 @@ def _check_eval(args: argparse.Namespace) -> tuple[list[MethodSpec], list[Questi
     needs, layers against the checkpoint's config), the gate folder and the question files.
     Returns (methods, questions, calibration questions or None)."""
     from analysis.data import read_questions
-    from analysis.loading import decoder_depth
-    from exit.evaluate import require_answers
+    from analysis.io import check_output_folder
+    from analysis.loading import check_loadable, decoder_depth
+    from exit.evaluate import EvaluationFolder, require_answers
     from exit.gates import DyVTEGates
     from exit.methods import parse_method_specs
 
@@ -219,6 +233,12 @@ def _check_eval(args: argparse.Namespace) -> tuple[list[MethodSpec], list[Questi
             raise UsageError(message.format(methods=", ".join(repr(name) for name in wanting)))
     if args.gates is not None:
         DyVTEGates.load(args.gates)  # a broken gate folder fails before the model loads
+    if args.out is not None:
+        check_output_folder(args.out)
+        EvaluationFolder(args.out, _folder_mode(args)).check([spec.name for spec in specs])
+    elif args.resume or args.add:
+        raise UsageError(f"expected --out with --{'resume' if args.resume else 'add'}, found none")
+    check_loadable(args.model, args.device)
     num_layers = decoder_depth(args.model)
     for spec in specs:
         spec.check_layers(num_layers)
@@ -247,11 +267,15 @@ def _bind_methods(args: argparse.Namespace, specs: Sequence[MethodSpec], model: 
     return [spec.bind(num_layers, gates, calibration) for spec in specs]
 
 
+def _folder_mode(args: argparse.Namespace) -> str:
+    return "resume" if args.resume else "add" if args.add else "new"
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from analysis.loading import load_model, provenance
-    from exit.evaluate import evaluate_methods
+    from exit.evaluate import ERRORS_FILE, EvaluationFolder, evaluate_methods
 
     specs, questions, calibration_questions = _check_eval(args)
     model, processor = load_model(args.model, dtype=args.dtype, device=args.device, attention=args.attn)
@@ -259,10 +283,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     progress = None if args.no_progress else (lambda name: lambda items: tqdm(items, desc=name, unit="batch"))
     _, summary = evaluate_methods(model, processor, questions, args.image_folder, methods, args.out,
                                   args.max_new_tokens, args.batch_size, progress,
-                                  provenance=provenance(str(args.model), model, args.attn, "none", args.seed))
+                                  provenance=provenance(str(args.model), model, args.attn, "none", args.seed),
+                                  mode=_folder_mode(args))
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if args.out is not None:
         print(f"per-question rows and summary.parquet in {args.out}")
+        failed = EvaluationFolder(args.out).failed()
+        if failed:
+            print(f"{len(failed)} question(s) could not be answered and were left out; their reasons are in "
+                  f"{Path(args.out) / ERRORS_FILE}", file=sys.stderr)
     return 0
 
 
@@ -352,7 +381,12 @@ def _add_eval(commands: Any) -> None:
     evaluate.add_argument("--vtw-samples", type=positive_int, default=20, help="VTW calibration samples (default 20)")
     evaluate.add_argument("--out", type=Path, default=None,
                           help="folder for eval-<method>.parquet (one row per question) and summary.parquet")
-    evaluate.add_argument("--max-new-tokens", type=positive_int, default=4)
+    evaluate.add_argument("--max-new-tokens", type=positive_int, default=4, help="answer tokens at most (default 4)")
+    joining = evaluate.add_mutually_exclusive_group()
+    joining.add_argument("--resume", action="store_true",
+                         help="finish an evaluation in --out: skip the questions each method already answered")
+    joining.add_argument("--add", action="store_true",
+                         help="evaluate other methods beside those already in --out (the summary covers all)")
     evaluate.set_defaults(run=_cmd_eval)
 
 

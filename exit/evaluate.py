@@ -32,6 +32,7 @@ in each file's metadata.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -46,15 +47,16 @@ from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from analysis.adapters import resolve_adapter
-from analysis.data import DataError, Question, build_prompt, load_image
+from analysis.data import DataError, Question, build_prompt, load_image, prepare_batch
 from analysis.errors import UsageError
-from analysis.io import ParquetShard
+from analysis.io import ParquetShard, atomic_write_text, read_provenance, read_table
 from analysis.schema import TABLES, SchemaError
 from analysis.scoring import exact_match
 from exit.baselines import first_layer_within, vtw_kl_curve
 from exit.flops import DecoderShape
 from exit.methods import (
     METHOD_FORMS,
+    ROWS_PATTERN,
     ROWS_TABLE,
     SUMMARY_FILE,
     SUMMARY_TABLE,
@@ -70,6 +72,9 @@ __all__ = [
     "ExitMethod",
     "VTWCalibration",
     "calibrate_vtw",
+    "ERRORS_FILE",
+    "FOLDER_MODES",
+    "EvaluationFolder",
     "encode_questions",
     "evaluate_method",
     "evaluate_methods",
@@ -203,27 +208,58 @@ def evaluate_method(
     max_new_tokens: int = 4,
     batch_size: int = 8,
     progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+    *,
+    done: pd.DataFrame | None = None,
+    on_rows: Callable[[pd.DataFrame], None] | None = None,
+    on_error: Callable[[Question, Exception], None] | None = None,
 ) -> pd.DataFrame:
     """One row per question (see the module docstring), answered under ``method``.
 
+    Args:
+        done: rows of this method from an earlier run (``resume``): their questions are skipped,
+            and they lead the returned frame.
+        on_rows: called with all rows so far after every batch (how a folder keeps them on disk).
+        on_error: called with each question that cannot be answered (a missing or unreadable
+            image, a prompt the processor rejects); without it such a question stops the method.
+
     Raises:
-        DataError: a question has no reference answer.
+        DataError: a question has no reference answer; a bad question when ``on_error`` is None.
     """
     require_answers(questions)
     facts = _Model.of(model)
-    rows: list[dict[str, Any]] = []
-    batches = list(_batches(questions, batch_size))
-    for number, batch in enumerate(progress(batches) if progress is not None else batches):
-        rows += _answer_batch(model, processor, batch, image_folder, method, facts, max_new_tokens, number)
+    finished = set(done["question_id"]) if done is not None and not done.empty else set()
+    rows: list[dict[str, Any]] = done.drop(columns="method").to_dict("records") if finished else []
+    first = int(done["batch"].max()) + 1 if finished else 0
+    batches = list(_batches([q for q in questions if q.question_id not in finished], batch_size))
+    for number, batch in enumerate(progress(batches) if progress is not None else batches, start=first):
+        answered, failed = _answer_batch(model, processor, batch, image_folder, method, facts, max_new_tokens, number)
+        for question, error in failed:
+            if on_error is None:
+                raise error
+            on_error(question, error)
+        rows += answered
+        if on_rows is not None and answered:
+            on_rows(_method_frame(rows, method.name))
+    return _method_frame(rows, method.name)
+
+
+def _method_frame(rows: list[dict[str, Any]], name: str) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
-    frame.insert(0, "method", method.name)
+    frame.insert(0, "method", name)
     return frame
 
 
 def _answer_batch(model: nn.Module, processor: Any, batch: Sequence[Question], image_folder: str | Path,
-                  method: ExitMethod, facts: _Model, max_new_tokens: int, number: int) -> list[dict[str, Any]]:
-    """Answer one batch under ``method``: its rows of the evaluation table (without ``method``)."""
-    inputs = encode_questions(processor, batch, image_folder, facts.device, facts.dtype)
+                  method: ExitMethod, facts: _Model, max_new_tokens: int,
+                  number: int) -> tuple[list[dict[str, Any]], list[tuple[Question, Exception]]]:
+    """Answer one batch under ``method``: its rows of the evaluation table (without ``method``), and
+    the questions that could not become model inputs, with their errors."""
+    prepared = prepare_batch(processor, batch, image_folder, facts.image_token_id, None, padding_side="left")
+    if prepared.inputs is None:
+        return [], prepared.failed
+    batch = prepared.questions
+    inputs = {key: value.to(facts.device) for key, value in prepared.inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(facts.dtype)
     input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
     clock = _FirstScoresClock()
     start = time.perf_counter()
@@ -253,7 +289,7 @@ def _answer_batch(model: nn.Module, processor: Any, batch: Sequence[Question], i
             "relative_prefill_flops": method.relative_prefill_flops(facts.shape, tokens, image_tokens, exit_layer),
             **timing,
         })
-    return rows
+    return rows, prepared.failed
 
 
 def summarize_evaluation(frame: pd.DataFrame, num_layers: int) -> dict[str, Any]:
@@ -296,6 +332,79 @@ def summary_row(method: str, frame: pd.DataFrame, num_layers: int) -> dict[str, 
     return {**{name: summary.get(name, math.nan) for name in fixed}, **{f"accuracy_{k}": v for k, v in accuracy.items()}}
 
 
+FOLDER_MODES: tuple[str, ...] = ("new", "resume", "add")
+"""How :func:`evaluate_methods` treats an output folder that holds an evaluation already."""
+ERRORS_FILE = "_errors.jsonl"
+"""The questions an evaluation could not answer (one JSON object per line), beside its rows."""
+
+
+class EvaluationFolder:
+    """An evaluation's output folder, and how a new run may join it.
+
+    ``new``: the folder must hold no evaluation. ``resume``: the same run again: the questions
+    each method already answered are skipped (finished and unfinished methods alike) and the
+    summary covers every method of the folder. ``add``: new methods beside the old ones (a method
+    already in the folder is refused: resume it instead).
+    """
+
+    def __init__(self, out_dir: str | Path, mode: str = "new") -> None:
+        if mode not in FOLDER_MODES:
+            raise UsageError(f"expected an evaluation folder mode in {list(FOLDER_MODES)}, found {mode!r}")
+        self.out_dir, self.mode = Path(out_dir), mode
+
+    def methods(self) -> dict[str, Path]:
+        """The methods whose rows the folder holds: method name -> rows file."""
+        found = {}
+        for path in sorted(self.out_dir.glob(ROWS_PATTERN)) if self.out_dir.is_dir() else []:
+            found[str(read_provenance(path).get("method", path.stem.removeprefix("eval-")))] = path
+        return found
+
+    def check(self, names: Sequence[str]) -> None:
+        """Raise UsageError if running ``names`` in this mode would mix or replace work."""
+        held = self.methods()
+        if self.mode == "new" and (held or (self.out_dir / SUMMARY_FILE).exists()):
+            raise UsageError(
+                f"expected a new or empty evaluation folder, found {len(held)} method(s) in {self.out_dir} "
+                f"({', '.join(sorted(held)) or SUMMARY_FILE}); pass --resume to finish that run, --add to evaluate "
+                "other methods beside it, or choose another --out"
+            )
+        again = sorted(set(names) & set(held)) if self.mode == "add" else []
+        if again:
+            raise UsageError(f"expected --add to bring new methods, found {again} already in {self.out_dir}; "
+                             "use --resume to finish them")
+
+    def done(self, name: str) -> pd.DataFrame | None:
+        """The rows of method ``name`` that an earlier run left (``resume``), or None."""
+        path = self.methods().get(name) if self.mode == "resume" else None
+        return read_table(path, ROWS_TABLE) if path is not None else None
+
+    def failed(self) -> set[str]:
+        """Question ids listed in the errors file."""
+        path = self.out_dir / ERRORS_FILE
+        if not path.is_file():
+            return set()
+        return {json.loads(line)["question_id"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}
+
+    def record_error(self, question: Question, error: Exception) -> None:
+        """List a question that could not be answered (once, whatever the method)."""
+        if question.question_id in self.failed():
+            return
+        path = self.out_dir / ERRORS_FILE
+        old = path.read_text(encoding="utf-8") if path.is_file() else ""
+        entry = {"question_id": question.question_id, "images": list(question.images),
+                 "error": type(error).__name__, "reason": str(error)}
+        atomic_write_text(path, old + json.dumps(entry, sort_keys=True) + "\n")
+
+    def summary(self, num_layers: int, order: Sequence[str] = ()) -> pd.DataFrame:
+        """One summary line per method the folder holds: those of the folder's earlier summary
+        first, then ``order``, then any other, each once."""
+        held = self.methods()
+        path = self.out_dir / SUMMARY_FILE
+        earlier = list(read_provenance(path).get("methods", [])) if path.is_file() else []
+        names = [n for n in dict.fromkeys([*earlier, *order, *held]) if n in held]
+        return pd.DataFrame([summary_row(name, read_table(held[name], ROWS_TABLE), num_layers) for name in names])
+
+
 def evaluate_methods(
     model: nn.Module,
     processor: Any,
@@ -307,19 +416,24 @@ def evaluate_methods(
     batch_size: int = 8,
     progress: Callable[[str], Callable[[Iterable[Any]], Iterable[Any]]] | None = None,
     provenance: Mapping[str, Any] | None = None,
+    mode: str = "new",
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Evaluate several methods on one loaded model; (per-question rows, one summary row per method).
 
-    With ``out_dir`` each method's rows go to ``out_dir/eval-<method>.parquet`` as soon as the
-    method is done, and the summary so far to ``out_dir/summary.parquet``, each committed
-    atomically (:func:`write_evaluation_rows`), so a later failure keeps the finished methods.
+    With ``out_dir`` each method's rows go to ``out_dir/eval-<method>.parquet`` after every batch,
+    and the summary of every method in the folder to ``out_dir/summary.parquet`` after every
+    method, each committed atomically (:func:`write_evaluation_rows`), so a stop loses at most
+    the batch being answered. A question that cannot be answered (a missing or unreadable image)
+    is listed in ``out_dir/_errors.jsonl`` and the run goes on. ``mode`` (:class:`EvaluationFolder`)
+    says whether the folder must be new, is resumed or gets more methods.
 
     Args:
         provenance: what produced the files (``analysis.loading.provenance``); default: that of
             ``model`` with its current attention path and seed 0. Each file adds its method(s).
 
     Raises:
-        UsageError: two methods of the same name (they would write the same file).
+        UsageError: two methods of the same name (they would write the same file); a folder that
+            ``mode`` does not allow.
     """
     names = [method.name for method in methods]
     twice = sorted({name for name in names if names.count(name) > 1})
@@ -327,16 +441,24 @@ def evaluate_methods(
         raise UsageError(f"expected each method once, found {twice} more than once")
     num_layers = len(resolve_adapter(model).decoder_layers(model))
     base = dict(provenance) if provenance is not None else _default_provenance(model)
-    frames, summaries = [], []
+    folder = EvaluationFolder(out_dir, mode) if out_dir is not None else None
+    if folder is not None:
+        folder.check(names)
+        failed = folder.failed()
+        questions = [q for q in questions if q.question_id not in failed]
+    frames = []
     for method in methods:
-        frame = evaluate_method(model, processor, questions, image_folder, method, max_new_tokens, batch_size,
-                                progress(method.name) if progress is not None else None)
-        summaries.append(summary_row(method.name, frame, num_layers))
-        frames.append(frame)
-        if out_dir is not None:
-            write_evaluation_rows(frame, out_dir, {**base, **method.provenance()})
-            write_evaluation_summary(pd.DataFrame(summaries), out_dir, base)
-    return pd.concat(frames, ignore_index=True), pd.DataFrame(summaries)
+        keep = (lambda rows, m=method: write_evaluation_rows(rows, out_dir, {**base, **m.provenance()})) if folder else None
+        frames.append(evaluate_method(
+            model, processor, questions, image_folder, method, max_new_tokens, batch_size,
+            progress(method.name) if progress is not None else None,
+            done=folder.done(method.name) if folder else None, on_rows=keep,
+            on_error=folder.record_error if folder else None,
+        ))
+        if folder is not None:
+            write_evaluation_summary(folder.summary(num_layers, names), out_dir, base)
+    summary = pd.DataFrame([summary_row(m.name, f, num_layers) for m, f in zip(methods, frames)])
+    return pd.concat(frames, ignore_index=True), summary
 
 
 def _default_provenance(model: nn.Module) -> dict[str, Any]:

@@ -215,8 +215,13 @@ class DyVTEGates(nn.Module):
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"expected {name} in {folder}, found none (save gates with DyVTEGates.save)")
-        meta = json.loads((folder / CONFIG_FILE).read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
+        try:
+            meta = json.loads((folder / CONFIG_FILE).read_text())
+        except (ValueError, UnicodeDecodeError) as error:
+            raise GateMismatchError(f"{folder / CONFIG_FILE}: expected the JSON written by DyVTEGates.save, "
+                                    f"found unreadable text ({error})") from error
+        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+            meta = meta if isinstance(meta, dict) else {}
             raise GateMismatchError(f"expected gate format version {FORMAT_VERSION}, found {meta.get('format_version')!r}")
         config = GateConfig(**meta["gate"])
         if tau is not None:

@@ -81,8 +81,7 @@ def test_fail_fast_stops_at_the_bad_sample(model_dir, images, tmp_path, capsys, 
 
 
 def test_a_sample_without_image_tokens_fails_alone(model_dir, images):
-    from analysis.data import Question
-    from analysis.dump import prepare_batch
+    from analysis.data import Question, prepare_batch
     from analysis.testing.tiny import tiny_processor
 
     processor = tiny_processor(28)
@@ -193,3 +192,98 @@ def test_an_arrow_file_of_another_table_is_not_statistics(tmp_path):
     pq.write_table(pa.table({"x": [1]}), tmp_path / "statistics-00000.parquet")
     with pytest.raises(SchemaError, match="expected DyVTE statistics"):
         read_statistics(tmp_path)
+
+
+# Usage errors found before any model loads: (command line, part of the message). "{m}" is the
+# tiny model's folder, "{q}" a good question file, "{i}" its images, "{t}" the test's tmp folder.
+BEFORE_LOADING = {
+    "batch size 0": (["dump", "--batch-size", "0"], "argument --batch-size: expected an integer >= 1, found 0"),
+    "negative batch size": (["dump", "--batch-size", "-2"], "expected an integer >= 1, found -2"),
+    "limit 0": (["dump", "--limit", "0"], "argument --limit: expected an integer >= 1, found 0"),
+    "negative limit": (["dump", "--limit", "-3"], "expected an integer >= 1, found -3"),
+    "out is a file": (["dump", "--out", "{t}/a-file"], "expected --out to be a folder (new or existing), found a file"),
+    "no such device": (["dump", "--device", "cuda"], "expected a CUDA device for --device cuda, found none"),
+    "bad device name": (["dump", "--device", "toaster"], "expected --device to be cpu, cuda, cuda:N or mps"),
+    "no such model": (["dump", "--model", "{t}/absent"], "expected --model to name a checkpoint"),
+}
+
+
+def _usage_line(entry: list[str], model_dir: Path, questions: Path, images: Path, tmp_path: Path) -> list[str]:
+    command, *extra = entry
+    values = {"m": str(model_dir), "q": str(questions), "i": str(images), "t": str(tmp_path)}
+    extra = [part.format(**values) for part in extra]
+    base = {"--model": str(model_dir), "--questions": str(questions), "--image-folder": str(images),
+            "--out": str(tmp_path / "out")}
+    for option in list(base):
+        if option in extra:
+            base.pop(option)
+    return [command, *[x for pair in base.items() for x in pair], *extra, "--no-progress"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA")
+@pytest.mark.parametrize("case", sorted(BEFORE_LOADING))
+def test_usage_errors_stop_before_the_model_loads(model_dir, images, tmp_path, capsys, monkeypatch, case):
+    import analysis.loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the usage error was found")
+
+    monkeypatch.setattr(analysis.loading, "load_model", no_loading)
+    (tmp_path / "a-file").write_text("not a folder")
+    questions = write_questions(tmp_path / "q.jsonl", GOOD)
+    entry, message = BEFORE_LOADING[case]
+    argv = _usage_line(entry, model_dir, questions, images, tmp_path)
+    try:
+        status = main(argv)
+    except SystemExit as stop:  # argparse's own usage errors
+        status = stop.code
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert message in err, err
+    assert len([line for line in err.splitlines() if "error:" in line]) == 1 and "Traceback" not in err
+
+
+def test_a_read_only_output_folder_is_one_line(model_dir, images, tmp_path, capsys):
+    import os
+
+    if os.geteuid() == 0:
+        # root writes anywhere: the check cannot see a read-only folder, so prove the foreign
+        # PermissionError path instead (a parquet writer failing under the folder).
+        from analysis.options import is_bad_input, one_line
+
+        error = PermissionError(13, "Permission denied", str(tmp_path / "ro" / ".statistics-00000.parquet.partial"))
+        assert is_bad_input(error) and one_line(error).startswith("Permission denied: ")
+        return
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    questions = write_questions(tmp_path / "q.jsonl", GOOD)
+    assert dump(model_dir, questions, images, folder / "out") == 2
+    assert "without write permission" in capsys.readouterr().err
+
+
+def test_foreign_file_errors_are_one_line_and_debug_shows_the_traceback(model_dir, images, tmp_path, capsys):
+    from analysis.options import is_bad_input
+
+    (tmp_path / "gates").mkdir()
+    (tmp_path / "gates" / "gates.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{trunc")
+    from exit.gates import DyVTEGates, GateConfig
+
+    model = __import__("transformers").AutoModelForImageTextToText.from_pretrained(model_dir)
+    DyVTEGates.for_model(model, GateConfig(hidden_width=8)).save(tmp_path / "good")
+    (tmp_path / "gates" / "gate_config.json").write_text((tmp_path / "good" / "gate_config.json").read_text())
+    from exit.cli import main as exit_main
+
+    capsys.readouterr()
+    argv = ["generate", "--model", str(model_dir), "--gates", str(tmp_path / "gates"),
+            "--image", str(images / "red.png"), "--question", "What colour?"]
+    assert exit_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error:" in err and "Traceback" not in err, err
+    with pytest.raises(Exception) as raised:
+        exit_main([*argv, "--debug"])
+    assert is_bad_input(raised.value) and type(raised.value).__module__.startswith("safetensors")
+    (tmp_path / "gates" / "gate_config.json").write_text("{not json")
+    assert exit_main(argv) == 2
+    assert "expected the JSON written by DyVTEGates.save" in capsys.readouterr().err
+    assert not is_bad_input(KeyError("a bug")) and not is_bad_input(ZeroDivisionError())
