@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from analysis.errors import DyVTEError
+from analysis.errors import DyVTEError, UsageError
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -99,17 +99,20 @@ def read_questions(path: str | Path, limit: int | None = None, require_image: bo
     """Read a LLaVA-format question file (JSONL); blank lines are skipped.
 
     ``require_image=False`` lets questions without an image through (see ``parse_question``), for
-    callers that reject bad samples one by one.
+    callers that reject bad samples one by one. A UTF-8 byte-order mark is accepted.
 
     Raises:
+        UsageError: ``limit`` below 1.
         FileNotFoundError: no file at ``path``.
         DataError: a line is not a valid question, or the file holds no question.
     """
     path = Path(path)
+    if limit is not None and limit < 1:
+        raise UsageError(f"expected a limit of at least 1 question, found {limit}")
     if not path.is_file():
         raise FileNotFoundError(f"expected a question file (JSONL) at {path}, found nothing there")
     questions: list[Question] = []
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:  # -sig: a UTF-8 byte-order mark some editors write
         for number, line in enumerate(handle, start=1):
             if line.strip():
                 questions.append(parse_question(line, f"{path}:{number}", require_image))

@@ -2,14 +2,17 @@
 
 ``attached(model, hooks)`` checks every module path first, registers inside ``try`` and removes
 everything in ``finally``: after a normal exit, an exception or nesting, no hook of the block is
-left. Two kinds of attachment exist:
+left. Three kinds of attachment exist:
 
 - torch forward hooks and forward pre-hooks on named modules;
 - attention observers: callables that see the query and key states of an attention module
   running under the registered attention function ``OBSERVED_SDPA`` (SDPA's output, unchanged,
   plus a side channel). This is transformers' sanctioned extension point (AttentionInterface)
   rather than a patch of any class; the function is registered under its own name, together with
-  SDPA's mask function, so a model only uses it when its attention implementation is set to it.
+  SDPA's mask function, so a model only uses it when its attention implementation is set to it;
+- layer streams: a surgery that removes tokens mid-forward (``exit.surgery``) says which prompt
+  positions each decoder layer holds (:func:`layer_stream`), so observers such as the recorder
+  follow the tokens that remain without importing the surgery.
 """
 
 from __future__ import annotations
@@ -30,7 +33,13 @@ from analysis.attention import OBSERVED_SDPA
 AttentionObserver = Callable[[nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], None]
 """observer(module, query, key, attention_mask, scaling); query (batch, head, q, dim), key with KV heads."""
 
+StreamProvider = Callable[[int], "tuple[torch.Tensor, torch.Tensor] | None"]
+"""provider(layer) -> (columns, present) while a prefill runs through a token-removing surgery:
+(batch, slots) int64 prompt position of each slot of that decoder layer's token stream and
+(batch, slots) bool True where the slot holds a token that is still there; None otherwise."""
+
 _observers: dict[int, list[AttentionObserver]] = {}
+_streams: dict[int, list[StreamProvider]] = {}
 
 
 def observed_sdpa_attention(
@@ -62,21 +71,35 @@ class Hook:
 
     path: str
     fn: Callable[..., Any]
-    kind: Literal["forward", "forward_pre", "attention_observer"] = "forward"
+    kind: Literal["forward", "forward_pre", "attention_observer", "layer_stream"] = "forward"
     with_kwargs: bool = False
 
 
-class _ObserverHandle:
-    def __init__(self, module: nn.Module, observer: AttentionObserver) -> None:
-        self.key, self.observer = id(module), observer
-        _observers.setdefault(self.key, []).append(observer)
+class _RegistryHandle:
+    """One callable in one of the registries keyed by module (observers, stream providers)."""
+
+    def __init__(self, registry: dict[int, list[Any]], module: nn.Module, fn: Callable[..., Any]) -> None:
+        self.registry, self.key, self.fn = registry, id(module), fn
+        registry.setdefault(self.key, []).append(fn)
 
     def remove(self) -> None:
-        observers = _observers.get(self.key, [])
-        if self.observer in observers:
-            observers.remove(self.observer)
-        if not observers:
-            _observers.pop(self.key, None)
+        entries = self.registry.get(self.key, [])
+        if self.fn in entries:
+            entries.remove(self.fn)
+        if not entries:
+            self.registry.pop(self.key, None)
+
+
+def layer_stream(model: nn.Module, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """What a token-removing surgery attached to ``model`` (a ``layer_stream`` hook on its root
+    module) says decoder layer ``layer`` holds in the running prefill, or None (no such surgery,
+    or not in a prefill): the recorder observes the layers after an exit over the tokens that
+    remain, without knowing the surgery."""
+    for provider in _streams.get(id(model), ()):
+        stream = provider(layer)
+        if stream is not None:
+            return stream
+    return None
 
 
 def missing_paths(model: nn.Module, hooks: list[Hook]) -> list[str]:
@@ -111,9 +134,13 @@ def attached(model: nn.Module, hooks: list[Hook]) -> Iterator[None]:
             elif hook.kind == "forward_pre":
                 handles.append(module.register_forward_pre_hook(hook.fn, with_kwargs=hook.with_kwargs))
             elif hook.kind == "attention_observer":
-                handles.append(_ObserverHandle(module, hook.fn))
+                handles.append(_RegistryHandle(_observers, module, hook.fn))
+            elif hook.kind == "layer_stream":
+                handles.append(_RegistryHandle(_streams, module, hook.fn))
             else:
-                raise ValueError(f"expected hook kind forward, forward_pre or attention_observer, found {hook.kind!r}")
+                raise ValueError(
+                    f"expected hook kind forward, forward_pre, attention_observer or layer_stream, found {hook.kind!r}"
+                )
         yield
     finally:
         for handle in reversed(handles):
@@ -126,5 +153,5 @@ def attached_count(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         count += len(module._forward_hooks) + len(module._forward_pre_hooks)
-        count += len(_observers.get(id(module), ()))
+        count += len(_observers.get(id(module), ())) + len(_streams.get(id(module), ()))
     return count

@@ -29,8 +29,8 @@ from torch import nn
 from analysis.adapters import ModelAdapter, resolve_adapter
 from analysis.attention import attention_path, running_attention
 from analysis.errors import DyVTEError
-from analysis.hooks import Hook, attached
-from analysis.layout import TokenLayout
+from analysis.hooks import Hook, attached, layer_stream
+from analysis.layout import PADDING, TokenLayout
 from analysis.schema import statistics_table
 from analysis.stats import GroupSums, group_sums, logit_group_sums
 
@@ -51,6 +51,8 @@ class LayerRecord:
         text_mean: (batch, hidden) float32 mean of the layer's output states over the text tokens
             after the image excluding the last token, or None when states were not asked for.
         last: (batch, hidden) float32 output state of the last prompt token, or None.
+        query_counts, key_counts: (batch, groups) int64 group sizes at this layer when they differ
+            from the prompt's (the layers after a visual-token exit), else None.
     """
 
     layer: int
@@ -58,6 +60,8 @@ class LayerRecord:
     entropy: torch.Tensor | None = None
     text_mean: torch.Tensor | None = None
     last: torch.Tensor | None = None
+    query_counts: torch.Tensor | None = None
+    key_counts: torch.Tensor | None = None
 
 
 @dataclass
@@ -170,6 +174,31 @@ def _text_states(hidden: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tenso
     return text_mean, last
 
 
+@dataclass(frozen=True)
+class _LayerGroups:
+    """A layer's token groups with what the reductions need (memberships and counts)."""
+
+    layout: TokenLayout
+    query_membership: torch.Tensor
+    key_membership: torch.Tensor
+    query_counts: torch.Tensor
+    key_counts: torch.Tensor
+    changed: bool  # True when the groups differ from the prompt's (tokens left before this layer)
+
+    @classmethod
+    def of(cls, layout: TokenLayout, changed: bool) -> _LayerGroups:
+        return cls(layout, layout.query_membership(), layout.key_membership(), layout.query_counts(),
+                   layout.key_counts(), changed)
+
+    def means(self, sums: GroupSums, prompt: _LayerGroups) -> tuple[torch.Tensor, torch.Tensor]:
+        """Group means; a key group the prompt has but this layer lost is absent (NaN), not 0."""
+        mass, entropy = sums.means(self.query_counts)
+        if self.changed:
+            gone = (self.key_counts == 0) & (prompt.key_counts > 0)  # (batch, key_group)
+            mass = mass.masked_fill(gone[:, None, None, :], torch.nan)
+        return mass, entropy
+
+
 class _LayerObserver:
     """The hooks of one recording block: attention reduced inside the attention hook, then one
     LayerRecord per decoder layer handed on after the layer's output.
@@ -189,30 +218,45 @@ class _LayerObserver:
         on_layer: Callable[[LayerRecord], None] | None,
         query_chunk: int | None,
         describe_implementation: Callable[[], str],
+        stream: Callable[[int], tuple[torch.Tensor, torch.Tensor] | None] = lambda layer: None,
     ) -> None:
         self.recorder = recorder
         self.index_of_attention = index_of_attention
         self.layout = recorder.layout.to(device)
-        self.query_membership = self.layout.query_membership()
-        self.key_membership = self.layout.key_membership()
-        self.query_counts = self.layout.query_counts()
+        self.prompt_groups = _LayerGroups.of(self.layout, False)
         self.record_attention, self.record_states = record_attention, record_states
         self.keep, self.on_layer, self.query_chunk = keep, on_layer, query_chunk
         self.describe_implementation = describe_implementation
+        self.stream = stream
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def is_prefill(self, num_queries: int, num_keys: int, batch: int) -> bool:
-        layout = self.recorder.layout
-        return num_queries == num_keys == layout.seq_len and batch == layout.batch_size
+    def groups_at(self, layer: int) -> _LayerGroups:
+        """The token groups decoder layer ``layer`` holds: the prompt's, or, after a visual-token
+        exit (a surgery's layer stream), those of the tokens that remain in its stream."""
+        stream = self.stream(layer)
+        if stream is None:
+            return self.prompt_groups
+        columns, present = (t.to(self.layout.group.device) for t in stream)
+        group = torch.where(present, self.layout.group.gather(1, columns), PADDING)
+        if group.shape == self.layout.group.shape and torch.equal(group, self.layout.group):
+            return self.prompt_groups  # nothing has left yet
+        is_last = present & (columns == self.layout.last_index[:, None])
+        return _LayerGroups.of(TokenLayout(group, is_last.int().argmax(dim=1), self.layout.image_token_id), True)
+
+    def is_prefill(self, layer: int, num_queries: int, num_keys: int, batch: int) -> bool:
+        length = self.groups_at(layer).layout.seq_len
+        return num_queries == num_keys == length and batch == self.recorder.layout.batch_size
 
     def observe_sdpa(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: float) -> None:
         """Attention observer of the fast path: group sums recomputed from query and key."""
-        if not self.is_prefill(query.shape[2], key.shape[2], query.shape[0]):
+        layer = self.index_of_attention[id(module)]
+        if not self.is_prefill(layer, query.shape[2], key.shape[2], query.shape[0]):
             return
+        groups = self.groups_at(layer)
         chunk = self.query_chunk or default_query_chunk(query.shape[2])
         with torch.no_grad():
-            sums = observed_group_sums(query, key, mask, scaling, self.query_membership, self.key_membership, chunk)
-        self.pending[self.index_of_attention[id(module)]] = sums.means(self.query_counts)
+            sums = observed_group_sums(query, key, mask, scaling, groups.query_membership, groups.key_membership, chunk)
+        self.pending[layer] = groups.means(sums, self.prompt_groups)
 
     def observe_eager(self, module: nn.Module, args: Any, output: Any) -> None:
         """Forward hook of the eager path: group sums of the weights ``self_attn`` returns."""
@@ -222,28 +266,31 @@ class _LayerObserver:
                 "expected attention weights as the second output of the self-attention module under "
                 f"eager attention, found None (the decoder runs {self.describe_implementation()!r})"
             )
-        if not self.is_prefill(weights.shape[2], weights.shape[3], weights.shape[0]):
+        layer = self.index_of_attention[id(module)]
+        if not self.is_prefill(layer, weights.shape[2], weights.shape[3], weights.shape[0]):
             return
+        groups = self.groups_at(layer)
         chunk = self.query_chunk or default_query_chunk(weights.shape[2])
         with torch.no_grad():
             sums: GroupSums | None = None
             for start in range(0, weights.shape[2], chunk):
                 part = group_sums(
-                    weights[:, :, start : start + chunk], self.query_membership[:, start : start + chunk], self.key_membership
+                    weights[:, :, start : start + chunk], groups.query_membership[:, start : start + chunk],
+                    groups.key_membership,
                 )
                 if sums is None:
                     sums = part
                 else:
                     sums.add(part)
         assert sums is not None
-        self.pending[self.index_of_attention[id(module)]] = sums.means(self.query_counts)
+        self.pending[layer] = groups.means(sums, self.prompt_groups)
 
     def after_layer(self, layer: int) -> Callable[..., None]:
         """The forward hook of decoder layer ``layer``: builds and hands on its LayerRecord."""
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             hidden = output[0] if isinstance(output, tuple) else output
-            if not self.is_prefill(hidden.shape[1], hidden.shape[1], hidden.shape[0]):
+            if not self.is_prefill(layer, hidden.shape[1], hidden.shape[1], hidden.shape[0]):
                 if layer == 0:
                     self.recorder.forwards_skipped += 1
                 return
@@ -253,6 +300,9 @@ class _LayerObserver:
 
     def finish_layer(self, layer: int, hidden: torch.Tensor) -> None:
         record = LayerRecord(layer=layer)
+        groups = self.groups_at(layer)
+        if groups.changed:
+            record.query_counts, record.key_counts = groups.query_counts, groups.key_counts
         if self.record_attention:
             if layer not in self.pending:
                 raise RecordingError(
@@ -261,7 +311,7 @@ class _LayerObserver:
                 )
             record.mass, record.entropy = self.pending.pop(layer)
         if self.record_states:
-            record.text_mean, record.last = _text_states(hidden, self.layout)
+            record.text_mean, record.last = _text_states(hidden, groups.layout)
         if layer == 0:
             self.recorder.forwards_recorded += 1
         if self.keep:
@@ -313,6 +363,7 @@ def record_attention(
         on_layer=on_layer,
         query_chunk=query_chunk,
         describe_implementation=lambda: adapter.attention_implementation(model),
+        stream=lambda layer: layer_stream(model, layer),
     )
     hooks = [Hook(p, observer.after_layer(i)) for i, p in enumerate(adapter.layer_paths(model))]
     if record_attention:

@@ -56,8 +56,8 @@ STATISTICS_COLUMNS: tuple[Column, ...] = (
     Column("mass", pa.float32(), "probability", "mean over the group's queries of the summed attention over the key group"),
     Column("mass_per_key", pa.float32(), "probability / token", "mass divided by the number of keys in the key group"),
     Column("entropy", pa.float32(), "nats", "mean entropy of the query group's attention rows (same for every key group)"),
-    Column("n_query", pa.int32(), "tokens", "number of queries in the query group"),
-    Column("n_key", pa.int32(), "tokens", "number of keys in the key group"),
+    Column("n_query", pa.int32(), "tokens", "number of queries in the query group (at this layer: fewer after an exit)"),
+    Column("n_key", pa.int32(), "tokens", "number of keys in the key group (at this layer: 0 for a group that left)"),
 )
 
 SAMPLE_COLUMNS: tuple[Column, ...] = (
@@ -254,6 +254,8 @@ class ReducedLayer(Protocol):
     layer: int
     mass: torch.Tensor | None  # (batch, head, query_group, key_group)
     entropy: torch.Tensor | None  # (batch, head, query_group)
+    query_counts: torch.Tensor | None  # (batch, query_group) at this layer, None: the prompt's
+    key_counts: torch.Tensor | None  # (batch, key_group) at this layer, None: the prompt's
 
 
 def statistics_table(
@@ -272,9 +274,10 @@ def statistics_table(
     head_labels = reduce_heads(records[0].mass, heads)[1]
     shape = mass.shape
     index = np.indices(shape).reshape(len(shape), -1)
-    query_counts = layout.query_counts().cpu().numpy()
-    key_counts = layout.key_counts().cpu().numpy()
-    n_key = key_counts[index[0], index[4]]
+    # Group sizes per (sample, layer, group): the prompt's, or the layer's own after a token exit.
+    query_counts = np.stack([_counts(r.query_counts, layout.query_counts()) for r in records], axis=1)
+    key_counts = np.stack([_counts(r.key_counts, layout.key_counts()) for r in records], axis=1)
+    n_key = key_counts[index[0], index[1], index[4]]
     layers = np.array([r.layer for r in records], dtype=np.int32)
     columns = {
         "sample_id": pa.array(np.asarray(list(sample_ids), dtype=object)[index[0]], pa.string()),
@@ -285,10 +288,14 @@ def statistics_table(
         "mass": pa.array(mass.reshape(-1).astype(np.float32), pa.float32()),
         "mass_per_key": pa.array((mass.reshape(-1) / np.where(n_key > 0, n_key, np.nan)).astype(np.float32), pa.float32()),
         "entropy": pa.array(entropy[index[0], index[1], index[2], index[3]].astype(np.float32), pa.float32()),
-        "n_query": pa.array(query_counts[index[0], index[3]].astype(np.int32), pa.int32()),
+        "n_query": pa.array(query_counts[index[0], index[1], index[3]].astype(np.int32), pa.int32()),
         "n_key": pa.array(n_key.astype(np.int32), pa.int32()),
     }
     return pa.Table.from_pydict(columns, schema=arrow_schema("statistics"))
+
+
+def _counts(layer_counts: torch.Tensor | None, prompt_counts: torch.Tensor) -> np.ndarray:
+    return (prompt_counts if layer_counts is None else layer_counts).cpu().numpy()
 
 
 def samples_table(

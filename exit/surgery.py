@@ -296,6 +296,8 @@ class VisualExit:
         ]
         # The decoder's layers keep the compacted stream; the final norm gets it back at full length.
         self._hooks.append(Hook(self.adapter.final_norm_path, self._before_final_norm, kind="forward_pre"))
+        # Observers (the recorder) learn from it which tokens each layer of a prefill holds.
+        self._hooks.append(Hook("", self._layer_stream, kind="layer_stream"))
         check_module_paths(model, self._hooks)
         self._stack: ExitStack | None = None
 
@@ -373,6 +375,14 @@ class VisualExit:
             return run.layer_columns[layer], run.layer_keys[layer]
         group = run.layout.group.to(run.drop_layer.device)
         return torch.arange(group.shape[1], device=group.device).expand_as(group), group != PADDING
+
+    def _layer_stream(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``analysis.hooks.layer_stream``'s answer for this surgery: ``stream_slots(layer)`` while
+        a prefill runs, once the layer's input is set up; None otherwise."""
+        run = self._run
+        if run is None or run.decoding or layer > run.current_layer:
+            return None
+        return self.stream_slots(layer)
 
     @property
     def prefilling(self) -> bool:
