@@ -124,6 +124,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                       progress=not args.no_progress)
     print(f"wrote {result.dump.rows} rows for {result.dump.samples} ShapesVQA test samples "
           f"({result.questions}) to {result.dump.out_dir}")
+    print("ShapesVQA splits (question files for dyvte-exit sweep / train / eval): "
+          + ", ".join(f"{name} {folder}/questions.jsonl" for name, folder in result.splits.items()))
     print("mean attention mass by layer of the demo model (mean over heads, queries and samples)")
     print(result.summary.to_string(float_format=lambda v: f"{v:.3f}"))
     return 0

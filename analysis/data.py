@@ -268,3 +268,21 @@ def _row_problems(
                 f"question {question.question_id!r}: expected a prompt of at most {max_tokens} tokens (the model's "
                 f"context, max_position_embeddings), found {n_tokens} tokens")))
     return problems
+
+
+def encode_questions(processor: Any, questions: Sequence[Question], image_folder: str | Path,
+                     device: Any = "cpu", dtype: Any = None) -> dict[str, Any]:
+    """Model inputs for ``questions`` as one left-padded batch: chat-template prompts
+    (:func:`build_prompt`) and their images, on ``device``, with ``pixel_values`` in ``dtype``
+    (None: the processor's, float32).
+
+    Raises:
+        DataError: an image is missing or unreadable, or the processor has no chat template.
+    """
+    images = [load_image(image_folder, name) for question in questions for name in question.images]
+    prompts = [build_prompt(processor, question) for question in questions]
+    inputs = processor(images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt")
+    inputs = {key: value.to(device) for key, value in inputs.items()}
+    if dtype is not None:
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return inputs

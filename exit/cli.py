@@ -190,8 +190,35 @@ def _train(args: argparse.Namespace, settings: Any, progress: bool) -> tuple[Any
     kind = args.features or read_shard(feature_shards(args.sweep)[0])[3]
     gates = DyVTEGates.for_model(model, GateConfig(inputs=kind, hidden_width=args.hidden_width, tau=args.tau, seed=args.seed))
     del model
+    _warn_about_the_plan(gates, args.sweep, settings)
     bar = (lambda items: tqdm(items, desc="train", unit="epoch")) if progress else None
     return gates, train_offline(gates, args.sweep, settings, progress=bar)
+
+
+MIN_STEPS = 20
+"""Fewer optimiser steps than this, and ``dyvte-exit train`` warns that the gates will hardly learn."""
+MAX_SIZE_RATIO = 10
+"""A gates file more than this many times the size of the features it learns from gets a warning."""
+
+
+def _warn_about_the_plan(gates: Any, sweep: Path, settings: Any) -> None:
+    """Warn (stderr) when offline training would take very few steps, or write gates far larger
+    than the data they learn from: the paper's defaults (width 2048, batch 128) suit a large sweep."""
+    from exit.gates import gate_parameters
+    from exit.train import feature_shards, offline_plan, read_shard
+
+    examples, steps = offline_plan(sweep, settings)
+    if steps < MIN_STEPS:
+        print(f"warning: training would take {steps} optimiser step(s) ({examples} samples, --batch-size "
+              f"{settings.batch_size}, --epochs {settings.epochs}); the gates will hardly learn: lower --batch-size "
+              "or raise --epochs (a small sweep suits e.g. --batch-size 32 --epochs 40)", file=sys.stderr)
+    features = read_shard(feature_shards(sweep)[0])[0]
+    data_bytes = examples * features[0].numel() * 4
+    gate_bytes = gate_parameters(gates) * 4
+    if gate_bytes > MAX_SIZE_RATIO * data_bytes:
+        print(f"warning: the gates file would be {gate_bytes / 2**20:.1f} MiB, {gate_bytes / data_bytes:.0f}x the "
+              f"{data_bytes / 2**20:.1f} MiB of features they learn from; a smaller --hidden-width (e.g. 256) suits "
+              "a small sweep", file=sys.stderr)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -259,9 +286,12 @@ def _bind_methods(args: argparse.Namespace, specs: Sequence[MethodSpec], model: 
     gates = DyVTEGates.load(args.gates, model) if args.gates is not None else None
     calibration = None
     if calibration_questions is not None:
+        from tqdm import tqdm
+
+        bar = None if args.no_progress else (lambda items: tqdm(items, desc="VTW calibration", unit="batch"))
         calibration = calibrate_vtw(model, processor, calibration_questions,
                                     args.calibration_image_folder or args.calibration_questions.parent,
-                                    args.vtw_eta, args.vtw_samples, args.batch_size)
+                                    args.vtw_eta, args.vtw_samples, args.batch_size, bar)
         print(f"VTW: first layer with mean KL <= {args.vtw_eta:g} over {calibration.samples} calibration samples: "
               f"{calibration.layer}")
     return [spec.bind(num_layers, gates, calibration) for spec in specs]
@@ -341,9 +371,9 @@ def _add_train(commands: Any) -> None:
                        help="folder for gates.safetensors, gate_config.json, train_report.json")
     train.add_argument("--hidden-width", type=positive_int, default=2048, help="gate hidden width (default 2048, the paper's)")
     train.add_argument("--tau", type=tau_value, default=0.5, help="exit when p(exit) > tau, in [0, 1) (default 0.5)")
-    train.add_argument("--lr", type=float, default=6e-5)
+    train.add_argument("--lr", type=float, default=6e-5, help="AdamW learning rate (default 6e-5, the paper's)")
     train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    train.add_argument("--epochs", type=positive_int, default=1)
+    train.add_argument("--epochs", type=positive_int, default=1, help="passes over the sweep's samples (default 1)")
     train.add_argument("--holdout", type=float, default=0.2, help="fraction of samples held out for the accuracy report")
     _add_label_rule(train, "--online: ")
     train.set_defaults(run=_cmd_train)
@@ -356,8 +386,8 @@ def _add_generate(commands: Any) -> None:
     )
     generate.add_argument("--gates", required=True, type=Path, help="folder written by `dyvte-exit train`")
     generate.add_argument("--image", required=True, action="append", help="image file (repeat for several images)")
-    generate.add_argument("--question", required=True)
-    generate.add_argument("--max-new-tokens", type=positive_int, default=32)
+    generate.add_argument("--question", required=True, help="the question text (the image goes before it)")
+    generate.add_argument("--max-new-tokens", type=positive_int, default=32, help="answer tokens at most (default 32)")
     generate.add_argument("--tau", type=tau_value, default=None, help="override the saved threshold, in [0, 1)")
     generate.set_defaults(run=_cmd_generate)
 

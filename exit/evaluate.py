@@ -47,7 +47,7 @@ from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from analysis.adapters import resolve_adapter
-from analysis.data import DataError, Question, build_prompt, load_image, prepare_batch
+from analysis.data import DataError, Question, encode_questions, prepare_batch
 from analysis.errors import UsageError
 from analysis.io import ParquetShard, atomic_write_text, read_provenance, read_table
 from analysis.schema import TABLES, SchemaError
@@ -136,17 +136,6 @@ def _batches(questions: Sequence[Question], batch_size: int) -> Iterator[list[Qu
             yield group[start:start + batch_size]
 
 
-def encode_questions(processor: Any, questions: Sequence[Question], image_folder: str | Path,
-                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Model inputs for ``questions`` as one left-padded batch (chat-template prompts, their images)."""
-    images = [load_image(image_folder, name) for question in questions for name in question.images]
-    prompts = [build_prompt(processor, question) for question in questions]
-    inputs = processor(images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt")
-    inputs = {key: value.to(device) for key, value in inputs.items()}
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    return inputs
-
-
 def calibrate_vtw(
     model: nn.Module,
     processor: Any,
@@ -155,6 +144,7 @@ def calibrate_vtw(
     eta: float,
     n: int = 20,
     batch_size: int = 8,
+    progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
 ) -> VTWCalibration:
     """VTW's exit layer: the first layer K whose mean KL(full || exit after K) of the last prompt
     token's next-token distribution over the first ``n`` questions is <= ``eta`` (see
@@ -173,7 +163,8 @@ def calibrate_vtw(
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     batches = list(_batches(chosen, batch_size))
-    curve = vtw_kl_curve(model, (encode_questions(processor, batch, image_folder, device, dtype) for batch in batches))
+    shown = progress(batches) if progress is not None else batches
+    curve = vtw_kl_curve(model, (encode_questions(processor, batch, image_folder, device, dtype) for batch in shown))
     mean = curve.mean(dim=0)
     return VTWCalibration(
         layer=first_layer_within(mean, eta),

@@ -180,6 +180,18 @@ def _schedule(optimizer: torch.optim.Optimizer, total: int, warmup_fraction: flo
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def offline_plan(folder: str | Path, settings: TrainSettings = TrainSettings()) -> tuple[int, int]:
+    """(training samples, optimiser steps) that :func:`train_offline` would take on ``folder``.
+
+    Raises:
+        SweepError: no training samples are left after the hold-out.
+    """
+    examples = sum(int(f.shape[0]) for f, _ in _split(folder, settings, heldout=False))
+    if examples == 0:
+        raise SweepError(f"expected training samples in {folder} after holding out {settings.holdout_fraction:.0%}, found none")
+    return examples, math.ceil(examples / settings.batch_size) * settings.epochs
+
+
 def train_offline(
     gates: DyVTEGates, folder: str | Path, settings: TrainSettings = TrainSettings(), progress: ProgressFn | None = None
 ) -> TrainReport:
@@ -192,11 +204,7 @@ def train_offline(
     if kind not in (gates.config.inputs, "both"):
         raise SweepError(f"expected features of kind {gates.config.inputs!r} (or 'both') for these gates, "
                          f"found {kind!r} in {folder}")
-    examples = sum(int(f.shape[0]) for f, _ in _split(folder, settings, heldout=False))
-    if examples == 0:
-        raise SweepError(f"expected training samples in {folder} after holding out {settings.holdout_fraction:.0%}, found none")
-    steps_per_epoch = math.ceil(examples / settings.batch_size)
-    total = steps_per_epoch * settings.epochs
+    examples, total = offline_plan(folder, settings)
     generator = torch.Generator().manual_seed(settings.seed)
     optimizer = torch.optim.AdamW(gates.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = _schedule(optimizer, total, settings.warmup_fraction)

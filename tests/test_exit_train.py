@@ -95,8 +95,18 @@ def test_command_line_sweep_train_generate(tmp_path, capsys):
     assert "wrote 24 rows for 6 samples" in capsys.readouterr().out
     assert main(["train", "--sweep", str(tmp_path / "sweep"), "--model", str(model_dir), "--out", str(tmp_path / "gates"),
                  "--hidden-width", "8", "--epochs", "2", "--batch-size", "2", "--holdout", "0.5"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "held-out accuracy by layer" in out and (tmp_path / "gates" / "gates.safetensors").is_file()
+    assert "warning: training would take 4 optimiser step(s) (3 samples, --batch-size 2, --epochs 2)" in captured.err
+    assert "gates file would be" not in captured.err  # width 8: small beside its features
+    assert main(["train", "--sweep", str(tmp_path / "sweep"), "--model", str(model_dir), "--out", str(tmp_path / "big"),
+                 "--holdout", "0.5", "--no-progress"]) == 0  # the paper's defaults on 3 samples
+    err = capsys.readouterr().err
+    assert "training would take 1 optimiser step(s)" in err and "warning: the gates file would be" in err
+    assert main(["train", "--sweep", str(tmp_path / "sweep"), "--model", str(model_dir), "--out", str(tmp_path / "fit"),
+                 "--hidden-width", "8", "--epochs", "40", "--batch-size", "1", "--holdout", "0.5", "--no-progress"]) == 0
+    assert "warning" not in capsys.readouterr().err
     assert main(["train", "--online", "--model", str(model_dir), "--questions", str(tmp_path / "q.jsonl"),
                  "--image-folder", str(tmp_path / "img"), "--out", str(tmp_path / "gates-online"), "--hidden-width", "8",
                  "--batch-size", "2", "--holdout", "0.5", "--no-progress"]) == 0
