@@ -119,11 +119,17 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             progress=not args.no_progress and group.index == 0,
             shard=group,
         )
-        rows, samples = all_sum([run.rows, run.samples])
+        rows, samples, errors = all_sum([run.rows, run.samples, run.errors])
         barrier()
     if group.index != 0:
         return 0
     print(f"wrote {int(rows)} rows for {int(samples)} samples to {run.out_dir}")
+    if errors:
+        print(f"{int(errors)} question(s) could not be swept and were left out; their reasons are in "
+              f"{run.out_dir}/_errors-*.jsonl", file=sys.stderr)
+    if not rows:
+        raise UsageError(f"expected at least one question to sweep, found all {int(errors)} failing "
+                         f"(listed in {run.out_dir}/_errors-*.jsonl)")
     frame = read_sweep(run.out_dir)
     print("fraction of samples whose exit after the layer is safe (label), by layer")
     print(frame.groupby("layer")["label"].mean().to_string(float_format=lambda v: f"{v:.3f}"))

@@ -27,6 +27,7 @@ writer caches them (with the labels) as safetensors shards for ``exit.train``.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
@@ -621,6 +622,7 @@ class SweepRun:
     samples: int
     rows: int
     files: list[Path]
+    errors: int = 0  # questions left out (listed in the errors file)
 
 
 def run_sweep(
@@ -642,17 +644,20 @@ def run_sweep(
     ``shard`` (an ``analysis.distributed.Shard``; under torchrun the rank's) sweeps only every n-th
     question, into files named with the shard's tag; the shards' union is the single-process sweep.
 
+    A question whose image is missing or unreadable (or that has no image) is listed in
+    ``out_dir/_errors[-TAG]-00000.jsonl`` with its reason and the sweep goes on.
+
     Raises:
         SweepError: a question has no reference answer, or the folder already holds a sweep.
     """
     from tqdm import tqdm
 
-    from analysis.data import build_prompt, check_questions, load_image
+    from analysis.data import check_unique_ids
     from analysis.distributed import Shard, barrier
     from analysis.io import tag_count
 
     shard = shard or Shard()
-    check_questions(questions, image_folder)
+    check_unique_ids(questions)
     missing = [q.question_id for q in questions if not q.answer]
     if missing:
         raise SweepError(f"expected a reference answer for every question, found none for {missing[:5]}")
@@ -666,16 +671,51 @@ def run_sweep(
     dtype = next(model.parameters()).dtype
     mine = shard.select(questions)
     batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    errors = _SweepErrors(Path(out_dir), shard.tag)
     with SweepWriter(out_dir, provenance, rule, tag=shard.tag) as writer:
         for batch in tqdm(batches, desc="sweep", unit="batch", disable=not progress):
-            prompts = [build_prompt(processor, q) for q in batch]
-            images = [[load_image(image_folder, name) for name in q.images] for q in batch]
-            inputs, answer_mask = teacher_forced_inputs(processor, prompts, images, [str(q.answer) for q in batch])
+            good = errors.loadable(processor, batch, image_folder)
+            if not good:
+                continue
+            inputs, answer_mask = teacher_forced_inputs(processor, [prompt for _, prompt, _ in good],
+                                                        [images for _, _, images in good],
+                                                        [str(q.answer) for q, _, _ in good])
             inputs = {k: v.to(device) for k, v in inputs.items()}
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
             result = exit_sweep(model, inputs, answer_mask, rule=rule, features=features)
-            writer.write(result, [q.question_id for q in batch])
-    return SweepRun(Path(out_dir), len(mine), writer.rows_written, writer.files)
+            writer.write(result, [q.question_id for q, _, _ in good])
+    return SweepRun(Path(out_dir), len(mine) - len(errors.entries), writer.rows_written, writer.files,
+                    len(errors.entries))
+
+
+class _SweepErrors:
+    """The questions a sweep leaves out, listed with their reasons in one errors file per shard."""
+
+    def __init__(self, out_dir: Path, tag: str) -> None:
+        from analysis.io import ERRORS_PREFIX, shard_file_name
+
+        self.path = out_dir / shard_file_name(ERRORS_PREFIX, tag, 0, "jsonl")
+        self.entries: list[dict[str, Any]] = []
+
+    def loadable(self, processor: Any, batch: Sequence[Any], image_folder: str | Path) -> list[tuple[Any, str, list[Any]]]:
+        """(question, prompt, images) of each question of ``batch`` that can be loaded; the others are listed."""
+        from analysis.data import DataError, build_prompt, check_question, load_image
+        from analysis.io import atomic_write_text
+
+        good = []
+        for question in batch:
+            try:
+                check_question(question)
+                try:
+                    images = [load_image(image_folder, name) for name in question.images]
+                except DataError as error:
+                    raise DataError(f"question {question.question_id!r}: {error}") from error
+                good.append((question, build_prompt(processor, question), images))
+            except DataError as error:
+                self.entries.append({"sample_id": question.question_id, "question_id": question.question_id,
+                                     "images": list(question.images), "error": type(error).__name__, "reason": str(error)})
+                atomic_write_text(self.path, "".join(json.dumps(e, sort_keys=True) + "\n" for e in self.entries))
+        return good
 
 
 __all__ = [

@@ -141,3 +141,28 @@ def test_both_features_serve_hidden_and_attention_gates(tmp_path):
     features = torch.arange(30.0).reshape(1, 1, 30)
     with pytest.raises(ValueError, match="expected 16 cached 'both' features"):
         select_features(features, "both", "hidden", signature)
+
+
+def test_the_sweep_lists_bad_questions_and_goes_on(tmp_path, capsys):
+    from analysis.io import read_errors
+    from exit.cli import main
+    from exit.sweep import read_sweep
+
+    model_dir = save_tiny_llava(tmp_path / "model", TinyLlavaSpec(image_size=28))
+    (tmp_path / "img").mkdir()
+    lines = []
+    for i, colour in enumerate(["red", "blue", "green", "yellow"]):
+        Image.new("RGB", (40, 30), colour).save(tmp_path / "img" / f"{i}.png")
+        lines.append({"question_id": f"q{i}", "image": f"{i}.png", "text": "What colour?", "answer": colour})
+    (tmp_path / "img" / "2.png").write_bytes(b"\x89PNG truncated")  # late in the file
+    lines.append({"question_id": "q4", "image": "absent.png", "text": "What colour?", "answer": "red"})
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert main(["sweep", "--model", str(model_dir), "--no-progress", "--questions", str(tmp_path / "q.jsonl"),
+                 "--image-folder", str(tmp_path / "img"), "--out", str(tmp_path / "sweep"), "--batch-size", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "wrote 12 rows for 3 samples" in captured.out
+    assert "2 question(s) could not be swept and were left out" in captured.err
+    assert sorted(read_sweep(tmp_path / "sweep")["sample_id"].unique()) == ["q0", "q1", "q3"]
+    errors = read_errors(tmp_path / "sweep").set_index("sample_id")
+    assert "question 'q2': expected a readable image at" in errors.loc["q2", "reason"]
+    assert "question 'q4': expected an image at" in errors.loc["q4", "reason"]
