@@ -89,6 +89,7 @@ def _curve_lines(ax: Axes, data: pd.DataFrame, hue_order: Sequence[str]) -> None
 
 def _layer_axis(ax: Axes, n_layers: int) -> None:
     ax.set_xlim(-0.5, n_layers - 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole: no 0.5 ticks on a 4-layer model
     ax.set_xlabel("decoder layer")
 
 
@@ -121,7 +122,8 @@ def plot_stages(
 
 
 def plot_heads(statistics: pd.DataFrame, stages: DatasetStages | None = None, pair: str = "text->image") -> Figure:
-    """Layer x head heatmap of one pair's mass (mean over samples); stage starts as white lines."""
+    """Layer x head heatmap of one pair's mass (mean over samples); each present stage is named at
+    its first layer, with a white line where a stage starts after the first."""
     query, _, key = pair.partition("->")
     selected = (statistics["head"] >= 0) & (statistics["query_group"] == query) & (statistics["key_group"] == key)
     rows = statistics[selected]
@@ -135,10 +137,11 @@ def plot_heads(statistics: pd.DataFrame, stages: DatasetStages | None = None, pa
     sns.heatmap(table, cmap="viridis", vmin=0, ax=ax, cbar_kws={"label": f"{pair} mass"})
     consensus = _stages_of(statistics, stages).consensus_stages()
     layers = list(table.index)
-    for stage in consensus[1:]:
+    for index, stage in enumerate(consensus):
         if stage.present and stage.first_layer in layers:
             row = layers.index(stage.first_layer)
-            ax.axhline(row, color="white", lw=1.5, ls="--")
+            if index > 0:
+                ax.axhline(row, color="white", lw=1.5, ls="--")
             ax.text(0.1, row + 0.1, STAGE_LABELS[stage.name], va="top", ha="left", fontsize=7, color="white")
     ax.set_xlabel("head")
     ax.set_ylabel("decoder layer")

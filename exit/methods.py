@@ -251,6 +251,16 @@ def _settings_label(spec: MethodSpec) -> str:
                     for p in _placeholders(form))
 
 
+def _gated_label(spec: MethodSpec) -> str:
+    """DyVTE's label: ``tau=0.7``, or ``gates' tau`` when the gates' saved threshold is used."""
+    return _settings_label(spec) or "gates' tau"
+
+
+def _gated_fastv_label(spec: MethodSpec) -> str:
+    """DyVTE + FastV's label, told apart from FastV's at the same settings: ``gates+K=2 R=0.5``."""
+    return f"gates+{_settings_label(spec)}"
+
+
 def _needs_nothing(spec: MethodSpec) -> frozenset[str]:
     return frozenset()
 
@@ -302,10 +312,10 @@ METHODS: dict[str, MethodKind] = {entry.kind: entry for entry in (
           _attach_fastv, _flops_fastv),
     _kind("dyvte", ("dyvte", "dyvte:TAU"), "DyVTE",
           "the gates decide per row during the prefill (TAU replaces their saved threshold)",
-          _attach_dyvte, _flops_exit, needs=_needs_gates, bind=_bind_gated),
+          _attach_dyvte, _flops_exit, label=_gated_label, needs=_needs_gates, bind=_bind_gated),
     _kind("dyvte+fastv", ("dyvte+fastv:K:R",), "DyVTE + FastV",
           "FastV after layer K, and every image token left goes when the gate fires",
-          _attach_dyvte_fastv, _flops_fastv, needs=_needs_gates, bind=_bind_gated_hidden),
+          _attach_dyvte_fastv, _flops_fastv, label=_gated_fastv_label, needs=_needs_gates, bind=_bind_gated_hidden),
 )}
 """Every kind of exit method, by kind (the order of ``--help`` and of the documentation)."""
 

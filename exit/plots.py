@@ -32,6 +32,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -187,6 +188,7 @@ def plot_frontier(summary: pd.DataFrame) -> Figure:
     front = pareto_front(summary)
     ax.step(front["relative_prefill_flops"], front["accuracy_overall"], where="post", color="0.6", lw=1, ls="--",
             zorder=1, label="frontier (not dominated)")
+    labels: list[tuple[float, float, str, FamilyStyle]] = []
     for family in [f for f in FAMILY_STYLES if f in families] + unknown:
         style = _style(family, unknown)
         points = data[data["_family"] == family].sort_values("relative_prefill_flops")
@@ -196,9 +198,8 @@ def plot_frontier(summary: pd.DataFrame) -> Figure:
                 color=style.colour, markersize=11 if stock else 7, lw=1.2, label=style.label, zorder=3)
         if stock:
             ax.axhline(points["accuracy_overall"].max(), color=style.colour, ls=":", lw=0.8, zorder=0)
-        for x, y, text in zip(points["relative_prefill_flops"], points["accuracy_overall"], points["_label"]):
-            ax.annotate(text, (x, y), xytext=style.offset, textcoords="offset points", fontsize=7,
-                        color=style.colour, ha="left" if style.offset[0] >= 0 else "right")
+        labels += [(x, y, text, style) for x, y, text in
+                   zip(points["relative_prefill_flops"], points["accuracy_overall"], points["_label"])]
     ax.set_xlabel("relative decoder prefill FLOPs (exit.flops: matrix products; 1 = full model)")
     ax.set_ylabel("accuracy (exact match, all questions)")
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
@@ -209,7 +210,44 @@ def plot_frontier(summary: pd.DataFrame) -> Figure:
     counted = f"{questions[0]} questions" if len(questions) == 1 else f"{questions[0]}-{questions[-1]} questions"
     ax.set_title(f"Accuracy against prefill cost: {len(summary)} methods, {counted}", fontsize=10)
     fig.tight_layout()
+    _place_labels(fig, ax, labels)
     return fig
+
+
+LABEL_OFFSETS: tuple[tuple[int, int], ...] = ((6, 5), (6, -11), (-6, 5), (-6, -11), (9, -3), (-9, -3), (0, 10),
+                                              (0, -16), (14, 12), (-14, 12), (14, -20), (-14, -20))
+"""Where a point's label may go (points from the point), tried in order."""
+
+
+def _place_labels(fig: Figure, ax: Any, labels: Sequence[tuple[float, float, str, FamilyStyle]]) -> None:
+    """Label every point where its text overlaps no label placed before it and no marker (greedy over
+    :data:`LABEL_OFFSETS`, the family's own offset first); with no free place, the least overlap."""
+    renderer = fig.canvas.get_renderer()
+    markers = [ax.transData.transform((x, y)) for x, y, _, _ in labels]
+    placed: list[Any] = []
+
+    def overlap(box: Any) -> float:
+        area = sum(max(0.0, min(box.x1, b.x1) - max(box.x0, b.x0)) * max(0.0, min(box.y1, b.y1) - max(box.y0, b.y0))
+                   for b in placed)
+        return area + sum(100.0 for mx, my in markers if box.x0 - 4 <= mx <= box.x1 + 4 and box.y0 - 4 <= my <= box.y1 + 4)
+
+    for x, y, text, style in labels:
+        best = None
+        for offset in (style.offset, *LABEL_OFFSETS):
+            note = ax.annotate(text, (x, y), xytext=offset, textcoords="offset points", fontsize=7, color=style.colour,
+                               ha="left" if offset[0] > 0 else "right" if offset[0] < 0 else "center")
+            box = note.get_window_extent(renderer).expanded(1.15, 1.3)  # a little air around each label
+            cost = overlap(box)
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, note, box)
+            else:
+                note.remove()
+            if cost == 0:
+                break
+        assert best is not None
+        placed.append(best[2])
 
 
 def plot_exit_histogram(rows: pd.DataFrame, num_layers: int | None = None,

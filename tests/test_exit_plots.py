@@ -47,9 +47,9 @@ def _close_figures():
     ("static:6", "static", "K=6"),
     ("vtw:13", "vtw", "K=13"),
     ("fastv:2:0.5", "fastv", "K=2 R=0.5"),
-    ("dyvte", "dyvte", "dyvte"),
+    ("dyvte", "dyvte", "gates' tau"),  # the gates' saved threshold, labelled as such
     ("dyvte:0.3", "dyvte", "tau=0.3"),
-    ("dyvte+fastv:2:0.75", "dyvte+fastv", "K=2 R=0.75"),
+    ("dyvte+fastv:2:0.75", "dyvte+fastv", "gates+K=2 R=0.75"),  # not FastV's "K=2 R=0.75"
     ("mystery:a:b", "mystery", "a:b"),
 ])
 def test_method_names_split_into_family_and_settings(method, family, label):
@@ -90,7 +90,7 @@ def test_frontier_draws_one_line_per_family_with_every_point_labelled(exit_resul
     front = lines["frontier (not dominated)"]
     assert len(front.get_xdata()) == len(pareto_front(summary)) >= 2
     texts = sorted(t.get_text() for t in ax.texts)
-    assert texts == sorted(["full model", "tau=0.2", "tau=0.5", "tau=0.8", "K=1 R=0.5", "K=4", "K=1", "K=3",
+    assert texts == sorted(["full model", "tau=0.2", "tau=0.5", "tau=0.8", "gates+K=1 R=0.5", "K=4", "K=1", "K=3",
                             "K=1 R=0.5", "K=1 R=0.75"])
     assert set(t.get_text() for t in ax.get_legend().get_texts()) == {*expected, "frontier (not dominated)"}
     assert "10 methods, 12 questions" in ax.get_title()
@@ -237,3 +237,21 @@ def test_figures_of_a_folder_written_by_evaluate_methods(tmp_path):
     assert len(plot_frontier(summary).axes[0].texts) == 3
     assert [f.name for f in make_exit_figures(tmp_path / "eval", tmp_path / "figures")] == [
         "frontier.png", "exit_histogram.png", "exit_results.md"]
+
+
+def test_frontier_labels_do_not_overlap_and_tell_the_methods_apart(tmp_path):
+    from exit.plots import plot_frontier, read_evaluation
+    from tests.exit_results_data import METHODS, write_results_folder
+
+    _, summary = read_evaluation(write_results_folder(tmp_path / "eval", METHODS))
+    figure = plot_frontier(summary)
+    axes = figure.axes[0]
+    renderer = figure.canvas.get_renderer()
+    notes = [t for t in axes.texts if t.get_text()]
+    texts = [t.get_text() for t in notes]
+    assert len(notes) == len(summary)  # every point labelled once
+    assert "gates+K=1 R=0.5" in texts and "K=1 R=0.5" in texts  # DyVTE + FastV is not FastV
+    boxes = [t.get_window_extent(renderer) for t in notes]
+    for i in range(len(boxes)):
+        for j in range(i + 1, len(boxes)):
+            assert not boxes[i].overlaps(boxes[j]), f"labels {texts[i]!r} and {texts[j]!r} overlap"

@@ -113,3 +113,22 @@ def test_figures_without_a_dump_say_run_make_demo(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "expected attention statistics (a dump folder) at" in error and "run `make demo` first" in error
     assert not (tmp_path / "figures").exists()
+
+
+def test_heads_heatmap_names_every_present_stage_early_fusion_included(statistics, stages):
+    from analysis.plots import plot_heads
+
+    figure = plot_heads(statistics, stages)
+    texts = [t.get_text() for t in figure.axes[0].texts]
+    assert texts == [STAGE_LABELS[s] for s in ("early_fusion", "intra_modality", "multimodal_reasoning")]
+    plt.close(figure)
+
+
+def test_layer_axes_have_whole_layer_ticks_on_a_short_model():
+    short = synthetic_statistics(np.array([step_curve((0.6, 0.1, 0.3), (1, 2), 4)] * 3))
+    for plot in (plot_stages, plot_boundaries):
+        figure = plot(short)
+        ticks = figure.axes[0].get_xticks()
+        shown = [t for t in ticks if -0.5 <= t <= 3.5]
+        assert shown and all(float(t).is_integer() for t in shown), (plot.__name__, list(ticks))
+        plt.close(figure)
