@@ -100,13 +100,22 @@ def check_resumable(out_dir: Path, provenance: dict[str, Any]) -> None:
         if table != "statistics":
             continue
         found = read_provenance(path)
-        different = {key: (found.get(key), provenance.get(key)) for key in RESUME_KEYS if found.get(key) != provenance.get(key)}
+        different = {key: (found.get(key), provenance.get(key)) for key in RESUME_KEYS
+                     if _setting(key, found.get(key)) != _setting(key, provenance.get(key))}
         if different:
             raise DataError(
                 f"expected --resume to continue a dump with the same settings, found {path.name} written with "
                 + ", ".join(f"{key}={old!r} (now {new!r})" for key, (old, new) in different.items())
             )
         return
+
+
+def _setting(key: str, value: Any) -> Any:
+    """A resume setting as compared: a model given as a folder by its resolved path, so that
+    ``./ckpt`` and ``/abs/ckpt`` are the same model."""
+    if key == "model" and isinstance(value, str) and Path(value).is_dir():
+        return str(Path(value).resolve())
+    return value
 
 
 def _error_entry(question: Question, error: Exception) -> dict[str, Any]:

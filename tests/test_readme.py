@@ -120,3 +120,51 @@ def test_every_option_of_both_command_lines_has_help_text():
                     missing.append(f"{program} {name} {action.option_strings[0]}")
             assert sub.epilog and "examples:" in sub.epilog, f"{program} {name} --help shows no examples"
     assert not missing, "options without help text: " + ", ".join(missing)
+
+
+def runnable(line: str) -> bool:
+    """README command lines that run here as written: not under torchrun (tests/test_distributed.py),
+    not on a GPU, not on the demo model (its commands are covered by tests/test_demo_model.py)."""
+    found = parser_for(line)
+    return bool(found) and found[0] in ("analysis.cli", "exit.cli") and "torchrun" not in line \
+        and "--device cuda" not in line and "--model demo" not in line
+
+
+@pytest.fixture(scope="module")
+def readme_world(tmp_path_factory):
+    """What the README's placeholders name, made of a tiny model: ./ckpt, q.jsonl + img/, a dump in
+    stats/ and an evaluation in runs/eval."""
+    from PIL import Image
+
+    from analysis.cli import main
+    from analysis.testing.tiny import TinyLlavaSpec, save_tiny_llava
+    from tests.exit_results_data import write_results_folder
+
+    root = tmp_path_factory.mktemp("readme")
+    save_tiny_llava(root / "ckpt", TinyLlavaSpec(image_size=28))
+    (root / "img").mkdir()
+    lines = []
+    for i, colour in enumerate(["red", "blue", "green"]):
+        Image.new("RGB", (32, 32), colour).save(root / "img" / f"{i}.png")
+        lines.append(f'{{"question_id": "q{i}", "image": "{i}.png", "text": "What colour?", "answer": "{colour}"}}\n')
+    (root / "q.jsonl").write_text("".join(lines))
+    assert main(["dump", "--model", str(root / "ckpt"), "--questions", str(root / "q.jsonl"), "--image-folder",
+                 str(root / "img"), "--out", str(root / "stats"), "--no-progress", "--quiet"]) == 0
+    write_results_folder(root / "runs" / "eval")
+    return root
+
+
+@pytest.mark.parametrize("line", [line for line in command_lines() if runnable(line)])
+def test_readme_command_lines_run_as_written(line, readme_world, tmp_path, monkeypatch):
+    import importlib
+    import shutil
+
+    for name in ("ckpt", "img", "q.jsonl", "runs"):
+        (tmp_path / name).symlink_to(readme_world / name)
+    words = shlex.split(line)
+    reads_a_dump = words[0] == "dyvte-stats" and (words[1] != "dump" or "--resume" in words)
+    if reads_a_dump:
+        shutil.copytree(readme_world / "stats", tmp_path / "stats")  # a dump for the commands that read one
+    monkeypatch.chdir(tmp_path)
+    module, argv = parser_for(line)
+    assert importlib.import_module(module).main(argv) == 0, line
