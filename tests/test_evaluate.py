@@ -194,7 +194,8 @@ def test_every_kind_of_the_table_parses_names_and_labels_its_forms():
     assert written == ["none", "static:2", "vtw", "vtw:2", "fastv:2:0.5", "dyvte", "dyvte:0.7", "dyvte+fastv:2:0.5"]
     specs = [parse_method_spec(text) for text in written]
     assert [spec.name for spec in specs] == written
-    assert [spec.label for spec in specs] == ["full model", "K=2", "", "K=2", "K=2 R=0.5", "", "tau=0.7", "K=2 R=0.5"]
+    assert [spec.label for spec in specs] == ["full model", "K=2", "", "K=2", "K=2 R=0.5", "gates' tau", "tau=0.7",
+                                              "gates+K=2 R=0.5"]
     assert [sorted(spec.needs) for spec in specs] == [[], [], [CALIBRATION], [], [], [GATES], [GATES], [GATES]]
     assert {spec.kind for spec in specs} == set(METHODS)
     assert parse_method_spec(" fastv:2:0.50 ").name == "fastv:2:0.5"  # canonical names (file names)
