@@ -251,26 +251,29 @@ def _check_eval(args: argparse.Namespace) -> tuple[list[MethodSpec], list[Questi
     """Everything ``eval`` can check before the model loads: the methods (syntax, ranges, duplicates,
     needs, layers against the checkpoint's config), the gate folder and the question files.
     Returns (methods, questions, calibration questions or None)."""
-    from analysis.data import read_questions
-    from analysis.io import check_output_folder
-    from analysis.loading import check_loadable, decoder_depth
-    from exit.evaluate import EvaluationFolder, require_answers
-    from exit.gates import DyVTEGates
     from exit.methods import parse_method_specs
 
+    # The method strings first: they need no torch, so a typo is answered at once.
     specs = parse_method_specs(args.method)
     given = {GATES: args.gates is not None, CALIBRATION: args.calibration_questions is not None}
     for need, message in NEED_OPTIONS.items():
         wanting = [spec.name for spec in specs if need in spec.needs]
         if wanting and not given[need]:
             raise UsageError(message.format(methods=", ".join(repr(name) for name in wanting)))
+    if (args.resume or args.add) and args.out is None:
+        raise UsageError(f"expected --out with --{'resume' if args.resume else 'add'}, found none")
+
+    from analysis.data import read_questions
+    from analysis.io import check_output_folder
+    from analysis.loading import check_loadable, decoder_depth
+    from exit.evaluate import EvaluationFolder, require_answers
+    from exit.gates import DyVTEGates
+
     if args.gates is not None:
         DyVTEGates.load(args.gates)  # a broken gate folder fails before the model loads
     if args.out is not None:
         check_output_folder(args.out)
         EvaluationFolder(args.out, _folder_mode(args)).check([spec.name for spec in specs])
-    elif args.resume or args.add:
-        raise UsageError(f"expected --out with --{'resume' if args.resume else 'add'}, found none")
     check_loadable(args.model, args.device)
     num_layers = decoder_depth(args.model)
     for spec in specs:
@@ -308,12 +311,13 @@ def _folder_mode(args: argparse.Namespace) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    specs, questions, calibration_questions = _check_eval(args)  # before any heavy import
+
     from tqdm import tqdm
 
     from analysis.loading import load_model, provenance
     from exit.evaluate import ERRORS_FILE, EvaluationFolder, evaluate_methods
 
-    specs, questions, calibration_questions = _check_eval(args)
     model, processor = load_model(args.model, dtype=args.dtype, device=args.device, attention=args.attn)
     methods = _bind_methods(args, specs, model, processor, calibration_questions)
     progress = None if args.no_progress else (lambda name: lambda items: tqdm(items, desc=name, unit="batch"))
