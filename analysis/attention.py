@@ -70,7 +70,9 @@ ATTENTION_PATHS: dict[str, AttentionPath] = {
         record_implementation=OBSERVED_SDPA,
         hook_kind="attention_observer",
         description=f"sdpa: decoder runs the registered attention function {OBSERVED_SDPA} (SDPA output); "
-        "statistics recomputed on the side from query and key in fp32 query chunks",
+        "statistics on the side from query and key in fp32: one fused attention call whose values are the "
+        "key-group indicators and the keys (with its log-normaliser), or q k^T recomputed in query chunks "
+        "where the device has no such kernel (statistics_kernel says which)",
     ),
     "eager": AttentionPath(
         name="eager",

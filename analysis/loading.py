@@ -174,6 +174,17 @@ def git_revision() -> str | None:
     return result.stdout.strip() or None if result.returncode == 0 else None
 
 
+def statistics_kernel(attention: str, device: torch.device | str) -> str:
+    """How the statistics of a recording on ``attention`` and ``device`` are computed by default:
+    the fused kernel (``analysis.stats.fused_kernel_name``), the recomputed fast path, or eager weights."""
+    from analysis.recorder import RECOMPUTED
+    from analysis.stats import fused_kernel_name
+
+    if attention_path(attention).hook_kind != "attention_observer":
+        return "eager: the weights each self_attn returns"
+    return fused_kernel_name(device) or RECOMPUTED
+
+
 def provenance(model_id: str, model: Any, attention: str, heads: str, seed: int) -> dict[str, Any]:
     """What produced a file: model, library versions, git revision, attention path, dtype, seed."""
     import pyarrow
@@ -186,6 +197,7 @@ def provenance(model_id: str, model: Any, attention: str, heads: str, seed: int)
         "device": str(next(model.parameters()).device),
         "attention_path": attention,
         "attention_path_description": attention_path(attention).description,
+        "statistics_kernel": statistics_kernel(attention, next(model.parameters()).device),
         "heads": heads,
         "seed": seed,
         "dyvte_version": analysis.__version__,

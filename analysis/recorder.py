@@ -32,7 +32,10 @@ from analysis.errors import DyVTEError
 from analysis.hooks import Hook, attached, layer_stream
 from analysis.layout import PADDING, TokenLayout
 from analysis.schema import statistics_table
-from analysis.stats import GroupSums, group_sums, logit_group_sums
+from analysis.stats import GroupSums, fused_group_sums, fused_kernel_name, group_sums, logit_group_sums
+
+RECOMPUTED = "recomputed: q k^T and exp beside SDPA, fp32 query chunks"
+"""``AttentionRecorder.kernel`` when the fast path recomputed the statistics (no fused kernel)."""
 
 
 class RecordingError(DyVTEError, RuntimeError):
@@ -80,6 +83,7 @@ class AttentionRecorder:
     attention: str
     num_layers: int
     records: list[LayerRecord] = field(default_factory=list)
+    kernel: str | None = None  # the fast path's statistics kernel (fused_kernel_name, or RECOMPUTED); None: eager
     forwards_recorded: int = 0
     forwards_skipped: int = 0
 
@@ -219,6 +223,7 @@ class _LayerObserver:
         query_chunk: int | None,
         describe_implementation: Callable[[], str],
         stream: Callable[[int], tuple[torch.Tensor, torch.Tensor] | None] = lambda layer: None,
+        fused: bool = True,
     ) -> None:
         self.recorder = recorder
         self.index_of_attention = index_of_attention
@@ -228,6 +233,7 @@ class _LayerObserver:
         self.keep, self.on_layer, self.query_chunk = keep, on_layer, query_chunk
         self.describe_implementation = describe_implementation
         self.stream = stream
+        self.fused = fused
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def groups_at(self, layer: int) -> _LayerGroups:
@@ -253,9 +259,15 @@ class _LayerObserver:
         if not self.is_prefill(layer, query.shape[2], key.shape[2], query.shape[0]):
             return
         groups = self.groups_at(layer)
-        chunk = self.query_chunk or default_query_chunk(query.shape[2])
         with torch.no_grad():
-            sums = observed_group_sums(query, key, mask, scaling, groups.query_membership, groups.key_membership, chunk)
+            if self.fused and fused_kernel_name(query.device) is not None:
+                sums = fused_group_sums(query, key, mask, scaling, groups.query_membership, groups.key_membership)
+                self.recorder.kernel = fused_kernel_name(query.device)
+            else:
+                chunk = self.query_chunk or default_query_chunk(query.shape[2])
+                sums = observed_group_sums(query, key, mask, scaling, groups.query_membership, groups.key_membership,
+                                           chunk)
+                self.recorder.kernel = RECOMPUTED
         self.pending[layer] = groups.means(sums, self.prompt_groups)
 
     def observe_eager(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -332,6 +344,7 @@ def record_attention(
     on_layer: Callable[[LayerRecord], None] | None = None,
     query_chunk: int | None = None,
     adapter: ModelAdapter | None = None,
+    fused: bool = True,
 ) -> Iterator[AttentionRecorder]:
     """Observe a model's decoder layer by layer for the duration of the block.
 
@@ -344,7 +357,11 @@ def record_attention(
         record_states: also compute the text-token states the exit gates consume.
         keep: keep every LayerRecord on the recorder; False hands them to ``on_layer`` only.
         on_layer: called with each LayerRecord right after its decoder layer ran.
-        query_chunk: queries per chunk on the fast path (default: ``default_query_chunk``).
+        query_chunk: queries per chunk of the recomputed fast path (default: ``default_query_chunk``).
+        fused: on the fast path, compute the statistics with one fused attention call whose values
+            are the key-group indicators and the keys (``analysis.stats.fused_group_sums``) where
+            the device has such a kernel; False, or a device without one, recomputes q k^T in
+            query chunks beside SDPA. ``recorder.kernel`` says which ran.
 
     Yields:
         The AttentionRecorder that fills up while the block runs.
@@ -364,6 +381,7 @@ def record_attention(
         query_chunk=query_chunk,
         describe_implementation=lambda: adapter.attention_implementation(model),
         stream=lambda layer: layer_stream(model, layer),
+        fused=fused,
     )
     hooks = [Hook(p, observer.after_layer(i)) for i, p in enumerate(adapter.layer_paths(model))]
     if record_attention:

@@ -9,6 +9,8 @@ sizes once at the end, so a caller never needs more than one chunk of an attenti
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -128,3 +130,76 @@ def reduce_heads(values: torch.Tensor, heads: str) -> tuple[torch.Tensor, list[i
     if heads == "max":
         return values.amax(dim=1, keepdim=True), [HEAD_MAX]
     raise UsageError(f"expected heads to be one of {list(HEAD_REDUCTIONS)}, found {heads!r}")
+
+
+FusedKernel = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], "tuple[torch.Tensor, torch.Tensor]"
+]
+"""kernel(query, key, value, additive_mask_or_None_for_causal, scale) -> (output, logsumexp): a fused
+attention kernel that also returns each row's log-normaliser."""
+
+
+def _cpu_flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, mask is None, attn_mask=mask, scale=scale
+    )
+    return output, logsumexp
+
+
+FUSED_KERNELS: dict[str, FusedKernel] = {"cpu": _cpu_flash}
+"""Per device type, the fused kernel the statistics run on (PyTorch's flash attention for CPU,
+which returns the log-normaliser); a device without one uses :func:`logit_group_sums` instead."""
+
+
+def fused_kernel_name(device: torch.device | str) -> str | None:
+    """Which fused statistics kernel a tensor on ``device`` uses, or None (the recomputed path)."""
+    kind = torch.device(device).type
+    return f"{kind}:flash_attention_with_logsumexp" if kind in FUSED_KERNELS else None
+
+
+def fused_group_sums(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    query_membership: torch.Tensor,
+    key_membership: torch.Tensor,
+) -> GroupSums:
+    """Group sums of softmax(q k^T * scaling + mask) from one fused attention call, in fp32.
+
+    With A = softmax(s), the mass of query q over key group G is (A @ 1_G)_q: the output of
+    attention whose values are the key-group indicator columns. Its entropy is
+    H_q = logsumexp_q - sum_k A_qk s_qk with sum_k A_qk s_qk = scaling * q . (A @ K)_q, so the
+    keys themselves as extra values and the kernel's log-normaliser give it. The values are
+    [indicators | keys]; the kernel needs equal head widths, so q and k get zero columns, which
+    leave every score unchanged (the scale is passed explicitly). No (query, key) map is formed.
+
+    Args:
+        query: (batch, head, q, dim); key: (batch, kv_head, k, dim) with head = kv_head * groups.
+        attention_mask: bool (batch, 1, q, k) with True = attend, an additive float mask, or None
+            for a plain causal mask.
+        query_membership: (batch, q, query_group); key_membership: (batch, k, key_group).
+    """
+    batch, heads, _, dim = query.shape
+    groups = heads // key.shape[1]
+    key = key.float().repeat_interleave(groups, dim=1) if groups > 1 else key.float()
+    indicators = key_membership.float()[:, None].expand(batch, heads, -1, -1)
+    width = indicators.shape[-1]
+    value = torch.cat([indicators, key], dim=-1)
+    zeros = key.new_zeros(())
+    padded_query = torch.cat([query.float(), zeros.expand(batch, heads, query.shape[2], width)], dim=-1)
+    padded_key = torch.cat([key, zeros.expand(batch, heads, key.shape[2], width)], dim=-1)
+    mask = None
+    if attention_mask is not None:
+        mask = (torch.zeros(attention_mask.shape, device=key.device).masked_fill_(~attention_mask, -math.inf)
+                if attention_mask.dtype == torch.bool else attention_mask.float())
+    output, logsumexp = FUSED_KERNELS[query.device.type](padded_query, padded_key, value, mask, scaling)
+    row_mass = output[..., :width]
+    row_entropy = logsumexp - scaling * (query.float() * output[..., width:]).sum(dim=-1)
+    member = query_membership.float()
+    real = (member.sum(dim=-1) > 0)[:, None, :]  # rows in no query group (padding) may be NaN: drop them
+    row_mass = torch.where(real[..., None], row_mass, 0.0)
+    row_entropy = torch.where(real, row_entropy, 0.0)
+    return GroupSums(mass=torch.einsum("bhqk,bqg->bhgk", row_mass, member),
+                     entropy=torch.einsum("bhq,bqg->bhg", row_entropy, member))

@@ -9,7 +9,11 @@ image, run four ways:
 
   (a) plain      the model under SDPA, no recorder: the baseline;
   (b) fast       ``with record_attention(model, layout, attention="sdpa"): model(...)``
-                 (the switch to the observing attention function and back is inside the timing);
+                 (the switch to the observing attention function and back is inside the timing):
+                 the statistics from one fused attention call per layer (values = key-group
+                 indicators and keys, with the kernel's log-normaliser);
+  (b2) recomputed the same with ``fused=False``: q k^T and exp recomputed beside SDPA in query
+                 chunks (the previous default, kept where a device has no fused kernel);
   (c) peers      the way other toolkits record: the whole model in eager attention and
                  ``output_attentions=True`` (every layer's map returned); the switch
                  ``model.set_attn_implementation("eager")`` and back is done outside the timing,
@@ -165,9 +169,9 @@ def make_variants(model: Any, inputs: dict[str, torch.Tensor], layout: TokenLayo
             out = model(**inputs, logits_to_keep=1)
         del out
 
-    def recorded(path: str) -> Callable[[], None]:
+    def recorded(path: str, fused: bool = True) -> Callable[[], None]:
         def run() -> None:
-            with torch.no_grad(), record_attention(model, layout, attention=path) as recording:
+            with torch.no_grad(), record_attention(model, layout, attention=path, fused=fused) as recording:
                 out = model(**inputs, logits_to_keep=1)
             del out
             if len(recording.records) != num_layers:
@@ -184,7 +188,8 @@ def make_variants(model: Any, inputs: dict[str, torch.Tensor], layout: TokenLayo
 
     return [
         Variant("a", "plain SDPA forward", plain),
-        Variant("b", "fast recorder (sdpa)", recorded("sdpa")),
+        Variant("b", "fast recorder (fused kernel)", recorded("sdpa")),
+        Variant("b2", "fast recorder (recomputed)", recorded("sdpa", fused=False)),
         Variant(
             "c",
             "eager + output_attentions",

@@ -102,9 +102,11 @@ def test_recorder_equals_stock_output_attentions(family_case, model_type):
         expected = reference_statistics(model, inputs, layout)
     num_layers = len(resolve_adapter(model).decoder_layers(model))
     assert len(expected) == num_layers
-    for path in ("sdpa", "eager"):
-        with torch.no_grad(), record_attention(model, layout, attention=path, query_chunk=7) as recording:
+    for path, fused in (("sdpa", True), ("sdpa", False), ("eager", True)):  # fused kernel, recomputed, eager
+        with torch.no_grad(), record_attention(model, layout, attention=path, query_chunk=7, fused=fused) as recording:
             model(**inputs)
+        assert (recording.kernel or "eager").startswith({("sdpa", True): "cpu:flash", ("sdpa", False): "recomputed",
+                                                         ("eager", True): "eager"}[path, fused])
         assert [r.layer for r in recording.records] == list(range(num_layers))
         for record, (mass, entropy) in zip(recording.records, expected):
             assert record.mass.shape == (2, 4, len(QUERY_GROUPS), len(KEY_GROUPS))

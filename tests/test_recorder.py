@@ -7,7 +7,7 @@ import torch
 
 from analysis import KEY_GROUPS, QUERY_GROUPS, record_attention, resolve_adapter, token_layout
 from analysis.hooks import Hook, attached, attached_count
-from analysis.recorder import RecordingError
+from analysis.recorder import RECOMPUTED, RecordingError
 from analysis.stats import group_means
 
 
@@ -29,14 +29,17 @@ def assert_relative_close(found: torch.Tensor, expected: torch.Tensor, rtol: flo
     assert ((found[both] - expected[both]).abs() / scale).max().item() <= rtol
 
 
-@pytest.mark.parametrize("path", ["sdpa", "eager"])
+@pytest.mark.parametrize("path", ["sdpa", "sdpa-recomputed", "eager"])
 def test_statistics_equal_stock_output_attentions(tiny_models, attention_kind, batch, path):
     eager_model = tiny_models(attention_kind, "eager")
-    model = tiny_models(attention_kind, "sdpa" if path == "sdpa" else "eager")
+    attention, fused = path.split("-")[0], not path.endswith("recomputed")
+    model = tiny_models(attention_kind, attention)
     layout = layout_of(model, batch.inputs)
     expected = reference_statistics(eager_model, batch.inputs, layout)
-    with torch.no_grad(), record_attention(model, layout, attention=path, query_chunk=7) as recording:
+    with torch.no_grad(), record_attention(model, layout, attention=attention, query_chunk=7, fused=fused) as recording:
         model(**batch.inputs)
+    kernel = {"sdpa": "cpu:flash_attention_with_logsumexp", "sdpa-recomputed": RECOMPUTED, "eager": None}[path]
+    assert recording.kernel == kernel
     assert [r.layer for r in recording.records] == list(range(len(expected)))
     for record, (mass, entropy) in zip(recording.records, expected):
         assert record.mass.shape == (layout.batch_size, 4, len(QUERY_GROUPS), len(KEY_GROUPS))

@@ -107,3 +107,41 @@ def test_logit_group_sums_known_answers_and_softmax_equivalence():
     sums = logit_group_sums(logits.clone(), layout.query_membership(), layout.key_membership())
     torch.testing.assert_close(sums.mass, reference.mass, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(sums.entropy, reference.entropy, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])  # MHA, GQA, MQA
+@pytest.mark.parametrize("mask_kind", ["causal", "bool", "additive"])
+def test_fused_group_sums_equal_the_recomputed_ones(kv_heads, mask_kind):
+    from analysis.stats import fused_group_sums
+
+    torch.manual_seed(kv_heads)
+    batch, heads, n, dim = 2, 4, 37, 16
+    query, key = torch.randn(batch, heads, n, dim), torch.randn(batch, kv_heads, n, dim) * 2
+    group = torch.randint(0, 3, (batch, n))
+    group[1, :6] = -1  # left padding in row 1
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    allowed = causal[None, None].expand(batch, 1, n, n).clone()
+    if mask_kind != "causal":
+        allowed[1, :, :, :6] = False
+        allowed[1, :, torch.arange(6), torch.arange(6)] = True  # padded queries see themselves only
+    last = torch.zeros(batch, n, dtype=torch.bool)
+    last[:, -1] = True
+    query_membership = torch.stack([group == 0, group == 1, group == 2, last], dim=-1).float()
+    key_membership = torch.stack([group == 0, group == 1, group == 2], dim=-1).float()
+    if mask_kind == "causal":
+        group[1, :6] = 0  # no padding under a plain causal mask
+        query_membership = torch.stack([group == 0, group == 1, group == 2, last], dim=-1).float()
+        key_membership = torch.stack([group == 0, group == 1, group == 2], dim=-1).float()
+        mask = None
+    elif mask_kind == "bool":
+        mask = allowed
+    else:
+        mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    scale = dim ** -0.5
+    scores = (query * scale) @ key.repeat_interleave(heads // kv_heads, dim=1).transpose(-1, -2)
+    scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+    expected = logit_group_sums(scores, query_membership, key_membership)
+    found = fused_group_sums(query, key, mask, scale, query_membership, key_membership)
+    torch.testing.assert_close(found.mass, expected.mass, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(found.entropy, expected.entropy, rtol=1e-5, atol=1e-4)
+    assert not torch.isnan(found.mass).any() and not torch.isnan(found.entropy).any()
