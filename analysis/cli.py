@@ -12,6 +12,7 @@ from analysis.options import (
     ATTENTION_CHOICES,
     HEAD_CHOICES,
     batch_options,
+    command_line,
     model_options,
     positive_int,
     progress_option,
@@ -311,16 +312,8 @@ def _add_stage_commands(commands: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``dyvte-stats`` parser: one subcommand per job, each with its own examples."""
-    parser = argparse.ArgumentParser(
-        prog="dyvte-stats",
-        description="Record per-layer attention statistics of multimodal LLMs and study them.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_dump, _add_demo, _add_folder_commands, _add_stage_commands):
-        add(commands)
-    return parser
+    return command_line("dyvte-stats", "Record per-layer attention statistics of multimodal LLMs and study them.", EPILOG,
+                        (_add_dump, _add_demo, _add_folder_commands, _add_stage_commands))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

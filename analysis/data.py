@@ -190,6 +190,21 @@ class PreparedBatch:
     failed: list[tuple[Question, Exception]]
 
 
+def load_question(processor: Any, question: Question, image_folder: str | Path) -> tuple[list[Image.Image], str]:
+    """A question's images (RGB) and its chat-template prompt.
+
+    Raises:
+        DataError: naming the question: it has no image, its placeholders do not match its images,
+            an image is missing or unreadable, or the processor has no chat template.
+    """
+    check_question(question)
+    try:
+        images = [load_image(image_folder, name) for name in question.images]
+    except DataError as error:
+        raise DataError(f"question {question.question_id!r}: {error}") from error
+    return images, build_prompt(processor, question)
+
+
 def prepare_batch(
     processor: Any,
     batch: Sequence[Question],
@@ -208,12 +223,8 @@ def prepare_batch(
     good: list[tuple[Question, list[Any], str]] = []
     for question in batch:
         try:
-            check_question(question)
-            try:
-                images = [load_image(image_folder, name) for name in question.images]
-            except DataError as error:
-                raise DataError(f"question {question.question_id!r}: {error}") from error
-            good.append((question, images, build_prompt(processor, question)))
+            images, prompt = load_question(processor, question, image_folder)
+            good.append((question, images, prompt))
         except DataError as error:
             failed.append((question, error))
     while good:

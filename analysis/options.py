@@ -19,7 +19,7 @@ import contextlib
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ __all__ = [
     "DTYPE_CHOICES",
     "HEAD_CHOICES",
     "batch_options",
+    "command_line",
     "debug_option",
     "is_bad_input",
     "one_line",
@@ -153,6 +154,18 @@ def is_bad_input(error: BaseException) -> bool:
     safetensors, pyarrow): what the command lines report in one line rather than as a bug."""
     module = type(error).__module__.split(".")[0]
     return isinstance(error, (DyVTEError, OSError)) or module in FOREIGN_FILE_ERRORS
+
+
+def command_line(program: str, description: str, epilog: str,
+                 subcommands: Sequence[Callable[[Any], None]]) -> argparse.ArgumentParser:
+    """A toolkit command line: ``program COMMAND ...``, each function of ``subcommands`` adding its
+    subcommand(s) to the parser's subcommand set."""
+    parser = argparse.ArgumentParser(prog=program, description=description, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in subcommands:
+        add(commands)
+    return parser
 
 
 def run_command(program: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from analysis.errors import UsageError
 from analysis.options import (
     batch_options,
+    command_line,
     model_options,
     positive_int,
     progress_option,
@@ -446,16 +447,8 @@ def _add_figures(commands: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``dyvte-exit`` parser: one subcommand per job, each with its own examples."""
-    parser = argparse.ArgumentParser(
-        prog="dyvte-exit",
-        description="DyVTE visual-token exit: label exit layers, train the gates, answer with them.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_sweep, _add_train, _add_generate, _add_eval, _add_figures):
-        add(commands)
-    return parser
+    return command_line("dyvte-exit", "DyVTE visual-token exit: label exit layers, train the gates, answer with them.", EPILOG,
+                        (_add_sweep, _add_train, _add_generate, _add_eval, _add_figures))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

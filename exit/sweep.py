@@ -699,18 +699,14 @@ class _SweepErrors:
 
     def loadable(self, processor: Any, batch: Sequence[Any], image_folder: str | Path) -> list[tuple[Any, str, list[Any]]]:
         """(question, prompt, images) of each question of ``batch`` that can be loaded; the others are listed."""
-        from analysis.data import DataError, build_prompt, check_question, load_image
+        from analysis.data import DataError, load_question
         from analysis.io import atomic_write_text
 
         good = []
         for question in batch:
             try:
-                check_question(question)
-                try:
-                    images = [load_image(image_folder, name) for name in question.images]
-                except DataError as error:
-                    raise DataError(f"question {question.question_id!r}: {error}") from error
-                good.append((question, build_prompt(processor, question), images))
+                images, prompt = load_question(processor, question, image_folder)
+                good.append((question, prompt, images))
             except DataError as error:
                 self.entries.append({"sample_id": question.question_id, "question_id": question.question_id,
                                      "images": list(question.images), "error": type(error).__name__, "reason": str(error)})
