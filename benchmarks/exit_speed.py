@@ -22,7 +22,8 @@ and 3L/4 (``--exits`` to choose), through ``exit.surgery.visual_token_exit``:
    decoding speed = (N - 1) tokens / (time of the N-th token - time of the first), so the prefill
    is excluded and both decode exactly N tokens. Reported: tokens/s with exit / without (target
    > 1), next to the FLOPs-predicted ratio (``decode_flops``, mean over the N steps).
-3. Gate cost. DyVTE gates (``DyVTEGates.for_model``, paper width 2048, ``inputs="hidden"``) under
+3. Gate cost. DyVTE gates (``DyVTEGates.for_model``, paper width 2048, ``inputs="hidden"``, and
+   the same with ``inputs="attention"``, whose features come from the recorder's statistics) under
    ``exit.gates.dyvte_exit`` with tau = 1.0, so no gate fires (checked) but every layer's gate
    runs, against the plain prefill: (gated - plain) / plain, ratio of the medians. Target <= 1 %.
    Also timed alone: the L - 1 gate MLP calls on one row of features (median of many), over the
@@ -210,12 +211,17 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         # 1 and 3: prefill forms and the gates (one interleaved phase)
         gates = DyVTEGates.for_model(model, GateConfig(inputs="hidden", tau=1.0))
+        attention_gates = DyVTEGates.for_model(model, GateConfig(inputs="attention", tau=1.0))
         gated_exits: list[Any] = []
 
-        def gated() -> None:
-            with dyvte_exit(model, gates, inputs["input_ids"], inputs["attention_mask"]) as surgery:
-                model(**inputs, logits_to_keep=1)
-            gated_exits.append(surgery.exit_layers)
+        def gated_with(chosen: DyVTEGates) -> Callable[[], None]:
+            def run() -> None:
+                with dyvte_exit(model, chosen, inputs["input_ids"], inputs["attention_mask"]) as surgery:
+                    model(**inputs, logits_to_keep=1)
+                gated_exits.append(surgery.exit_layers)
+            return run
+
+        gated = gated_with(gates)
 
         def forward(batch: dict[str, torch.Tensor], exit_layer: int | None) -> Callable[[], None]:
             def run() -> None:
@@ -232,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             for k in exits:
                 variants[f"{form} exit {k}"] = forward(batch, k)
         variants["prefill gated"] = gated
+        # The statistics gates read the recorder's fused-kernel statistics: their cost over the hidden gates.
+        variants["prefill gated (attention inputs)"] = gated_with(attention_gates)
         print(f"phase 1/2: prefill forms and the gated prefill, {len(variants)} variants ...", flush=True)
         times = timed_rounds(variants, args.rounds, args.warmup)
         if any(row != [None] for row in gated_exits):
@@ -311,6 +319,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{'met' if cost <= GATE_TARGET else 'MISSED'}   per round: {', '.join(f'{c:+.1%}' for c in per_round)}")
     print(f"   the {layers - 1} gate MLP calls alone: {median(gate_times) * 1e3:.3f} ms = {gate_alone:.3%} "
           "of the prefill")
+    statistics_cost = med["prefill gated (attention inputs)"] / med["prefill gated"]
+    per_round = [a / h for a, h in zip(times["prefill gated (attention inputs)"], times["prefill gated"])]
+    print(f"   gates with attention-statistics inputs (fused-kernel recorder) over hidden-input gates: "
+          f"{statistics_cost:.3f}x (target <= 1.05x: {'met' if statistics_cost <= 1.05 else 'MISSED'})   "
+          f"per round: {', '.join(f'{r:.3f}x' for r in per_round)}")
     print(f"\nworst prefill measured/predicted {worst:.2f} (target >= {PREFILL_TARGET:.2f})")
     return 0
 
