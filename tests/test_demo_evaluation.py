@@ -9,26 +9,13 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
 from analysis.data import build_prompt, load_image, read_questions  # noqa: E402
 from analysis.demo.evaluation import chance_by_type, evaluate_demo, predict_demo  # noqa: E402
-from analysis.demo.shapes import QUESTION_TYPES, write_split  # noqa: E402
-from analysis.testing.tiny import TinyLlavaSpec, tiny_llava, tiny_processor  # noqa: E402
-
-SPEC = TinyLlavaSpec(num_kv_heads=2)
-
-
-@pytest.fixture(scope="module")
-def split(tmp_path_factory) -> Path:
-    return write_split(tmp_path_factory.mktemp("shapes"), "train", 6, seed=11, image_size=84)
-
-
-@pytest.fixture
-def tiny():
-    return tiny_llava(SPEC), tiny_processor(SPEC.image_size)
+from analysis.demo.shapes import QUESTION_TYPES  # noqa: E402
+from tests.demo_fixtures import SPEC, split, tiny  # noqa: E402,F401 (fixtures)
 
 
 def test_cached_prefix_decoding_matches_generate(split, tiny):

@@ -9,22 +9,14 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from analysis.demo.grounding import ground_projector, grounding_targets, standardise_projector  # noqa: E402
-from analysis.demo.shapes import write_split  # noqa: E402
 from analysis.demo.training import pack_split  # noqa: E402
-from analysis.testing.tiny import TinyLlavaSpec, tiny_llava, tiny_processor  # noqa: E402
-
-SPEC = TinyLlavaSpec(num_kv_heads=2)
-
-
-@pytest.fixture(scope="module")
-def split(tmp_path_factory) -> Path:
-    return write_split(tmp_path_factory.mktemp("shapes"), "train", 6, seed=11, image_size=84)
+from analysis.testing.tiny import tiny_llava, tiny_processor  # noqa: E402
+from tests.demo_fixtures import SPEC, split  # noqa: E402,F401 (fixtures)
 
 
 def test_standardised_projector_centres_and_matches_text_norms():

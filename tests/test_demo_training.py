@@ -20,20 +20,9 @@ from analysis.data import build_prompt, load_image, read_questions  # noqa: E402
 from analysis.demo import training as dt  # noqa: E402
 from analysis.demo.inputs import image_features  # noqa: E402
 from analysis.demo.lora import LoraAdapters  # noqa: E402
-from analysis.demo.shapes import QUESTION_TYPES, write_split  # noqa: E402
-from analysis.testing.tiny import TinyLlavaSpec, tiny_llava, tiny_processor  # noqa: E402
-
-SPEC = TinyLlavaSpec(num_kv_heads=2)
-
-
-@pytest.fixture(scope="module")
-def split(tmp_path_factory) -> Path:
-    return write_split(tmp_path_factory.mktemp("shapes"), "train", 6, seed=11, image_size=84)
-
-
-@pytest.fixture
-def tiny():
-    return tiny_llava(SPEC), tiny_processor(SPEC.image_size)
+from analysis.demo.shapes import QUESTION_TYPES  # noqa: E402
+from analysis.testing.tiny import tiny_llava, tiny_processor  # noqa: E402
+from tests.demo_fixtures import SPEC, split, tiny  # noqa: E402,F401 (fixtures)
 
 
 def _config(**changes) -> dt.TrainConfig:
