@@ -185,6 +185,39 @@ def statistics_kernel(attention: str, device: torch.device | str) -> str:
     return fused_kernel_name(device) or RECOMPUTED
 
 
+WEIGHTS_HASH_LIMIT = 4 << 30
+"""Weight files of a local folder are hashed for provenance up to this many bytes in all."""
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+_hashed: dict[tuple[str, int, int], str] = {}
+
+
+def weights_sha256(model_id: str | Path) -> dict[str, str]:
+    """sha256 of each weight file of the folder ``model_id`` (or registered name) stands for, by
+    file name; a hub id gives ``{"hub": id}`` and a folder whose weights exceed
+    ``WEIGHTS_HASH_LIMIT`` gives ``{"not hashed": "<size> bytes"}``. Hashes are kept for the
+    process, keyed by path, size and modification time."""
+    import hashlib
+
+    folder = Path(resolve_model_name(model_id))
+    if not folder.is_dir():
+        return {"hub": str(model_id)}
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+    total = sum(p.stat().st_size for p in files)
+    if total > WEIGHTS_HASH_LIMIT:
+        return {"not hashed": f"{total} bytes"}
+    found = {}
+    for path in files:
+        key = (str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns)
+        if key not in _hashed:
+            digest = hashlib.sha256()
+            with path.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(chunk)
+            _hashed[key] = digest.hexdigest()
+        found[path.name] = _hashed[key]
+    return found
+
+
 def provenance(model_id: str, model: Any, attention: str, heads: str, seed: int) -> dict[str, Any]:
     """What produced a file: model, library versions, git revision, attention path, dtype, seed."""
     import pyarrow
@@ -192,6 +225,7 @@ def provenance(model_id: str, model: Any, attention: str, heads: str, seed: int)
 
     return {
         "model": str(model_id),
+        "weights_sha256": weights_sha256(model_id),
         "model_type": model.config.model_type,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "device": str(next(model.parameters()).device),

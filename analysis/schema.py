@@ -165,6 +165,25 @@ EXIT_SWEEP = register_table(TableSpec(
     ),
     "one row per sample and exit layer of `dyvte-exit sweep` (teacher-forced labels)",
 ))
+EXIT_ANSWERS = register_table(TableSpec(
+    "exit_answers",
+    1,
+    (
+        Column("sample_id", pa.string(), "", "identifier of the sample (the question id)"),
+        Column("layer", pa.int32(), "index", "the image tokens left after this decoder layer; L-1 = no exit"),
+        Column("category", pa.string(), "", "the question's category ('uncategorised' when it has none)"),
+        Column("answer", pa.string(), "", "the reference answer"),
+        Column("prediction", pa.string(), "", "the greedy answer generated with that exit (KV cache, stripped)"),
+        Column("correct", pa.bool_(), "", "exact match of prediction and answer (analysis.scoring.exact_match)"),
+        Column("same_as_full", pa.bool_(), "", "the prediction equals the no-exit prediction (layer L-1)"),
+        Column("tokens", pa.int32(), "tokens", "prompt length without padding"),
+        Column("image_tokens", pa.int32(), "tokens", "image tokens of the prompt"),
+        Column("relative_prefill_flops", pa.float64(), "ratio",
+               "decoder prefill FLOPs of the static exit after the layer over the stock model's (exit.flops)"),
+    ),
+    "one row per sample and exit layer of `dyvte-exit sweep --answers N`: the answer generated with the "
+    "image tokens removed after the layer (the exit table)",
+))
 EVALUATION = register_table(TableSpec(
     "evaluation",
     1,

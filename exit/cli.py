@@ -20,6 +20,7 @@ from analysis.options import (
     batch_options,
     command_line,
     model_options,
+    non_negative_int,
     positive_int,
     progress_option,
     question_options,
@@ -101,7 +102,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from analysis.loading import check_loadable, load_model, provenance
     from exit.sweep import LabelRule, read_sweep, run_sweep
 
-    check_output_folder(args.out)
+    if not args.resume:
+        check_output_folder(args.out)
     check_loadable(args.model, local_device(args.device))
     questions = read_questions(args.questions, limit=args.limit)
     with distributed() as group:  # data-parallel under torchrun: each process sweeps every n-th question
@@ -119,6 +121,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             rule=LabelRule(args.min_agreement, args.max_ce_ratio),
             progress=not args.no_progress and group.index == 0,
             shard=group,
+            answers=args.answers,
+            resume=args.resume,
         )
         rows, samples, errors = all_sum([run.rows, run.samples, run.errors])
         barrier()
@@ -361,6 +365,11 @@ def _add_sweep(commands: Any) -> None:
     sweep.add_argument("--out", required=True, type=Path, help="output folder (exit_sweep-*.parquet, features-*.safetensors)")
     sweep.add_argument("--features", choices=["hidden", "attention", "both", "none"], default="hidden",
                        help="gate features to cache for training (default: hidden, the paper's)")
+    sweep.add_argument("--answers", type=non_negative_int, default=0, metavar="N",
+                       help="also generate every exit layer's answer, up to N greedy tokens as `eval` does, into "
+                            "exit_answers-*.parquet (the exit table; 0: off, the default; 4 = eval's default)")
+    sweep.add_argument("--resume", action="store_true",
+                       help="continue a stopped sweep in --out: skip the questions its committed files hold")
     _add_label_rule(sweep)
     sweep.set_defaults(run=_cmd_sweep)
 

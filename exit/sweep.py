@@ -46,7 +46,9 @@ from analysis.errors import DyVTEError
 from analysis.hooks import Hook, attached
 from analysis.io import AtomicFile, ParquetShard, parse_shard_file, shard_file_name
 from analysis.layout import IMAGE, PADDING, TokenLayout, token_layout
-from analysis.schema import EXIT_SWEEP, SchemaError, validate_arrow_schema
+from analysis.schema import EXIT_ANSWERS, EXIT_SWEEP, SchemaError, validate_arrow_schema
+from exit.answers import answers_table, check_answerable, exit_answer_ids, generation_position_ids
+from exit.flops import DecoderShape
 from exit.gates import GATE_INPUTS, gate_features, gate_recording
 from exit.surgery import CompactLayout, attention_mask_for_keys, compact_layout
 
@@ -91,6 +93,7 @@ class SweepResult:
     rule: LabelRule
     features: torch.Tensor | None = None
     features_kind: str | None = None
+    answer_ids: torch.Tensor | None = None  # (batch, layers, max_new_tokens) greedy answers, pad-filled
 
     @property
     def num_layers(self) -> int:
@@ -171,6 +174,7 @@ def exit_sweep(
     rule: LabelRule = LabelRule(),
     features: str | None = None,
     adapter: ModelAdapter | None = None,
+    answers: int = 0,
 ) -> SweepResult:
     """Exit statistics and labels for every row of ``inputs`` and every decoder layer.
 
@@ -181,9 +185,13 @@ def exit_sweep(
         rule: the label thresholds.
         features: also return the gate features of the full forward ("hidden", "attention", "both"),
             computed over the prompt only (``prompt_layout``), as the gates see it at inference.
+        answers: also generate, for every exit layer, up to this many greedy answer tokens from
+            the same pass (``exit.answers``; 0: none). The full forward then gets the position ids
+            generate() gives the left-padded prompts.
 
     Raises:
         SweepError: an answer token is an image token or padding, or a row has no answer token.
+        ExitAnswersError: answers were asked of a family the exit table cannot decode.
     """
     adapter = adapter or resolve_adapter(model)
     if features is not None and features not in GATE_INPUTS:
@@ -195,14 +203,23 @@ def exit_sweep(
     compact = compact_layout(keep.to(device))
     answer = _answer_tokens(compact, answer_mask.to(device), inputs["input_ids"].to(device))
     prompt = None if features is None else prompt_layout(layout, answer_mask)
-    states, inputs_of, records = _full_forward(model, inputs, compact, adapter, features, prompt)
+    extra, branch_cache = None, None
+    if answers > 0:
+        check_answerable(adapter)
+        extra = {"use_cache": True, "position_ids": generation_position_ids(layout.group != PADDING).to(device)}
+        branch_cache = {}
+    states, inputs_of, records, cache = _full_forward(model, inputs, compact, adapter, features, prompt, extra)
     with torch.no_grad():
-        logits = _exit_logits(model, adapter, states, inputs_of, answer, layout.batch_size)
+        logits = _exit_logits(model, adapter, states, inputs_of, answer, layout.batch_size, branch_cache)
         agreement, ce_exit, ce_full, counts = answer_metrics(logits[-1], logits, answer.targets, answer.rows, layout.batch_size)
     ce_ratio = ce_exit / ce_full.clamp_min(1e-12)[:, None]
     gate_inputs = None
     if features is not None:
         gate_inputs = torch.stack([gate_features(record, features) for record in records], dim=1).cpu()
+    answer_ids = None
+    if branch_cache is not None:
+        answer_ids = exit_answer_ids(model, layout, answer_mask, inputs["input_ids"].to(device), compact, cache,
+                                     branch_cache, answers, adapter)
     return SweepResult(
         agreement=agreement.cpu(),
         ce_exit=ce_exit.cpu(),
@@ -215,6 +232,7 @@ def exit_sweep(
         rule=rule,
         features=gate_inputs,
         features_kind=features,
+        answer_ids=answer_ids,
     )
 
 
@@ -266,10 +284,12 @@ def _full_forward(
     adapter: ModelAdapter,
     features: str | None,
     prompt: TokenLayout | None,
-) -> tuple[list[torch.Tensor | None], _KeptLayerInputs, list[Any]]:
+    extra: dict[str, Any] | None = None,
+) -> tuple[list[torch.Tensor | None], _KeptLayerInputs, list[Any], Any]:
     """Run the full model once; return each layer's output states at the kept tokens (compacted),
-    each layer's own inputs gathered there (``_KeptLayerInputs``) and, with ``features``, the gate
-    recorder's records over the ``prompt`` layout."""
+    each layer's own inputs gathered there (``_KeptLayerInputs``), with ``features`` the gate
+    recorder's records over the ``prompt`` layout, and the forward's KV cache when ``extra``
+    (more forward arguments) asks for one (``use_cache=True``), else None."""
     paths = adapter.layer_paths(model)
     states: list[torch.Tensor | None] = [None] * len(paths)
     inputs_of = _KeptLayerInputs(compact, adapter.text_config(model))
@@ -292,15 +312,16 @@ def _full_forward(
     hooks = [Hook(path, keep_inputs(i), kind="forward_pre", with_kwargs=True) for i, path in enumerate(paths) if i > 0]
     hooks += [Hook(path, keep_state(i)) for i, path in enumerate(paths)]
     records: list[Any] = []
+    extra = extra or {"use_cache": False}
     with torch.no_grad(), attached(model, hooks):
         if features is None or prompt is None:
-            model(**inputs, logits_to_keep=1)
+            output = model(**inputs, **extra, logits_to_keep=1)
         else:
             with gate_recording(model, prompt, features, adapter=adapter) as recording:
-                model(**inputs, logits_to_keep=1)
+                output = model(**inputs, **extra, logits_to_keep=1)
             records = recording.records
     inputs_of.forward_done()
-    return states, inputs_of, records
+    return states, inputs_of, records, output.get("cache") if extra.get("use_cache") else None
 
 
 def _exit_logits(
@@ -310,12 +331,16 @@ def _exit_logits(
     inputs_of: _KeptLayerInputs,
     answer: _AnswerTokens,
     batch: int,
+    branch_cache: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] | None = None,
 ) -> list[torch.Tensor]:
     """(n_answer_tokens, vocab) float32 logits at the answer tokens for the exit after each layer
     k (the last entry: the full model, which the exit after the last layer is).
 
     The branch that exits after k runs the kept tokens' states from layer k through layers
     k+1..L-1; all branches active at a layer go through it as one batch. ``states`` is consumed.
+    With ``branch_cache`` (a dict), each layer's keys and values of the branches are kept in it:
+    ``branch_cache[layer][k]`` = (keys, values) of the branch that exited after k, over the
+    compacted slots.
     """
     layers = adapter.decoder_layers(model)
     num_layers = len(layers)
@@ -329,12 +354,27 @@ def _exit_logits(
     branches: list[torch.Tensor] = []
     for layer in range(1, num_layers):
         branches.append(states[layer - 1])  # the branch that exits after layer - 1 starts here
-        branches = _run_branches(layers[layer], branches, *inputs_of.layers.pop(layer), batch)
+        capture = None if branch_cache is None else _KeyValueCapture()
+        branches = _run_branches(layers[layer], branches, *inputs_of.layers.pop(layer), batch, capture)
+        if capture is not None and branch_cache is not None:
+            branch_cache[layer] = list(zip(capture.keys.split(batch), capture.values.split(batch)))
         states[layer - 1] = None  # no longer needed
     for k, branch in enumerate(branches):
         exit_logits[k] = answer_logits(branch)
     exit_logits[num_layers - 1] = full_logits
     return exit_logits
+
+
+class _KeyValueCapture:
+    """Stands in for a KV cache in one decoder layer call: keeps the keys and values the layer's
+    attention hands it (what a cache would store) and gives them back unchanged."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys, self.values = keys, values
+        return keys, values
 
 
 def _run_branches(
@@ -344,6 +384,7 @@ def _run_branches(
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     position_ids: torch.Tensor | None,
     batch: int,
+    capture: _KeyValueCapture | None = None,
 ) -> list[torch.Tensor]:
     """Every active branch (``batch`` rows each) through one decoder layer, as one batch, with the
     layer's own inputs of the full forward (``_KeptLayerInputs``) repeated per branch."""
@@ -354,8 +395,8 @@ def _run_branches(
         attention_mask=_repeat_rows(mask, count, 0),
         position_embeddings=(_repeat_rows(cos, count, 0), _repeat_rows(sin, count, 0)),
         position_ids=None if position_ids is None else _repeat_rows(position_ids, count, -2),
-        cache=None,
-        use_cache=False,
+        cache=capture,
+        use_cache=capture is not None,
     )
     hidden = hidden[0] if isinstance(hidden, tuple) else hidden
     return list(hidden.split(batch))
@@ -523,6 +564,7 @@ class SweepWriter:
                  if (parsed := parse_shard_file(p)) and parsed[1] == tag]
         self.shard = max(taken, default=-1) + 1
         self._table = ParquetShard(self.out_dir / shard_file_name(SWEEP_TABLE, tag, self.shard), sweep_schema(self.provenance))
+        self._answers: ParquetShard | None = None  # exit_answers-*.parquet, opened by the first batch with answers
         self.batches = 0
         self.rows_written = 0
         self.files: list[Path] = []
@@ -537,10 +579,16 @@ class SweepWriter:
         """The hidden name the parquet shard is written under until ``close()``."""
         return self._table.file.partial
 
-    def write(self, result: SweepResult, sample_ids: list[str]) -> None:
-        """Append one batch: a row group of the table and, with features, one feature file."""
+    def write(self, result: SweepResult, sample_ids: list[str], answers: pa.Table | None = None) -> None:
+        """Append one batch: a row group of the table, with features one feature file, and with
+        ``answers`` (``exit.answers.answers_table``) a row group of the ``exit_answers`` shard."""
         table = sweep_table(result, sample_ids)
         self._table.write(table)
+        if answers is not None:
+            if self._answers is None:
+                name = shard_file_name(EXIT_ANSWERS.name, self.tag, self.shard)
+                self._answers = ParquetShard(self.out_dir / name, EXIT_ANSWERS.arrow_schema(self.provenance))
+            self._answers.write(answers.replace_schema_metadata(self._answers.schema.metadata))
         if result.features is not None:
             self.files.append(self._write_features(result, sample_ids))
         self.batches += 1
@@ -558,9 +606,10 @@ class SweepWriter:
 
     def close(self) -> None:
         """Commit the parquet shard under its final name (idempotent; nothing if nothing was written)."""
-        path = self._table.close()
-        if path is not None:
-            self.files.append(path)
+        for shard in (self._table, self._answers):
+            path = shard.close() if shard is not None else None
+            if path is not None and path not in self.files:
+                self.files.append(path)
 
     def __enter__(self) -> SweepWriter:
         return self
@@ -578,6 +627,19 @@ def read_sweep(path: str | Path) -> pd.DataFrame:
     frames = []
     for file in files:
         validate_sweep_schema(pq.read_schema(file), str(file))
+        frames.append(pq.read_table(file).to_pandas())
+    return pd.concat(frames, ignore_index=True)
+
+
+def read_exit_answers(path: str | Path) -> pd.DataFrame:
+    """The ``exit_answers`` table (``dyvte-exit sweep --answers``) of a file or a folder of shards, validated."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.glob(f"{EXIT_ANSWERS.name}-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"expected {EXIT_ANSWERS.name}-*.parquet at {path} (a sweep run with --answers), found none")
+    frames = []
+    for file in files:
+        validate_arrow_schema(pq.read_schema(file), str(file), expected=EXIT_ANSWERS.name)
         frames.append(pq.read_table(file).to_pandas())
     return pd.concat(frames, ignore_index=True)
 
@@ -638,8 +700,20 @@ def run_sweep(
     rule: LabelRule = LabelRule(),
     progress: bool = True,
     shard: Any = None,
+    answers: int = 0,
+    resume: bool = False,
+    batches_per_file: int = 16,
 ) -> SweepRun:
     """Sweep every question (its ``answer`` is the reference) and stream the table and features to ``out_dir``.
+
+    ``answers`` > 0 also generates every exit layer's answer (up to that many tokens, greedy, as
+    ``dyvte-exit eval`` does) into the ``exit_answers`` table beside the sweep (``exit.answers``).
+
+    Every ``batches_per_file`` batches the open shards are committed under their final names and
+    new ones begin, so a killed sweep loses at most those batches; ``resume`` continues a stopped
+    sweep in ``out_dir``: it removes what the killed writer left (hidden partial files, feature
+    files of an uncommitted shard) and skips every question already in a committed shard or the
+    errors file.
 
     ``shard`` (an ``analysis.distributed.Shard``; under torchrun the rank's) sweeps only every n-th
     question, into files named with the shard's tag; the shards' union is the single-process sweep.
@@ -648,44 +722,84 @@ def run_sweep(
     ``out_dir/_errors[-TAG]-00000.jsonl`` with its reason and the sweep goes on.
 
     Raises:
-        SweepError: a question has no reference answer, or the folder already holds a sweep.
+        SweepError: a question has no reference answer, or the folder already holds a sweep (without ``resume``).
     """
     from tqdm import tqdm
 
     from analysis.data import check_unique_ids
     from analysis.distributed import Shard, barrier
-    from analysis.io import tag_count
 
     shard = shard or Shard()
     check_unique_ids(questions)
     missing = [q.question_id for q in questions if not q.answer]
     if missing:
         raise SweepError(f"expected a reference answer for every question, found none for {missing[:5]}")
-    for path in Path(out_dir).glob(f"{SWEEP_TABLE}-*.parquet"):
-        parsed = parse_shard_file(path)
-        if parsed is None or parsed[1] == shard.tag or tag_count(parsed[1]) != shard.count:
-            raise SweepError(f"expected a new or empty output folder, found a sweep in {out_dir}; choose another --out")
+    done = _finished_samples(Path(out_dir), shard, resume, answers > 0)
     if shard.count > 1:
         barrier()  # under torchrun no process writes before every process has looked at the folder
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    mine = shard.select(questions)
+    mine = [q for q in shard.select(questions) if q.question_id not in done]
     batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
     errors = _SweepErrors(Path(out_dir), shard.tag)
-    with SweepWriter(out_dir, provenance, rule, tag=shard.tag) as writer:
-        for batch in tqdm(batches, desc="sweep", unit="batch", disable=not progress):
-            good = errors.loadable(processor, batch, image_folder)
-            if not good:
-                continue
-            inputs, answer_mask = teacher_forced_inputs(processor, [prompt for _, prompt, _ in good],
-                                                        [images for _, _, images in good],
-                                                        [str(q.answer) for q, _, _ in good])
-            inputs = {k: v.to(device) for k, v in inputs.items()}
-            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-            result = exit_sweep(model, inputs, answer_mask, rule=rule, features=features)
-            writer.write(result, [q.question_id for q, _, _ in good])
-    return SweepRun(Path(out_dir), len(mine) - len(errors.entries), writer.rows_written, writer.files,
-                    len(errors.entries))
+    rows, files = 0, []
+    chunks = [batches[i : i + batches_per_file] for i in range(0, len(batches), batches_per_file)]
+    bar = tqdm(total=len(batches), desc="sweep", unit="batch", disable=not progress)
+    for chunk in chunks:
+        with SweepWriter(out_dir, provenance, rule, tag=shard.tag) as writer:
+            for batch in chunk:
+                _sweep_batch(model, processor, batch, image_folder, writer, errors, features, rule, answers)
+                bar.update()
+        rows, files = rows + writer.rows_written, files + writer.files
+    bar.close()
+    return SweepRun(Path(out_dir), len(mine) - errors.new_entries, rows, files, errors.new_entries)
+
+
+def _finished_samples(out_dir: Path, shard: Any, resume: bool, answers: bool) -> set[str]:
+    """The question ids a sweep in ``out_dir`` finished (with ``resume``; after cleaning what a
+    killed writer left), or an empty set for a folder without this shard's sweep.
+
+    Raises:
+        SweepError: the folder holds a sweep and ``resume`` is off, or it holds another shard count's.
+    """
+    from analysis.io import tag_count
+
+    found = [(path, parsed) for path in out_dir.glob(f"{SWEEP_TABLE}-*.parquet") if (parsed := parse_shard_file(path))]
+    for _, parsed in found:
+        if tag_count(parsed[1]) != shard.count or (parsed[1] == shard.tag and not resume):
+            raise SweepError(f"expected a new or empty output folder, found a sweep in {out_dir}; "
+                             "choose another --out (or --resume it)")
+    if not resume or not out_dir.is_dir():
+        return set()
+    for partial in out_dir.glob(".*.partial"):
+        partial.unlink()
+    committed = {parsed[2] for _, parsed in found if parsed[1] == shard.tag}
+    tag = f"{shard.tag}-" if shard.tag else ""
+    for path in out_dir.glob(f"{FEATURES_PREFIX}-{tag}*.safetensors"):
+        if int(path.stem.split("-")[-2]) not in committed:
+            path.unlink()  # the features of a shard whose table never committed
+    done = set(read_sweep(out_dir)["sample_id"]) if committed else set()
+    if answers and committed:
+        done &= set(read_exit_answers(out_dir)["sample_id"]) if any(out_dir.glob(f"{EXIT_ANSWERS.name}-*")) else set()
+    return done | {entry["sample_id"] for entry in _SweepErrors(out_dir, shard.tag).entries}
+
+
+def _sweep_batch(model: nn.Module, processor: Any, batch: Sequence[Any], image_folder: str | Path, writer: SweepWriter,
+                 errors: _SweepErrors, features: str | None, rule: LabelRule, answers: int) -> None:
+    """Sweep one batch of questions into ``writer`` (the ones that cannot load go to ``errors``)."""
+    good = errors.loadable(processor, batch, image_folder)
+    if not good:
+        return
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    inputs, answer_mask = teacher_forced_inputs(processor, [prompt for _, prompt, _ in good],
+                                                [images for _, _, images in good], [str(q.answer) for q, _, _ in good])
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    result = exit_sweep(model, inputs, answer_mask, rule=rule, features=features, answers=answers)
+    table = None
+    if result.answer_ids is not None:
+        prompt_tokens = (inputs["attention_mask"].bool() & ~answer_mask.to(device)).sum(1)
+        table = answers_table(result.answer_ids, processor.tokenizer, [q for q, _, _ in good], prompt_tokens,
+                              result.n_image, DecoderShape.from_config(model.config))
+    writer.write(result, [q.question_id for q, _, _ in good], table)
 
 
 class _SweepErrors:
@@ -695,7 +809,9 @@ class _SweepErrors:
         from analysis.io import ERRORS_PREFIX, shard_file_name
 
         self.path = out_dir / shard_file_name(ERRORS_PREFIX, tag, 0, "jsonl")
-        self.entries: list[dict[str, Any]] = []
+        self.entries: list[dict[str, Any]] = (  # an earlier run's, kept when a sweep resumes
+            [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()] if self.path.is_file() else [])
+        self.new_entries = 0
 
     def loadable(self, processor: Any, batch: Sequence[Any], image_folder: str | Path) -> list[tuple[Any, str, list[Any]]]:
         """(question, prompt, images) of each question of ``batch`` that can be loaded; the others are listed."""
@@ -708,6 +824,7 @@ class _SweepErrors:
                 images, prompt = load_question(processor, question, image_folder)
                 good.append((question, prompt, images))
             except DataError as error:
+                self.new_entries += 1
                 self.entries.append({"sample_id": question.question_id, "question_id": question.question_id,
                                      "images": list(question.images), "error": type(error).__name__, "reason": str(error)})
                 atomic_write_text(self.path, "".join(json.dumps(e, sort_keys=True) + "\n" for e in self.entries))
@@ -725,6 +842,7 @@ __all__ = [
     "exit_labels_at",
     "exit_sweep",
     "prompt_layout",
+    "read_exit_answers",
     "read_sweep",
     "run_sweep",
     "sweep_schema",

@@ -1,0 +1,111 @@
+"""The exit table's answers: every exit layer's greedy answer from one teacher-forced pass equals
+generate() under the surgery's static exit, token for token (tiny models, several families)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from analysis.adapters import resolve_adapter
+from analysis.data import build_prompt
+from analysis.testing.families import RowSpec, tiny_family_batch, tiny_family_model, tiny_family_types
+from analysis.testing.tiny import TinyLlavaSpec, tiny_llava, tiny_processor
+from exit import visual_token_exit
+from exit.answers import ExitAnswersError
+from exit.sweep import exit_sweep, teacher_forced_inputs
+
+NEW_TOKENS = 4
+
+
+def static_exit_answers(model, prompt_inputs, layers, pad):
+    """(batch, layers, NEW_TOKENS) generate() ids under ``visual_token_exit(model, k)`` for every k
+    (the last: no exit), right-padded with ``pad``."""
+    prompt = prompt_inputs["input_ids"].shape[1]
+    answers = torch.full((prompt_inputs["input_ids"].shape[0], layers, NEW_TOKENS), pad, dtype=torch.long)
+    for k in range(layers):
+        with torch.no_grad(), visual_token_exit(model, k if k < layers - 1 else None):
+            new = model.generate(**prompt_inputs, max_new_tokens=NEW_TOKENS, do_sample=False)[:, prompt:]
+        answers[:, k, : new.shape[1]] = new
+    return answers
+
+
+@pytest.fixture(scope="module", params=[("mha", "sdpa"), ("gqa", "sdpa"), ("gqa", "eager")], ids="-".join)
+def image_dependent_llava(request):
+    """A tiny LLaVA whose answers change with the exit layer (projector outputs scaled up, so the
+    image tokens dominate), its processor and a left-padded batch of two questions."""
+    from conftest import BATCH_CASES
+
+    kind, implementation = request.param
+    spec = TinyLlavaSpec(num_kv_heads=4 if kind == "mha" else 2, seed=3)
+    model = tiny_llava(spec, attn_implementation=implementation).eval()
+    with torch.no_grad():
+        model.model.multi_modal_projector.linear_2.weight.mul_(3)
+    processor = tiny_processor(spec.image_size)
+    prompts = [build_prompt(processor, q) for q in BATCH_CASES["batch2_left_padding"]]
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)) for _ in prompts]
+    return model, processor, prompts, images
+
+
+def test_every_exit_layers_answer_equals_generate_under_the_static_exit(image_dependent_llava):
+    model, processor, prompts, images = image_dependent_llava
+    inputs, answer_mask = teacher_forced_inputs(processor, prompts, [[i] for i in images], ["Red.", "Yes, on the left."])
+    result = exit_sweep(model, inputs, answer_mask, answers=NEW_TOKENS)
+    prompt_inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True, padding_side="left")
+    assert int((prompt_inputs["attention_mask"] == 0).sum()) > 0  # the batch is padded
+    layers = len(resolve_adapter(model).decoder_layers(model))
+    expected = static_exit_answers(model, prompt_inputs, layers, model.generation_config.pad_token_id)
+    assert result.answer_ids.shape == (2, layers, NEW_TOKENS)
+    assert torch.equal(result.answer_ids, expected)
+    if model.config.text_config.num_key_value_heads == 2:  # the check has teeth: answers change with the exit
+        assert all(len({tuple(result.answer_ids[b, k].tolist()) for k in range(layers)}) > 1 for b in range(2))
+
+
+def test_answers_leave_the_labels_as_they_were(image_dependent_llava):
+    model, processor, prompts, images = image_dependent_llava
+    inputs, answer_mask = teacher_forced_inputs(processor, prompts, [[i] for i in images], ["Red.", "Blue."])
+    plain = exit_sweep(model, inputs, answer_mask)
+    with_answers = exit_sweep(model, inputs, answer_mask, answers=NEW_TOKENS)
+    assert plain.answer_ids is None
+    assert torch.equal(plain.agreement, with_answers.agreement) and torch.equal(plain.label, with_answers.label)
+    # the generate()-style positions only shift the padded row's RoPE phases: same scores up to rounding
+    assert (plain.ce_exit - with_answers.ce_exit).abs().max() <= 1e-4
+
+
+ONE_D = [t for t in tiny_family_types() if t not in ("qwen2_vl", "qwen2_5_vl", "gemma3")]
+
+
+@pytest.mark.parametrize("model_type", ONE_D)
+def test_every_family_with_1d_positions_answers_like_its_static_exits(model_type):
+    model = tiny_family_model(model_type, num_kv_heads=2)
+    prompt_inputs = tiny_family_batch(model, (RowSpec(text=4), RowSpec(system=2, text=7)))
+    answer = torch.tensor([[40, 41, 42]]).expand(2, -1)
+    inputs = {**prompt_inputs, "input_ids": torch.cat([prompt_inputs["input_ids"], answer], 1),
+              "attention_mask": torch.cat([prompt_inputs["attention_mask"], torch.ones_like(answer)], 1)}
+    answer_mask = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+    answer_mask[:, -3:] = True
+    result = exit_sweep(model, inputs, answer_mask, answers=NEW_TOKENS)
+    layers = len(resolve_adapter(model).decoder_layers(model))
+    pad = model.generation_config.pad_token_id
+    expected = static_exit_answers(model, prompt_inputs, layers, 0 if pad is None else pad)
+    assert torch.equal(result.answer_ids, expected)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "gemma3"])
+def test_families_the_table_cannot_decode_are_refused_with_the_reason(model_type):
+    model = tiny_family_model(model_type, num_kv_heads=2)
+    prompt_inputs = tiny_family_batch(model, (RowSpec(),))
+    answer = torch.tensor([[40, 41]])
+    inputs = {**prompt_inputs, "input_ids": torch.cat([prompt_inputs["input_ids"], answer], 1),
+              "attention_mask": torch.cat([prompt_inputs["attention_mask"], torch.ones_like(answer)], 1)}
+    if "mm_token_type_ids" in inputs:
+        inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(answer)], 1)
+    if "token_type_ids" in inputs:
+        inputs["token_type_ids"] = torch.cat([inputs["token_type_ids"], torch.zeros_like(answer)], 1)
+    answer_mask = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+    answer_mask[:, -2:] = True
+    reason = "1-D position ids" if model_type == "qwen2_vl" else "sliding-window layer"
+    with pytest.raises(ExitAnswersError, match=reason):
+        exit_sweep(model, inputs, answer_mask, answers=NEW_TOKENS)
