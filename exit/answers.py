@@ -24,6 +24,7 @@ refused (their cache keeps only the window, not the prompt the table needs).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,6 +74,7 @@ def exit_answer_ids(
     branch_cache: dict[int, list[tuple[torch.Tensor, torch.Tensor]]],
     max_new_tokens: int,
     adapter: ModelAdapter,
+    buffers: CacheBuffers | None = None,
 ) -> torch.Tensor:
     """(batch, layers, max_new_tokens) greedy answer token ids for the exit after every layer
     (the last: no exit), right-padded with the pad token id.
@@ -84,13 +86,14 @@ def exit_answer_ids(
         full_cache: the full forward's KV cache (over prompt + answer).
         branch_cache: ``branch_cache[layer][k]`` = the branch of exit k's keys and values at
             ``layer`` (k < layer), over ``kept``'s slots.
+        buffers: storage to build the decoding cache in (reuse one across batches).
     """
     num_layers = len(adapter.decoder_layers(model))
     device = input_ids.device
     prompt = (layout.group != PADDING).to(device) & ~answer_mask.to(device)
     last = prompt & (prompt.long().cumsum(1) == prompt.sum(1, keepdim=True))  # each row's last prompt token
     cached = compact_layout(prompt & ~last)  # the cache's columns: every prompt token but the last
-    cache = _exit_cache(full_cache, branch_cache, kept, cached, num_layers)
+    cache = _exit_cache(full_cache, branch_cache, kept, cached, num_layers, max_new_tokens, buffers or CacheBuffers())
     image = (layout.group.to(device) == IMAGE).gather(1, cached.index) & cached.valid
     prompt_ids = torch.cat([cached.gather(input_ids[..., None])[..., 0], input_ids[last][:, None]], dim=1)
     mask = torch.cat([cached.valid, torch.ones_like(cached.valid[:, :1])], dim=1).long()
@@ -109,12 +112,56 @@ def exit_answer_ids(
     return ids.view(num_layers, batch, max_new_tokens).transpose(0, 1).cpu()
 
 
+class CacheBuffers:
+    """Storage for the exit table's decoding caches, reused from batch to batch: the first touch of
+    a fresh cache of several GB (page faults) costs about as much as generating with it."""
+
+    def __init__(self) -> None:
+        self._storage: dict[tuple[int, int], torch.Tensor] = {}
+
+    def take(self, key: tuple[int, int], shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor of ``shape`` (dtype and device of ``like``) on the storage of ``key``."""
+        numel = math.prod(shape)
+        storage = self._storage.get(key)
+        if storage is None or storage.numel() < numel or storage.dtype != like.dtype or storage.device != like.device:
+            storage = self._storage[key] = like.new_empty(numel)
+        return storage[:numel].view(shape)
+
+
+class _InPlaceLayer(DynamicLayer):
+    """A dynamic cache layer whose keys and values live in buffers allocated once (prompt columns
+    plus room for the new tokens): generate()'s updates write in place instead of concatenating
+    the whole cache again at every step."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        super().__init__()
+        self._buffers = (keys, values)
+        self.device, self.is_initialized, self.length = keys.device, True, 0
+        self._grow(length)
+
+    def _grow(self, length: int) -> None:
+        self.length = length
+        self.keys, self.values = (buffer[:, :, :length] for buffer in self._buffers)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.length, self.length + key_states.shape[-2]
+        if end > self._buffers[0].shape[-2]:
+            raise ExitAnswersError(f"expected at most {self._buffers[0].shape[-2]} cached tokens, found {end}")
+        self._buffers[0][:, :, start:end] = key_states
+        self._buffers[1][:, :, start:end] = value_states
+        self._grow(end)
+        return self.keys, self.values
+
+
 def _exit_cache(full_cache: Any, branch_cache: dict[int, list[tuple[torch.Tensor, torch.Tensor]]],
-                kept: CompactLayout, cached: CompactLayout, num_layers: int) -> DynamicCache:
-    """The decoding cache of the rows (k, question), k-major: at layer j, row (k, b) holds the full
-    model's keys and values of b's cached prompt columns, with the kept tokens' ones replaced by
-    branch k's where k < j (the image columns keep the full model's values; they are masked)."""
-    batch = cached.index.shape[0]
+                kept: CompactLayout, cached: CompactLayout, num_layers: int, room: int,
+                buffers: CacheBuffers) -> DynamicCache:
+    """The decoding cache of the rows (k, question), k-major, with ``room`` columns free for new
+    tokens: at layer j, row (k, b) holds the full model's keys and values of b's cached prompt
+    columns, with the kept tokens' ones replaced by branch k's where k < j (the image columns keep
+    the full model's values; they are masked)."""
+    batch, length = cached.index.shape
     column_of = torch.full((batch, max(int(cached.index.max()), int(kept.index.max())) + 1), -1,
                            dtype=torch.long, device=cached.index.device)
     rows, columns = cached.valid.nonzero(as_tuple=True)
@@ -130,18 +177,20 @@ def _exit_cache(full_cache: Any, branch_cache: dict[int, list[tuple[torch.Tensor
                 f"expected full-length KV cache layers for the exit table's answers, found {type(cache_layer).__name__} "
                 f"at layer {layer} (a sliding-window layer keeps only its window)"
             )
-        tensors = []
+        pair = []
         for index, full in enumerate((cache_layer.keys, cache_layer.values)):
-            base = full.gather(2, cached.index[:, None, :, None].expand(-1, full.shape[1], -1, full.shape[3]))
-            rows_of_layer = base.repeat(num_layers, 1, 1, 1)  # (k, question) rows, k-major
+            heads, width = full.shape[1], full.shape[3]
+            buffer = buffers.take((layer, index), (num_layers * batch, heads, length + room, width), full)
+            base = full.gather(2, cached.index[:, None, :, None].expand(-1, heads, -1, width))
+            buffer.view(num_layers, batch, heads, -1, width)[:, :, :, :length] = base  # every exit row starts as the full model
             if layer > 0:  # branches k = 0..layer-1 hold their own kept tokens here
                 branches = torch.stack([branch_cache[layer][k][index] for k in range(layer)])  # k b head slot dim
                 exits = torch.arange(layer, device=rows.device)[:, None]
-                view = rows_of_layer.transpose(1, 2)  # row column head dim, a view
+                view = buffer.transpose(1, 2)  # row column head dim, a view
                 view[(exits * batch + rows).reshape(-1), target.repeat(layer)] = (
-                    branches.transpose(2, 3)[exits, rows, slots].reshape(-1, *view.shape[2:]))
-            tensors.append(rows_of_layer)
-        cache.update(tensors[0], tensors[1], layer)
+                    branches.transpose(2, 3)[exits, rows, slots].reshape(-1, heads, width))
+            pair.append(buffer)
+        cache.layers.append(_InPlaceLayer(pair[0], pair[1], length))
     return cache
 
 
@@ -154,7 +203,7 @@ def _masking(removed: torch.Tensor, cache: DynamicCache, layer: int) -> Any:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         queries = hidden.shape[1]
-        keys = cache.layers[layer].keys.shape[-2] + queries
+        keys = cache.layers[layer].get_seq_length() + queries
         off = torch.zeros(removed.shape[0], keys, dtype=torch.bool, device=removed.device)
         off[:, : removed.shape[1]] = removed
         mask = kwargs.get("attention_mask")
@@ -207,5 +256,11 @@ def decode_answers(tokenizer: Any, ids: torch.Tensor) -> list[list[str]]:
 
 
 __all__ = [
-    "ExitAnswersError", "answers_table", "check_answerable", "decode_answers", "exit_answer_ids", "generation_position_ids",
+    "CacheBuffers",
+    "ExitAnswersError",
+    "answers_table",
+    "check_answerable",
+    "decode_answers",
+    "exit_answer_ids",
+    "generation_position_ids",
 ]

@@ -47,7 +47,7 @@ from analysis.hooks import Hook, attached
 from analysis.io import AtomicFile, ParquetShard, parse_shard_file, shard_file_name
 from analysis.layout import IMAGE, PADDING, TokenLayout, token_layout
 from analysis.schema import EXIT_ANSWERS, EXIT_SWEEP, SchemaError, validate_arrow_schema
-from exit.answers import answers_table, check_answerable, exit_answer_ids, generation_position_ids
+from exit.answers import CacheBuffers, answers_table, check_answerable, exit_answer_ids, generation_position_ids
 from exit.flops import DecoderShape
 from exit.gates import GATE_INPUTS, gate_features, gate_recording
 from exit.surgery import CompactLayout, attention_mask_for_keys, compact_layout
@@ -175,6 +175,7 @@ def exit_sweep(
     features: str | None = None,
     adapter: ModelAdapter | None = None,
     answers: int = 0,
+    answer_buffers: CacheBuffers | None = None,
 ) -> SweepResult:
     """Exit statistics and labels for every row of ``inputs`` and every decoder layer.
 
@@ -187,7 +188,8 @@ def exit_sweep(
             computed over the prompt only (``prompt_layout``), as the gates see it at inference.
         answers: also generate, for every exit layer, up to this many greedy answer tokens from
             the same pass (``exit.answers``; 0: none). The full forward then gets the position ids
-            generate() gives the left-padded prompts.
+            generate() gives the left-padded prompts. ``answer_buffers``: storage for the decoding
+            cache, reused across calls (``exit.answers.CacheBuffers``).
 
     Raises:
         SweepError: an answer token is an image token or padding, or a row has no answer token.
@@ -219,7 +221,7 @@ def exit_sweep(
     answer_ids = None
     if branch_cache is not None:
         answer_ids = exit_answer_ids(model, layout, answer_mask, inputs["input_ids"].to(device), compact, cache,
-                                     branch_cache, answers, adapter)
+                                     branch_cache, answers, adapter, answer_buffers)
     return SweepResult(
         agreement=agreement.cpu(),
         ce_exit=ce_exit.cpu(),
@@ -740,13 +742,13 @@ def run_sweep(
     mine = [q for q in shard.select(questions) if q.question_id not in done]
     batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
     errors = _SweepErrors(Path(out_dir), shard.tag)
-    rows, files = 0, []
+    rows, files, buffers = 0, [], CacheBuffers()
     chunks = [batches[i : i + batches_per_file] for i in range(0, len(batches), batches_per_file)]
     bar = tqdm(total=len(batches), desc="sweep", unit="batch", disable=not progress)
     for chunk in chunks:
         with SweepWriter(out_dir, provenance, rule, tag=shard.tag) as writer:
             for batch in chunk:
-                _sweep_batch(model, processor, batch, image_folder, writer, errors, features, rule, answers)
+                _sweep_batch(model, processor, batch, image_folder, writer, errors, features, rule, answers, buffers)
                 bar.update()
         rows, files = rows + writer.rows_written, files + writer.files
     bar.close()
@@ -783,7 +785,8 @@ def _finished_samples(out_dir: Path, shard: Any, resume: bool, answers: bool) ->
 
 
 def _sweep_batch(model: nn.Module, processor: Any, batch: Sequence[Any], image_folder: str | Path, writer: SweepWriter,
-                 errors: _SweepErrors, features: str | None, rule: LabelRule, answers: int) -> None:
+                 errors: _SweepErrors, features: str | None, rule: LabelRule, answers: int,
+                 buffers: CacheBuffers) -> None:
     """Sweep one batch of questions into ``writer`` (the ones that cannot load go to ``errors``)."""
     good = errors.loadable(processor, batch, image_folder)
     if not good:
@@ -793,7 +796,8 @@ def _sweep_batch(model: nn.Module, processor: Any, batch: Sequence[Any], image_f
                                                 [images for _, _, images in good], [str(q.answer) for q, _, _ in good])
     inputs = {k: v.to(device) for k, v in inputs.items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    result = exit_sweep(model, inputs, answer_mask, rule=rule, features=features, answers=answers)
+    result = exit_sweep(model, inputs, answer_mask, rule=rule, features=features, answers=answers,
+                        answer_buffers=buffers)
     table = None
     if result.answer_ids is not None:
         prompt_tokens = (inputs["attention_mask"].bool() & ~answer_mask.to(device)).sum(1)
