@@ -18,6 +18,20 @@ exit_histogram  plot_exit_histogram  per method, the share of questions whose im
                                      after each decoder layer, with "never" as its own bar
 ==============  ===================  ==============================================================
 
+Two more figures come from the exit table (``exit_answers`` of ``dyvte-exit sweep --answers``, one
+row per question and exit layer) and from lookups in it (``exit.frontier``):
+
+=======================  ============================  =============================================
+figure                   function                      what it shows
+=======================  ============================  =============================================
+accuracy_by_exit_layer   plot_accuracy_by_exit_layer   accuracy of the static exit after each layer
+                                                       (x), one line per category and one overall
+oracle_exit_layers       plot_oracle_exit_layers       per category, the share of questions whose
+                                                       oracle exit is after each layer ("never" its
+                                                       own bar, the median dashed): exit layers
+                                                       differ by task
+=======================  ============================  =============================================
+
 FLOPs are ``exit.flops``'s count of the decoder's matrix products in the prefill (``relative``:
 under the method over the stock model's, mean over questions); the vision tower and the output
 head are left out, since no method changes them.
@@ -40,7 +54,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import seaborn as sns
 from matplotlib.figure import Figure
-from matplotlib.ticker import PercentFormatter
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from analysis.errors import DyVTEError, UsageError
 from analysis.plots import PlotError
@@ -66,8 +80,10 @@ __all__ = [
     "make_exit_figures",
     "method_name",
     "pareto_front",
+    "plot_accuracy_by_exit_layer",
     "plot_exit_histogram",
     "plot_frontier",
+    "plot_oracle_exit_layers",
     "read_evaluation",
     "results_markdown",
     "results_table",
@@ -448,3 +464,76 @@ def make_exit_figures(folder: str | Path, out_dir: str | Path, num_layers: int |
 def _write_text(text: str, path: Path) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def plot_accuracy_by_exit_layer(answers: pd.DataFrame) -> Figure:
+    """Accuracy of the static exit after each decoder layer, one line per category and one (black,
+    thicker) over all questions, from the exit table (``exit_answers``: one row per question and
+    layer; the last layer is the full model)."""
+    _require(answers, ("sample_id", "layer", "category", "correct"), "an exit table (exit_answers)")
+    data = answers.assign(layer=answers["layer"].astype(int), correct=answers["correct"].astype(float))
+    by_category = data.groupby(["layer", "category"])["correct"].mean().unstack("category").sort_index()
+    overall = data.groupby("layer")["correct"].mean().sort_index()
+    questions = data.groupby("category")["sample_id"].nunique()
+    colours = sns.color_palette("tab10", max(1, len(by_category.columns))).as_hex()
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    for colour, category in zip(colours, by_category.columns):
+        ax.plot(by_category.index, by_category[category], marker=".", lw=1.2, color=colour,
+                label=f"{category} ({questions[category]})")
+    ax.plot(overall.index, overall.to_numpy(), color="black", lw=2.4, label=f"all ({data['sample_id'].nunique()})")
+    ax.set_xlabel("all image tokens leave after decoder layer (the last = the full model)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("accuracy (exact match)")
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), title="category (questions)", title_fontsize=8)
+    ax.set_title("Accuracy of a static exit after each layer, per question type", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_oracle_exit_layers(exits: pd.DataFrame, num_layers: int | None = None) -> Figure:
+    """The distribution of an oracle's exit layers per question type: one panel per category (in
+    order of the median exit layer), the share of its questions exiting after each layer, "never"
+    (exit_layer -1, kept the image to the end) as its own bar, the median as a dashed line.
+
+    Args:
+        exits: one row per question with ``category`` and ``exit_layer`` (the oracle's evaluation
+            rows, e.g. ``exit.frontier.lookup_rows``).
+        num_layers: decoder layers shown (default: the highest exit layer + 1).
+    """
+    _require(exits, ("category", "exit_layer"), "exit layers with categories")
+    layers = exits["exit_layer"].astype(int)
+    highest = int(layers.max())
+    if (layers < NEVER).any() or (num_layers is not None and highest >= num_layers):
+        raise PlotError(f"expected exit layers in 0..{'L-1' if num_layers is None else num_layers - 1} or {NEVER}, "
+                        f"found {sorted({int(v) for v in layers})}")
+    num_layers = max(highest + 1, 1) if num_layers is None else num_layers
+    # "never" costs what an exit after the last layer costs, so it sorts and medians as L-1
+    as_cost = layers.where(layers != NEVER, num_layers - 1)
+    order = list(as_cost.groupby(exits["category"]).median().sort_values(kind="stable").index)
+    columns = min(3, len(order))
+    lines = math.ceil(len(order) / columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(4.2 * columns, 2.4 * lines + 0.6), sharex=True, sharey=True,
+                             squeeze=False)
+    positions = [*range(num_layers), num_layers + 1]  # a gap before "never"
+    for ax, category in zip(axes.flat, order):
+        chosen = layers[exits["category"] == category]
+        counts = chosen.value_counts()
+        ax.bar(positions, [counts.get(k, 0) / len(chosen) for k in [*range(num_layers), NEVER]], width=0.8,
+               color=["tab:red"] * num_layers + ["0.55"])
+        median = float(as_cost[exits["category"] == category].median())
+        # a median of L-1 means "never": draw it on that bar
+        ax.axvline(median if median < num_layers - 1 else num_layers + 1, color="black", ls="--", lw=0.9)
+        ax.set_title(f"{category}: {len(chosen)} questions, median {median:g}", fontsize=9)
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.tick_params(labelbottom=True)
+    for ax in axes.flat[len(order):]:
+        ax.set_visible(False)
+    step = max(1, math.ceil(num_layers / 10))
+    ticks = [*range(0, num_layers, step), num_layers + 1]
+    for ax in axes.flat[:len(order)]:
+        ax.set_xticks(ticks, [str(t) for t in ticks[:-1]] + ["never"])
+    fig.supxlabel("the oracle's exit layer (all image tokens leave after it)", fontsize=9)
+    fig.suptitle("Where the oracle exits, per question type", fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -152,3 +152,25 @@ def test_command_line_keeps_its_defaults():
     evaluate = parser.parse_args(["eval"])
     assert (evaluate.split, evaluate.limit, evaluate.weights, evaluate.blank_image, evaluate.max_new_tokens,
             evaluate.output) == ("val", None, None, False, 4, None)
+
+
+def test_training_images_replays_the_images_a_run_reads(split, tmp_path, monkeypatch):
+    examples = dt.pack_split(split, extra_per_type=1, seed=0)
+    config = _config(steps=5, batch_size=2, standardise_images=3, seed=7)
+    loaded, visited = [], []
+    original_load = dt.load_image
+    monkeypatch.setattr(dt, "load_image", lambda folder, name: loaded.append(name) or original_load(folder, name))
+
+    def question_stage(model, processor, examples, order, *args, **kwargs):
+        visited.extend(examples[i].image for i in order[: config.steps * config.batch_size])
+        return []
+
+    monkeypatch.setattr(dt, "_question_stage", question_stage)
+    model, processor = tiny_llava(SPEC), tiny_processor(SPEC.image_size)
+    dt.train_demo(model, processor, examples, split, config, tmp_path / "run", progress=False)
+    replayed = dt.training_images(tiny_llava(SPEC), examples, config)
+    assert list(replayed.standardise) == loaded and len(loaded) == 3
+    assert list(replayed.questions) == visited and len(visited) == 10
+    assert replayed.all() == {*loaded, *visited}
+    other = dt.training_images(tiny_llava(SPEC), examples, _config(steps=5, batch_size=2, standardise_images=3, seed=8))
+    assert other.questions != replayed.questions  # the seed decides the order: the replay is not a constant

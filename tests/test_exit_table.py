@@ -4,6 +4,7 @@ generate() under the surgery's static exit, token for token (tiny models, severa
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -109,3 +110,39 @@ def test_families_the_table_cannot_decode_are_refused_with_the_reason(model_type
     reason = "1-D position ids" if model_type == "qwen2_vl" else "sliding-window layer"
     with pytest.raises(ExitAnswersError, match=reason):
         exit_sweep(model, inputs, answer_mask, answers=NEW_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def shapes_split(tmp_path_factory):
+    from analysis.demo.shapes import write_split
+
+    return write_split(tmp_path_factory.mktemp("shapes"), "val", 1, seed=3, image_size=56)
+
+
+def test_a_resumed_sweep_with_answers_equals_one_uninterrupted_run(tmp_path, shapes_split):
+    from analysis.data import read_questions
+    from exit.sweep import read_exit_answers, read_sweep, run_sweep
+
+    spec = TinyLlavaSpec(num_kv_heads=2, seed=3)
+    model, processor = tiny_llava(spec).eval(), tiny_processor(spec.image_size)
+    questions = read_questions(shapes_split / "questions.jsonl")
+    assert len(questions) >= 6
+    options = dict(provenance={"model": "tiny"}, features="hidden", batch_size=2, progress=False, answers=NEW_TOKENS,
+                   batches_per_file=1)
+    whole = run_sweep(model, processor, questions, shapes_split, tmp_path / "whole", **options)
+    assert len(whole.files) == 3 * -(-len(questions) // 2)  # per batch: features, a sweep and an answers shard
+    # a stopped run: two batches committed, then a kill leaves a hidden partial file and an orphan feature file
+    run_sweep(model, processor, questions[:4], shapes_split, tmp_path / "stopped", **options)
+    (tmp_path / "stopped" / ".exit_sweep-00007.parquet.partial").write_bytes(b"half")
+    orphan = tmp_path / "stopped" / "features-00007-00000.safetensors"
+    orphan.write_bytes(b"orphan")
+    with pytest.raises(Exception, match="--resume"):
+        run_sweep(model, processor, questions, shapes_split, tmp_path / "stopped", **options)
+    resumed = run_sweep(model, processor, questions, shapes_split, tmp_path / "stopped", resume=True, **options)
+    assert resumed.samples == len(questions) - 4 and not orphan.exists()
+    assert not list((tmp_path / "stopped").glob(".*.partial"))
+    for read in (read_sweep, read_exit_answers):
+        a, b = (read(tmp_path / name).sort_values(["sample_id", "layer"]).reset_index(drop=True) for name in ("whole", "stopped"))
+        pd.testing.assert_frame_equal(a, b)
+    answers = read_exit_answers(tmp_path / "whole")
+    assert set(answers["layer"]) == set(range(spec.num_layers)) and answers["same_as_full"][answers["layer"] == 3].all()

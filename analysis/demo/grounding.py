@@ -137,6 +137,14 @@ class GroundingSet:
         return max(1, len(self.features) // 8)
 
 
+def grounding_examples(examples: Sequence[PackedExample], scenes: dict[str, Any], images: int,
+                       seed: int) -> list[PackedExample]:
+    """The ``images`` examples stage 0 grounds on: a seeded random order of those with a scene."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen = [e for e in examples if e.image in scenes]
+    return [chosen[i] for i in torch.randperm(len(chosen), generator=generator)[:images].tolist()]
+
+
 def _grounding_set(model: nn.Module, processor: Any, examples: Sequence[PackedExample], image_folder: str | Path,
                    scenes: dict[str, Any], images: int, seed: int, progress: bool) -> GroundingSet:
     """Vision features and targets of ``images`` train images with scenes, in a seeded random order."""
@@ -146,11 +154,8 @@ def _grounding_set(model: nn.Module, processor: Any, examples: Sequence[PackedEx
     side = int(crop["height"] if isinstance(crop, dict) else crop.height)
     patch = int(model.config.vision_config.patch_size)
     data = GroundingSet(_grounding_words(model, processor.tokenizer), side, patch, [], [], [], [], [])
-    generator = torch.Generator().manual_seed(seed)
-    chosen = [e for e in examples if e.image in scenes]
-    order = torch.randperm(len(chosen), generator=generator)[:images].tolist()
-    for index in tqdm(order, desc="ground: vision features", disable=not progress):
-        example = chosen[index]
+    for example in tqdm(grounding_examples(examples, scenes, images, seed), desc="ground: vision features",
+                        disable=not progress):
         image = load_image(image_folder, example.image)
         pixels = processor.image_processor(image, return_tensors="pt")["pixel_values"]
         data.features.append(image_features(model, pixels)[0].to(torch.bfloat16))

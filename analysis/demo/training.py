@@ -38,6 +38,7 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -302,7 +303,7 @@ def _start_projector(model: nn.Module, processor: Any, examples: Sequence[Packed
         return
     if config.standardise_images <= 0:
         return
-    pick = torch.randperm(len(examples), generator=generator)[:config.standardise_images].tolist()
+    pick = _standardise_pick(len(examples), config, generator)
     sample = torch.cat([image_features(model, processor.image_processor(
         load_image(image_folder, examples[i].image), return_tensors="pt")["pixel_values"]) for i in pick])
     standardise_projector(model, sample)
@@ -313,6 +314,52 @@ def _start_projector(model: nn.Module, processor: Any, examples: Sequence[Packed
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out / "grounding.json", json.dumps(grounded, indent=2) + "\n")
+
+
+def _standardise_pick(count: int, config: TrainConfig, generator: torch.Generator) -> list[int]:
+    """The example indices whose vision features standardise the projector's start."""
+    return torch.randperm(count, generator=generator)[:config.standardise_images].tolist()
+
+
+@dataclass(frozen=True)
+class TrainingImages:
+    """The train images a run of :func:`train_demo` used, replayed from its config (no training).
+
+    Attributes:
+        standardise: the images whose vision features standardised the projector's start.
+        grounding: stage 0's images (the last eighth held out from the fit, still read).
+        questions: stage 1's images, in the order they were visited (``config.steps *
+            config.batch_size`` of them, repeats included if a run visits more than the split).
+    """
+
+    standardise: tuple[str, ...]
+    grounding: tuple[str, ...]
+    questions: tuple[str, ...]
+
+    def all(self) -> set[str]:
+        """Every image the run read in any stage."""
+        return {*self.standardise, *self.grounding, *self.questions}
+
+
+def training_images(model: nn.Module, examples: Sequence[PackedExample], config: TrainConfig,
+                    scenes: dict[str, Any] | None = None) -> TrainingImages:
+    """The images a run of :func:`train_demo` with ``config`` on ``examples`` uses, by drawing the
+    same seeded random numbers in the same order (the adapters' initialisation on ``model``, whose
+    shapes decide how many numbers that takes, then the standardising pick, then the visit order);
+    ``model`` is left unchanged. ``scenes``: the split's scene annotations, for stage 0."""
+    from analysis.demo.grounding import grounding_examples
+
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    if config.rank > 0:
+        LoraAdapters(model, config.rank, config.alpha, config.targets, generator)  # draws only; never attached
+    fresh = config.init_weights is None and config.standardise_images > 0
+    pick = _standardise_pick(len(examples), config, generator) if fresh else []
+    grounding = fresh and config.ground_images > 0
+    grounded = grounding_examples(examples, scenes or {}, config.ground_images, config.seed) if grounding else []
+    order = _visit_order(len(examples), config.steps * config.batch_size, generator)[: config.steps * config.batch_size]
+    return TrainingImages(tuple(examples[i].image for i in pick), tuple(e.image for e in grounded),
+                          tuple(examples[i].image for i in order))
 
 
 def _visit_order(count: int, needed: int, generator: torch.Generator) -> list[int]:
@@ -457,6 +504,8 @@ def train_demo(model: nn.Module, processor: Any, examples: Sequence[PackedExampl
 EXAMPLES = """examples:
   # train as for the committed weights: grounding on 240 images, then 1150 images with their questions
   OMP_WAIT_POLICY=PASSIVE python -m analysis.demo.training train --out runs/demo-train --seed 0
+  # the train images the committed weights' run read (the exit gates' data must avoid them)
+  python -m analysis.demo.training images --out analysis/demo/weights/training_images.json
   # a quick smoke run
   python -m analysis.demo.training train --out runs/smoke --steps 2 --batch-size 1
   # accuracy of the committed weights on the first 60 test images, then with a blank image
@@ -467,18 +516,22 @@ EXAMPLES = """examples:
 """
 
 
-def _train_command(args: argparse.Namespace) -> int:
-    from analysis.demo.model import load_demo_model
-    from analysis.demo.shapes import ensure_split
-
-    config = TrainConfig(data_root=str(args.data_root), steps=args.steps, batch_size=args.batch_size,
+def _config_of(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(data_root=str(args.data_root), steps=args.steps, batch_size=args.batch_size,
                          lr_projector=args.lr_projector, lr_lora=args.lr_lora, warmup=min(args.warmup, args.steps),
                          rank=args.rank, extra_per_type=args.extra_per_type, image_size=args.image_size,
                          seed=args.seed, threads=args.threads, bf16=args.bf16,
                          checkpoint_minutes=args.checkpoint_minutes, max_minutes=args.max_minutes or None,
                          standardise_images=args.standardise_images, ground_images=args.ground_images,
                          ground_steps=args.ground_steps, ground_lr=args.ground_lr,
-                         init_weights=None if args.init_weights is None else str(args.init_weights))
+                       init_weights=None if args.init_weights is None else str(args.init_weights))
+
+
+def _train_command(args: argparse.Namespace) -> int:
+    from analysis.demo.model import load_demo_model
+    from analysis.demo.shapes import ensure_split
+
+    config = _config_of(args)
     torch.set_num_threads(config.threads)
     folder = ensure_split(config.data_root, config.split, image_size=config.image_size)
     model, processor = load_demo_model(image_size=config.image_size, weights="random")
@@ -486,6 +539,25 @@ def _train_command(args: argparse.Namespace) -> int:
     start = time.time()
     train_demo(model, processor, examples, folder, config, args.out)
     print(f"trained {config.steps} steps in {time.time() - start:.0f} s; weights: {Path(args.out) / 'demo_weights.safetensors'}")
+    return 0
+
+
+def _images_command(args: argparse.Namespace) -> int:
+    from analysis.demo.model import load_demo_model
+    from analysis.demo.shapes import ensure_split
+
+    config = _config_of(args)
+    folder = ensure_split(config.data_root, config.split, image_size=config.image_size)
+    model, _ = load_demo_model(image_size=config.image_size, weights="random")
+    examples = pack_split(folder, config.extra_per_type, config.seed)
+    scenes = read_scenes(folder) if config.ground_images > 0 else None
+    used = training_images(model, examples, config, scenes)
+    record = {"config": asdict(config), "split_images": len(examples), "images_read": len(used.all()),
+              "command": "python -m analysis.demo.training images " + " ".join(sys.argv[2:]),
+              **{stage: list(getattr(used, stage)) for stage in ("standardise", "grounding", "questions")}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")
+    print(f"{len(used.all())} of {len(examples)} train images read by a run with this config; listed in {args.out}")
     return 0
 
 
@@ -560,6 +632,11 @@ def _parser() -> argparse.ArgumentParser:
                                              epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter))
     _add_eval_arguments(commands.add_parser("eval", parents=[common], help="accuracy per question type",
                                             epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter))
+    images = commands.add_parser("images", parents=[common], epilog=EXAMPLES,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 help="list the train images a `train` run with these options reads (replayed, no training)")
+    _add_train_arguments(images)
+    images.set_defaults(handler=_images_command)
     return parser
 
 

@@ -1,0 +1,477 @@
+"""The accuracy-FLOPs frontier from the exit table, by lookup.
+
+The exit table (``exit_answers``, written by ``dyvte-exit sweep --answers N``) holds, for every
+question and every decoder layer k = 0..L-1, the greedy answer generated when all image tokens
+leave after layer k (k = L-1: no exit, the full model), whether it is correct, whether it equals
+the full model's answer, and the static exit's relative prefill FLOPs. Any method that removes
+all image tokens after one layer per question is then a lookup: choose each question's exit
+layer (a pd.Series sample_id -> layer) and read the row at that layer (:func:`lookup_rows`). No
+model runs, so a whole frontier, oracles and label studies included, costs seconds.
+
+=============================  ==============================================================
+exit-layer rule                the layer each question's image tokens leave after
+=============================  ==============================================================
+:func:`static_exits`           K for every question (``static:K``; K = L-1 is ``none``)
+:func:`oracle_exits`           the earliest layer whose answer equals the full model's
+                               (``oracle``, keep="same") or is correct (``oracle[correct]``,
+                               keep="correct"; L-1 when no layer is)
+:func:`first_exit_over`        the first layer whose p(exit) > tau (how the DyVTE gates decide)
+:func:`rule_exits`             the earliest layer a label rule of :data:`LABEL_RULES` calls safe
+                               (``oracle[RULE]``), optionally with monotone labels ("safe from
+                               this layer on", ``oracle[RULE,monotone]``)
+=============================  ==============================================================
+
+The label rules need the teacher-forced sweep (``exit_sweep``) beside the exit table; join them
+with :func:`join_exit_tables`. :func:`frontier_methods` builds the usual set of lookups,
+:func:`frontier_summary` adds bootstrap intervals (questions resampled with replacement) to
+``exit.evaluate.summary_row``, and :func:`write_frontier_folder` writes an evaluation folder
+(``eval-<method>.parquet``, ``summary.parquet``) that ``exit.plots.read_evaluation`` and
+``make_exit_figures`` read as they read ``dyvte-exit eval --out``, plus ``frontier.md``.
+
+A lookup row is not timed: its ``batch`` and the other timing columns of the ``evaluation`` table
+are -1 (integers) or NaN (floats), and so are the summary's times.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from analysis.errors import UsageError
+from analysis.schema import EVALUATION
+from exit.evaluate import EvaluationFolder, summary_row, write_evaluation_rows, write_evaluation_summary
+from exit.methods import STOCK_MODEL
+from exit.plots import category_accuracy
+from exit.surgery import NO_EXIT
+from exit.sweep import LabelRule
+
+__all__ = [
+    "ANSWER_COLUMNS",
+    "FRONTIER_COLUMNS",
+    "FRONTIER_FILE",
+    "LABEL_RULES",
+    "ORACLE",
+    "ORACLE_KEEPS",
+    "UNTIMED",
+    "bootstrap_interval",
+    "exit_table_layers",
+    "first_exit_over",
+    "frontier_markdown",
+    "frontier_methods",
+    "frontier_summary",
+    "join_exit_tables",
+    "lookup_rows",
+    "monotone",
+    "oracle_exits",
+    "paired_difference_interval",
+    "rule_exits",
+    "rule_method_name",
+    "static_exits",
+    "write_frontier_folder",
+]
+
+KEYS: tuple[str, str] = ("sample_id", "layer")
+ANSWER_COLUMNS: tuple[str, ...] = ("sample_id", "layer", "category", "answer", "prediction", "correct",
+                                   "same_as_full", "tokens", "image_tokens", "relative_prefill_flops")
+"""Columns of the exit table that a lookup reads."""
+ROW_ORDER: tuple[str, ...] = tuple(column.name for column in EVALUATION.columns)
+_FIRST_TIMED = ROW_ORDER.index("batch")
+UNTIMED: dict[str, float] = {
+    column.name: -1 if pa.types.is_integer(column.dtype) else math.nan for column in EVALUATION.columns[_FIRST_TIMED:]
+}
+"""The timing columns of the ``evaluation`` table as a lookup fills them: -1 or NaN, "not timed"."""
+UNTIMED_SUMMARY: tuple[str, ...] = ("seconds", "prefill_seconds", "decode_seconds", "decode_tokens_per_second")
+FRONTIER_COLUMNS: tuple[str, ...] = ("accuracy_low", "accuracy_high", "difference", "difference_low",
+                                     "difference_high", "share_of_oracle_saving")
+"""What :func:`frontier_summary` adds to ``summary_row``: the accuracy's bootstrap interval, the
+accuracy minus the reference's with its paired interval, and the share of the oracle's FLOPs saving."""
+FRONTIER_FILE = "frontier.md"
+ORACLE = "oracle"
+"""The oracle that :func:`frontier_summary` measures FLOPs savings against (keep="same")."""
+ORACLE_KEEPS: dict[str, tuple[str, str]] = {
+    "same": ("same_as_full", ORACLE),
+    "correct": ("correct", f"{ORACLE}[correct]"),
+}
+"""keep -> (the exit-table column that must be true at the exit layer, the lookup method's name)."""
+
+_PAPER = LabelRule()
+LabelFunction = Callable[[pd.DataFrame], pd.Series]
+
+
+def _ce_increase_below(delta: float) -> LabelFunction:
+    return lambda frame: (frame["ce_exit"] - frame["ce_full"]) < delta
+
+
+LABEL_RULES: dict[str, LabelFunction] = {
+    "paper": lambda f: (f["agreement"] > _PAPER.min_agreement) & (f["ce_ratio"] < _PAPER.max_ce_ratio),
+    "agreement": lambda f: f["agreement"] > _PAPER.min_agreement,
+    "ce+0.05": _ce_increase_below(0.05),
+    "ce+0.2": _ce_increase_below(0.2),
+    "answer": lambda f: f["same_as_full"].astype(bool),
+}
+"""Label rule -> (joined sweep and exit table -> bool label per row: exiting there is safe).
+``paper``: agreement > 0.99 and ce_ratio < 1.03 (``exit.sweep.LabelRule``, the sweep's ``label``);
+``agreement``: agreement > 0.99 alone; ``ce+D``: the answer cross-entropy rises by less than D nats
+per token; ``answer``: the generated answer equals the full model's."""
+
+
+# the exit table ----------------------------------------------------------------------------------
+
+def _require_columns(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise UsageError(f"expected {what} with the columns {list(columns)}, found no {missing} in {list(frame.columns)}")
+    if frame.empty:
+        raise UsageError(f"expected {what} with at least one row, found none")
+
+
+def exit_table_layers(table: pd.DataFrame) -> int:
+    """The decoder layers L of an exit table (or a frame joined to one), after checking that every
+    sample has one row at each layer 0..L-1.
+
+    Raises:
+        UsageError: no rows, no sample_id or layer column, or a sample with a missing or repeated layer.
+    """
+    _require_columns(table, KEYS, "an exit table (exit_answers)")
+    layers = table["layer"].astype("int64")
+    num_layers = int(layers.max()) + 1
+    per_sample = layers.groupby(table["sample_id"], sort=False).agg(["size", "nunique", "min"])
+    bad = per_sample[(per_sample["size"] != num_layers) | (per_sample["nunique"] != num_layers) | (per_sample["min"] != 0)]
+    if len(bad):
+        first = bad.iloc[0]
+        raise UsageError(
+            f"expected every sample at layers 0..{num_layers - 1} once each, found {len(bad)} sample(s) that are not, "
+            f"e.g. {bad.index[0]!r} with {first['size']} rows over {first['nunique']} layers from {first['min']}"
+        )
+    return num_layers
+
+
+def _samples(table: pd.DataFrame) -> pd.Index:
+    return pd.Index(pd.unique(table["sample_id"]), name="sample_id")
+
+
+def join_exit_tables(sweep: pd.DataFrame, answers: pd.DataFrame) -> pd.DataFrame:
+    """The exit table with the sweep's teacher-forced columns (agreement, ce_exit, ce_full,
+    ce_ratio, label) joined on (sample_id, layer), in the exit table's row order.
+
+    Raises:
+        UsageError: a (sample_id, layer) of the exit table that the sweep lacks.
+    """
+    taught = ["agreement", "ce_exit", "ce_full", "ce_ratio", "label"]
+    _require_columns(sweep, [*KEYS, *taught], "an exit sweep (exit_sweep)")
+    exit_table_layers(answers)
+    left = answers.assign(layer=answers["layer"].astype("int64"))
+    right = sweep[[*KEYS, *taught]].assign(layer=sweep["layer"].astype("int64"))
+    joined = left.merge(right, on=list(KEYS), how="left", validate="one_to_one", indicator=True)
+    lacking = joined[joined["_merge"] != "both"]
+    if len(lacking):
+        raise UsageError(f"expected a sweep row for every (sample_id, layer) of the exit table, found {len(lacking)} "
+                         f"without, e.g. {tuple(lacking.iloc[0][list(KEYS)])}")
+    return joined.drop(columns="_merge")
+
+
+# exit-layer rules --------------------------------------------------------------------------------
+
+def _labels(table: pd.DataFrame, values: Any) -> pd.Series:
+    """A bool label per (sample_id, layer) row of ``table``."""
+    index = pd.MultiIndex.from_arrays([table["sample_id"], table["layer"].astype("int64")], names=list(KEYS))
+    return pd.Series(np.asarray(values, dtype=bool), index=index, name="label")
+
+
+def _earliest(labels: pd.Series, samples: pd.Index, num_layers: int) -> pd.Series:
+    """Per sample the lowest layer whose label is true; L-1 (no exit) where none is."""
+    found = labels[labels.to_numpy()].index.to_frame(index=False).groupby("sample_id", sort=False)["layer"].min()
+    return found.reindex(samples).fillna(num_layers - 1).astype("int64").rename("exit_layer")
+
+
+def static_exits(answers: pd.DataFrame, k: int) -> pd.Series:
+    """Layer ``k`` for every sample of the exit table (``static:K``; k = L-1 keeps the image)."""
+    num_layers = exit_table_layers(answers)
+    if not 0 <= k < num_layers:
+        raise UsageError(f"expected a static exit layer in 0..{num_layers - 1}, found {k}")
+    return pd.Series(k, index=_samples(answers), name="exit_layer", dtype="int64")
+
+
+def oracle_exits(answers: pd.DataFrame, keep: str = "same") -> pd.Series:
+    """Per sample the earliest layer whose answer equals the full model's (``keep="same"``; layer
+    L-1 always does) or is correct (``keep="correct"``; L-1 when no layer is)."""
+    if keep not in ORACLE_KEEPS:
+        raise UsageError(f"expected keep in {list(ORACLE_KEEPS)}, found {keep!r}")
+    column = ORACLE_KEEPS[keep][0]
+    _require_columns(answers, [*KEYS, column], "an exit table (exit_answers)")
+    num_layers = exit_table_layers(answers)
+    return _earliest(_labels(answers, answers[column]), _samples(answers), num_layers)
+
+
+def first_exit_over(probabilities: pd.DataFrame, tau: float, num_layers: int) -> pd.Series:
+    """Per sample the first layer whose ``p_exit`` > ``tau``; L-1 (no exit) when none is, as the
+    DyVTE gates decide (a layer without a row has no gate, so it never fires).
+
+    Raises:
+        UsageError: missing columns, or a layer outside 0..num_layers-1.
+    """
+    _require_columns(probabilities, [*KEYS, "p_exit"], "exit probabilities")
+    layers = probabilities["layer"].astype("int64")
+    outside = sorted({int(v) for v in layers[(layers < 0) | (layers >= num_layers)]})
+    if outside:
+        raise UsageError(f"expected layers in 0..{num_layers - 1}, found {outside}")
+    fires = probabilities["p_exit"].to_numpy(dtype=float) > tau
+    return _earliest(_labels(probabilities, fires), _samples(probabilities), num_layers)
+
+
+def monotone(labels: pd.Series) -> pd.Series:
+    """"Safe from this layer on": the label at layer k is true only if it is true at every layer
+    >= k of the same sample. ``labels`` is indexed by (sample_id, layer); the result keeps its order."""
+    if list(labels.index.names) != list(KEYS):
+        raise UsageError(f"expected labels indexed by {list(KEYS)}, found an index of {list(labels.index.names)}")
+    backwards = labels.astype(bool).sort_index(level=list(KEYS), ascending=[True, False])
+    # cummin over the layers from the last one down: one false layer makes every earlier one false
+    safe = backwards.astype("int8").groupby(level="sample_id", sort=False).cummin().astype(bool)
+    return safe.reindex(labels.index)
+
+
+def rule_exits(frame: pd.DataFrame, rule: str, monotone_labels: bool = False) -> pd.Series:
+    """Per sample the earliest layer that label rule ``rule`` (:data:`LABEL_RULES`) calls safe, in
+    the joined sweep and exit table (:func:`join_exit_tables`); L-1 where no layer is safe.
+
+    Args:
+        monotone_labels: take the earliest layer safe from there on (:func:`monotone`) instead.
+    """
+    if rule not in LABEL_RULES:
+        raise UsageError(f"expected a label rule in {list(LABEL_RULES)}, found {rule!r}")
+    num_layers = exit_table_layers(frame)
+    labels = _labels(frame, LABEL_RULES[rule](frame))
+    return _earliest(monotone(labels) if monotone_labels else labels, _samples(frame), num_layers)
+
+
+def rule_method_name(rule: str, monotone_labels: bool = False) -> str:
+    """The lookup method of a label rule's earliest safe exit: ``oracle[paper]``, ``oracle[paper,monotone]``."""
+    return f"{ORACLE}[{rule}{',monotone' if monotone_labels else ''}]"
+
+
+# lookups -----------------------------------------------------------------------------------------
+
+def _checked_exit_layers(exit_layers: pd.Series, num_layers: int) -> np.ndarray:
+    """The exit layers as int64, NO_EXIT written as L-1 (the row of the full model)."""
+    twice = sorted({str(v) for v in exit_layers.index[exit_layers.index.duplicated()]})
+    if twice:
+        raise UsageError(f"expected one exit layer per sample, found {twice} more than once")
+    values = exit_layers.to_numpy()
+    if not (np.issubdtype(values.dtype, np.integer) or (values == np.round(values)).all()):
+        raise UsageError(f"expected integer exit layers, found dtype {values.dtype}")
+    values = values.astype(np.int64)
+    outside = sorted({int(v) for v in values[(values != NO_EXIT) & ((values < 0) | (values >= num_layers))]})
+    if outside:
+        raise UsageError(f"expected exit layers in 0..{num_layers - 1} or {NO_EXIT} (no exit), found {outside}")
+    return np.where(values == NO_EXIT, num_layers - 1, values)
+
+
+def lookup_rows(answers: pd.DataFrame, method: str, exit_layers: pd.Series) -> pd.DataFrame:
+    """The ``evaluation`` rows of ``method`` for the samples of ``exit_layers`` (sample_id ->
+    layer; L-1 or NO_EXIT: no exit), read from the exit table at each sample's layer, in the order
+    of ``exit_layers``. ``exit_layer`` is NO_EXIT for a sample that kept its image to the end, as in
+    the evaluation table; the timing columns are :data:`UNTIMED`.
+
+    Raises:
+        UsageError: a bad exit table, a layer out of range, or a sample the exit table lacks.
+    """
+    _require_columns(answers, ANSWER_COLUMNS, "an exit table (exit_answers)")
+    num_layers = exit_table_layers(answers)
+    keys = pd.DataFrame({"sample_id": exit_layers.index.astype(str),
+                         "layer": _checked_exit_layers(exit_layers, num_layers)})
+    table = answers[list(ANSWER_COLUMNS)].assign(layer=answers["layer"].astype("int64"))
+    picked = keys.merge(table, on=list(KEYS), how="left", validate="one_to_one", indicator=True)
+    unknown = picked.loc[picked["_merge"] != "both", "sample_id"].tolist()
+    if unknown:
+        raise UsageError(f"expected exit layers of samples in the exit table, found {len(unknown)} others, e.g. {unknown[:3]}")
+    rows = pd.DataFrame({
+        "method": method,
+        "question_id": picked["sample_id"].astype(str),
+        "category": picked["category"].astype(str),
+        "answer": picked["answer"].astype(str),
+        "prediction": picked["prediction"].astype(str),
+        "correct": picked["correct"].astype(bool),
+        "exit_layer": picked["layer"].where(picked["layer"] < num_layers - 1, NO_EXIT).astype("int64"),
+        "tokens": picked["tokens"].astype("int64"),
+        "image_tokens": picked["image_tokens"].astype("int64"),
+        "relative_prefill_flops": picked["relative_prefill_flops"].astype("float64"),
+    })
+    for name, value in UNTIMED.items():
+        rows[name] = value
+    return rows[list(ROW_ORDER)]
+
+
+def frontier_methods(answers: pd.DataFrame, sweep: pd.DataFrame | None = None,
+                     static_layers: Sequence[int] | None = None) -> dict[str, pd.DataFrame]:
+    """The usual lookups: ``none``, ``static:K`` for each K (default every layer but the last),
+    both oracles (:data:`ORACLE_KEEPS`) and, with the sweep, every label rule's earliest safe exit
+    with and without monotone labels (:func:`rule_method_name`)."""
+    num_layers = exit_table_layers(answers)
+    exits = {STOCK_MODEL: static_exits(answers, num_layers - 1)}
+    for k in range(num_layers - 1) if static_layers is None else static_layers:
+        exits[f"static:{k}"] = static_exits(answers, k)
+    for keep, (_, name) in ORACLE_KEEPS.items():
+        exits[name] = oracle_exits(answers, keep)
+    if sweep is not None:
+        joined = join_exit_tables(sweep, answers)
+        for rule in LABEL_RULES:
+            for flag in (False, True):
+                exits[rule_method_name(rule, flag)] = rule_exits(joined, rule, flag)
+    return {name: lookup_rows(answers, name, layers) for name, layers in exits.items()}
+
+
+# intervals ---------------------------------------------------------------------------------------
+
+def bootstrap_interval(values: np.ndarray, rounds: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """The percentile bootstrap interval of the mean of ``values`` (one per question): ``rounds``
+    resamples of the questions with replacement (``numpy.random.default_rng(seed)``).
+
+    Raises:
+        UsageError: no values, rounds < 1 or level outside (0, 1).
+    """
+    values = np.asarray(values, dtype=float).ravel()
+    if values.size == 0:
+        raise UsageError("expected values to bootstrap, found none")
+    if rounds < 1 or not 0.0 < level < 1.0:
+        raise UsageError(f"expected rounds >= 1 and a level in (0, 1), found rounds={rounds}, level={level}")
+    generator = np.random.default_rng(seed)
+    means = np.empty(rounds)
+    chunk = max(1, 2_000_000 // values.size)  # at most about 2M drawn indices at a time
+    for start in range(0, rounds, chunk):
+        picks = generator.integers(0, values.size, size=(min(chunk, rounds - start), values.size))
+        means[start:start + len(picks)] = values[picks].mean(axis=1)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def paired_difference_interval(a: np.ndarray, b: np.ndarray, rounds: int = 2000, seed: int = 0,
+                               level: float = 0.95) -> tuple[float, float]:
+    """The bootstrap interval of mean(a) - mean(b) for two methods on the same questions (a[i] and
+    b[i] belong to question i): each round resamples the question index once for both, which is
+    the bootstrap of the per-question differences a - b.
+
+    Raises:
+        UsageError: a and b of different lengths, or as :func:`bootstrap_interval`.
+    """
+    a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
+    if a.shape != b.shape:
+        raise UsageError(f"expected the same questions for both methods, found {a.size} and {b.size} values")
+    return bootstrap_interval(a - b, rounds, seed, level)
+
+
+def _correct_by_question(rows_by_method: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """question_id x method: 1.0 where correct, checking that every method answered the same questions."""
+    columns = {}
+    for method, frame in rows_by_method.items():
+        _require_columns(frame, ("question_id", "correct"), f"evaluation rows of {method!r}")
+        columns[method] = frame.set_index("question_id")["correct"].astype(float)
+    first = next(iter(columns))
+    for method, column in columns.items():
+        if not column.index.is_unique or set(column.index) != set(columns[first].index):
+            raise UsageError(f"expected every method to answer the same questions once each, found {method!r} with "
+                             f"{len(column)} rows ({column.index.nunique()} questions) and {first!r} with {len(columns[first])}")
+    return pd.DataFrame(columns).reindex(columns[first].index)
+
+
+def frontier_summary(rows_by_method: Mapping[str, pd.DataFrame], num_layers: int, reference: str = STOCK_MODEL,
+                     oracle: str = ORACLE, rounds: int = 2000, seed: int = 0, level: float = 0.95) -> pd.DataFrame:
+    """One line per method: ``exit.evaluate.summary_row`` (per-category accuracy included; times
+    NaN, a lookup is not timed), then :data:`FRONTIER_COLUMNS`: the accuracy's bootstrap interval,
+    ``difference`` = accuracy - ``reference``'s with its paired interval (NaN without it), and
+    ``share_of_oracle_saving`` = (1 - FLOPs) / (1 - ``oracle``'s FLOPs) (NaN without the oracle, or
+    when it saves nothing).
+
+    Raises:
+        UsageError: no methods, or methods that did not answer the same questions.
+    """
+    if not rows_by_method:
+        raise UsageError("expected the rows of at least one method, found none")
+    correct = _correct_by_question(rows_by_method)
+    saving = math.nan
+    if oracle in rows_by_method:
+        saving = 1.0 - float(rows_by_method[oracle]["relative_prefill_flops"].mean())
+    lines = []
+    for method, frame in rows_by_method.items():
+        line = {**summary_row(method, frame, num_layers), **dict.fromkeys(UNTIMED_SUMMARY, math.nan)}
+        low, high = bootstrap_interval(correct[method].to_numpy(), rounds, seed, level)
+        difference = (math.nan,) * 3
+        if reference in correct:
+            a, b = correct[method].to_numpy(), correct[reference].to_numpy()
+            difference = (float(a.mean() - b.mean()), *paired_difference_interval(a, b, rounds, seed, level))
+        share = (1.0 - line["relative_prefill_flops"]) / saving if saving > 0 else math.nan
+        lines.append({**line, **dict(zip(FRONTIER_COLUMNS, (low, high, *difference, share)))})
+    return pd.DataFrame(lines)
+
+
+# the folder --------------------------------------------------------------------------------------
+
+_FORMATS: dict[str, str] = {"accuracy": "{:.1f} %", "95 % interval": "{:.1f} to {:.1f}", "difference": "{:+.1f}",
+                            "difference 95 %": "{:+.1f} to {:+.1f}", "mean exit layer": "{:.1f}",
+                            "rows exited": "{:.0f} %", "prefill FLOPs": "{:.2f}", "share of oracle saving": "{:.0f} %"}
+
+
+def _cell(value: Any, form: str) -> str:
+    """One table cell; a missing number (NaN) is written as a dash."""
+    numbers = value if isinstance(value, tuple) else (value,)
+    if any(isinstance(n, float) and math.isnan(n) for n in numbers):
+        return "-"
+    return form.format(*numbers)
+
+
+def _markdown(table: pd.DataFrame) -> list[str]:
+    lines = ["| " + " | ".join(str(c) for c in table.columns) + " |", "|" + "---|" * len(table.columns)]
+    for _, row in table.iterrows():
+        cells = [_cell(row[c], _FORMATS.get(str(c), "{:.1f}" if isinstance(row[c], float) else "{}")) for c in table.columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def frontier_markdown(summary: pd.DataFrame, reference: str = STOCK_MODEL) -> str:
+    """:func:`frontier_summary` as Markdown: the results table (accuracy with its 95 % interval,
+    the difference to ``reference`` in points with its paired interval, exit statistics, FLOPs and
+    the share of the oracle's saving), then the accuracy per category (%)."""
+    percent = 100 * summary[["accuracy_overall", *FRONTIER_COLUMNS[:5]]]
+    table = pd.DataFrame({
+        "method": summary["method"], "questions": summary["questions"], "accuracy": percent["accuracy_overall"],
+        "95 % interval": list(zip(percent["accuracy_low"], percent["accuracy_high"])),
+        "difference": percent["difference"],
+        "difference 95 %": list(zip(percent["difference_low"], percent["difference_high"])),
+        "mean exit layer": summary["mean_exit_layer"], "rows exited": 100 * summary["exited_share"],
+        "prefill FLOPs": summary["relative_prefill_flops"], "share of oracle saving": 100 * summary["share_of_oracle_saving"],
+    })
+    by_category = (100 * category_accuracy(summary.drop(columns=list(FRONTIER_COLUMNS)))).reset_index()
+    notes = [f"Accuracy (exact match) with 95 % bootstrap intervals over questions; difference = accuracy - "
+             f"{reference}'s, in points, paired. Rows are lookups in the exit table (not timed).", ""]
+    return "\n".join([*notes, *_markdown(table), "", "Accuracy per category (%):", "", *_markdown(by_category)]) + "\n"
+
+
+def write_frontier_folder(out_dir: str | Path, rows_by_method: Mapping[str, pd.DataFrame], provenance: Mapping[str, Any],
+                          num_layers: int, rounds: int = 2000, seed: int = 0) -> list[Path]:
+    """Write the lookups as an evaluation folder: ``eval-<method>.parquet`` per method and
+    ``summary.parquet`` (``exit.evaluate``'s writers and tables, so ``exit.plots.read_evaluation``
+    and ``make_exit_figures`` read it), and ``frontier.md`` (:func:`frontier_markdown`). Returns
+    the paths written.
+
+    Raises:
+        UsageError: a folder that holds an evaluation already, rows whose ``method`` is not their
+            key, or as :func:`frontier_summary`.
+    """
+    for name, frame in rows_by_method.items():
+        found = sorted(set(frame["method"]))
+        if found != [name]:
+            raise UsageError(f"expected the rows of {name!r} to be of method {name!r}, found {found}")
+    EvaluationFolder(out_dir, "new").check(list(rows_by_method))
+    summary = frontier_summary(rows_by_method, num_layers, rounds=rounds, seed=seed)
+    base = {**provenance, "rows": "lookup in the exit table (exit.frontier), not timed"}
+    paths = [write_evaluation_rows(frame, out_dir, base) for frame in rows_by_method.values()]
+    paths.append(write_evaluation_summary(summary.drop(columns=list(FRONTIER_COLUMNS)), out_dir, base))
+    markdown = Path(out_dir) / FRONTIER_FILE
+    markdown.write_text(frontier_markdown(summary), encoding="utf-8")
+    return [*paths, markdown]
