@@ -356,6 +356,10 @@ def _add_label_rule(parser: argparse.ArgumentParser, prefix: str = "") -> None:
                        help=f"{prefix}label: cross-entropy ratio below this (default 1.03)")
 
 
+GATE_INPUT_CHOICES = ("hidden", "attention", "both", "history", "hidden+history")
+"""exit.gates.GATE_INPUTS, written out so that --help needs no torch (tests/test_gates.py keeps them equal)."""
+
+
 def _add_sweep(commands: Any) -> None:
     sweep = subcommand(
         commands, "sweep", "exit labels for every question and layer (parquet) and the gate features (safetensors)",
@@ -363,7 +367,7 @@ def _add_sweep(commands: Any) -> None:
         parents=[model_options(), question_options(answers=True), batch_options(1), seed_option(), progress_option()],
     )
     sweep.add_argument("--out", required=True, type=Path, help="output folder (exit_sweep-*.parquet, features-*.safetensors)")
-    sweep.add_argument("--features", choices=["hidden", "attention", "both", "none"], default="hidden",
+    sweep.add_argument("--features", choices=[*GATE_INPUT_CHOICES, "none"], default="hidden",
                        help="gate features to cache for training (default: hidden, the paper's)")
     sweep.add_argument("--answers", type=non_negative_int, default=0, metavar="N",
                        help="also generate every exit layer's answer, up to N greedy tokens as `eval` does, into "
@@ -384,9 +388,9 @@ def _add_train(commands: Any) -> None:
     train.add_argument("--online", action="store_true",
                        help="the paper's online scheme instead: one random exit layer per step, labelled on the fly "
                             "(needs --questions and --image-folder)")
-    train.add_argument("--features", choices=["hidden", "attention", "both"], default=None,
+    train.add_argument("--features", choices=list(GATE_INPUT_CHOICES), default=None,
                        help="gate input (default: 'hidden' online, the sweep's kind offline; a sweep that cached "
-                            "'both' serves all three)")
+                            "'both' serves every kind)")
     train.add_argument("--out", required=True, type=Path,
                        help="folder for gates.safetensors, gate_config.json, train_report.json")
     train.add_argument("--hidden-width", type=positive_int, default=2048, help="gate hidden width (default 2048, the paper's)")

@@ -5,8 +5,16 @@ A gate reads what ``analysis.recorder`` hands over right after its layer (a ``La
   the last prompt token), 2 x hidden_size features;
 - "attention": that layer's attention statistics, per head: the group masses of the text and the
   last queries over (system, image, text) keys and their row entropies, 8 x heads features;
-- "both": the two concatenated (hidden first).
-Empty groups (NaN in the record, e.g. no text token besides the last) become 0.
+- "both": the two concatenated (hidden first);
+- "history": the stage curves so far: for every layer up to this one, the eight attention
+  statistics above averaged over heads (text and last queries' masses over system, image and text
+  keys, and their entropies), layer after layer; the layers still to come are 0. So the gate after
+  layer l sees how text->image attention rose and fell in layers 0..l (num_layers x 8 features);
+- "hidden+history": "hidden" then "history".
+Empty groups (NaN in the record, e.g. no text token besides the last) become 0. The attention
+statistics come from the recorder's fast path (``analysis.recorder``), so no input kind needs
+eager attention; the history kinds need the earlier layers' records, which
+:class:`GateFeatureBuilder` keeps during a prefill.
 
 Each gate is Linear(features -> width, no bias) -> GELU -> Linear(width -> 2, no bias), xavier
 initialised from the config's seed; logit index 1 = exit; a row exits when p(exit) > tau.
@@ -37,12 +45,15 @@ from analysis.layout import QUERY_GROUPS, TokenLayout, token_layout
 from analysis.recorder import AttentionRecorder, LayerRecord, record_attention
 from exit.surgery import VisualExit, visual_token_exit
 
-GateInput = Literal["hidden", "attention", "both"]
-GATE_INPUTS: tuple[str, ...] = ("hidden", "attention", "both")
+GateInput = Literal["hidden", "attention", "both", "history", "hidden+history"]
+GATE_INPUTS: tuple[str, ...] = ("hidden", "attention", "both", "history", "hidden+history")
+HISTORY_INPUTS: tuple[str, ...] = ("history", "hidden+history")
+"""The input kinds built from the records of every layer so far (``GateFeatureBuilder``)."""
 WEIGHTS_FILE = "gates.safetensors"
 CONFIG_FILE = "gate_config.json"
 FORMAT_VERSION = 1
 _ATTENTION_QUERIES = [QUERY_GROUPS.index("text"), QUERY_GROUPS.index("last")]
+_STATISTICS = len(_ATTENTION_QUERIES) * 4  # per head and layer and query group: 3 key-group masses + 1 entropy
 
 
 class GateMismatchError(DyVTEError, ValueError):
@@ -98,8 +109,15 @@ class ModelSignature:
 def feature_size(config: GateConfig, signature: ModelSignature) -> int:
     """Number of input features of one gate."""
     hidden = 2 * signature.hidden_size
-    attention = signature.num_heads * len(_ATTENTION_QUERIES) * 4  # 3 key-group masses + 1 entropy
-    return {"hidden": hidden, "attention": attention, "both": hidden + attention}[config.inputs]
+    attention = signature.num_heads * _STATISTICS
+    history = signature.num_layers * _STATISTICS
+    return {"hidden": hidden, "attention": attention, "both": hidden + attention, "history": history,
+            "hidden+history": hidden + history}[config.inputs]
+
+
+def recorded_kind(inputs: str) -> str:
+    """What the recorder must hand over for gate input ``inputs``: "hidden", "attention" or "both"."""
+    return {"history": "attention", "hidden+history": "both"}.get(inputs, inputs)
 
 
 def gate_features(record: LayerRecord, inputs: str) -> torch.Tensor:
@@ -121,28 +139,80 @@ def gate_features(record: LayerRecord, inputs: str) -> torch.Tensor:
         entropy = record.entropy[:, :, _ATTENTION_QUERIES].flatten(1)  # (batch, head * 2)
         parts.append(torch.cat([mass, entropy], dim=-1).float())
     if not parts:
-        raise UsageError(f"expected gate inputs to be one of {list(GATE_INPUTS)}, found {inputs!r}")
+        hint = " (the history kinds need every earlier layer: use GateFeatureBuilder)" if inputs in HISTORY_INPUTS else ""
+        raise UsageError(f"expected gate inputs to be one of {list(GATE_INPUTS[:3])}, found {inputs!r}{hint}")
     return torch.nan_to_num(torch.cat(parts, dim=-1), nan=0.0)
+
+
+def _head_mean(attention: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(..., 8) head-mean statistics out of (..., heads x 8) per-head attention features."""
+    masses, entropies = attention[..., : num_heads * 6], attention[..., num_heads * 6 :]
+    shape = attention.shape[:-1]
+    return torch.cat([masses.reshape(*shape, num_heads, 6).mean(-2), entropies.reshape(*shape, num_heads, 2).mean(-2)], -1)
+
+
+def history_of(summaries: torch.Tensor) -> torch.Tensor:
+    """(..., layers, layers x 8) history features out of (..., layers, 8) per-layer head-mean
+    statistics: at layer l, layers 0..l in order and zeros for the layers after l."""
+    layers = summaries.shape[-2]
+    seen = torch.ones(layers, layers, dtype=torch.bool, device=summaries.device).tril()  # (l, j): j <= l
+    history = summaries.unsqueeze(-3) * seen[..., None].to(summaries.dtype)  # ... l j 8
+    return history.flatten(-2)
+
+
+class GateFeatureBuilder:
+    """Gate inputs layer after layer during one prefill: the history kinds keep every earlier
+    layer's head-mean statistics; the other kinds are :func:`gate_features` of the record alone."""
+
+    def __init__(self, inputs: str, signature: ModelSignature) -> None:
+        if inputs not in GATE_INPUTS:
+            raise UsageError(f"expected gate inputs to be one of {list(GATE_INPUTS)}, found {inputs!r}")
+        self.inputs, self.signature = inputs, signature
+        self._summaries: torch.Tensor | None = None  # (batch, layers, 8), zeros where no layer ran yet
+
+    def __call__(self, record: LayerRecord) -> torch.Tensor:
+        """(batch, features) inputs of the gate after ``record.layer`` (records must come in layer order)."""
+        if self.inputs not in HISTORY_INPUTS:
+            return gate_features(record, self.inputs)
+        attention = gate_features(record, "attention")
+        summary = _head_mean(attention, self.signature.num_heads)
+        if self._summaries is None or record.layer == 0:
+            self._summaries = summary.new_zeros(summary.shape[0], self.signature.num_layers, summary.shape[-1])
+        self._summaries[:, record.layer] = summary
+        history = self._summaries.clone()
+        history[:, record.layer + 1 :] = 0
+        parts = [gate_features(record, "hidden")] if self.inputs == "hidden+history" else []
+        return torch.cat([*parts, history.flatten(1)], dim=-1)
 
 
 def select_features(features: torch.Tensor, found: str, wanted: str, signature: ModelSignature) -> torch.Tensor:
     """The ``wanted`` gate inputs out of features cached as ``found`` (last dimension).
 
     Features of kind "both" hold the hidden part first (:func:`gate_features`), so one sweep with
-    "both" serves gates of all three kinds.
+    "both" serves gates of every kind; the history kinds need the features of every layer
+    (``features`` of shape (..., layers, F)) and equal what :class:`GateFeatureBuilder` builds
+    during a prefill.
 
     Raises:
         GateMismatchError (a ValueError): ``wanted`` cannot be taken from ``found``.
     """
     if found == wanted:
         return features
-    if found != "both" or wanted not in ("hidden", "attention"):
-        raise GateMismatchError(f"expected cached features of kind {wanted!r} or 'both' for {wanted!r} gates, found {found!r}")
-    hidden = 2 * signature.hidden_size
-    expected = feature_size(GateConfig(inputs="both"), signature)
+    sources = {"hidden": ("both",), "attention": ("both",), "history": ("attention", "both"), "hidden+history": ("both",)}
+    if found not in sources.get(wanted, ()):
+        raise GateMismatchError(f"expected cached features of kind {wanted!r} or one of {list(sources.get(wanted, ()))} "
+                                f"for {wanted!r} gates, found {found!r}")
+    expected = feature_size(GateConfig(inputs=found), signature)
     if features.shape[-1] != expected:
-        raise GateMismatchError(f"expected {expected} cached 'both' features per layer, found {features.shape[-1]}")
-    return features[..., :hidden] if wanted == "hidden" else features[..., hidden:]
+        raise GateMismatchError(f"expected {expected} cached {found!r} features per layer, found {features.shape[-1]}")
+    hidden = 2 * signature.hidden_size if found == "both" else 0
+    if wanted in ("hidden", "attention"):
+        return features[..., :hidden] if wanted == "hidden" else features[..., hidden:]
+    if features.dim() < 2 or features.shape[-2] != signature.num_layers:
+        raise GateMismatchError(f"expected cached features of all {signature.num_layers} layers for {wanted!r} gates, "
+                                f"found shape {tuple(features.shape)}")
+    history = history_of(_head_mean(features[..., hidden:], signature.num_heads))
+    return torch.cat([features[..., :hidden], history], -1) if wanted == "hidden+history" else history
 
 
 def _gate(features: int, width: int, generator: torch.Generator) -> nn.Sequential:
@@ -255,8 +325,8 @@ def gate_recording(
         model,
         layout,
         attention=path_of_model(model, adapter).name,
-        record_attention=inputs in ("attention", "both"),
-        record_states=inputs in ("hidden", "both"),
+        record_attention=recorded_kind(inputs) in ("attention", "both"),
+        record_states=recorded_kind(inputs) in ("hidden", "both"),
         keep=keep,
         on_layer=on_layer,
         adapter=adapter,
@@ -289,6 +359,7 @@ def dyvte_exit(
     adapter = resolve_adapter(model)
     layout = token_layout(input_ids, attention_mask, adapter.image_token_id(model))
     inputs = gates.config.inputs
+    features_of = GateFeatureBuilder(inputs, gates.signature)
 
     with visual_token_exit(model, None) as surgery:
 
@@ -297,7 +368,7 @@ def dyvte_exit(
             if record.layer == surgery.num_layers - 1 or not bool(pending.any()):
                 return
             with torch.no_grad():
-                fires = gates.fires(record.layer, gate_features(record, inputs)).to(pending.device)
+                fires = gates.fires(record.layer, features_of(record)).to(pending.device)
             if bool((fires & pending).any()):
                 surgery.request_exit(record.layer, fires & pending)
 
@@ -344,8 +415,12 @@ __all__ = [
     "ModelSignature",
     "answer_with_gates",
     "dyvte_exit",
+    "GateFeatureBuilder",
+    "HISTORY_INPUTS",
     "feature_size",
     "gate_features",
+    "history_of",
+    "recorded_kind",
     "gate_parameters",
     "gate_recording",
 ]

@@ -49,7 +49,7 @@ from analysis.layout import IMAGE, PADDING, TokenLayout, token_layout
 from analysis.schema import EXIT_ANSWERS, EXIT_SWEEP, SchemaError, validate_arrow_schema
 from exit.answers import CacheBuffers, answers_table, check_answerable, exit_answer_ids, generation_position_ids
 from exit.flops import DecoderShape
-from exit.gates import GATE_INPUTS, gate_features, gate_recording
+from exit.gates import GATE_INPUTS, GateFeatureBuilder, ModelSignature, gate_features, gate_recording
 from exit.surgery import CompactLayout, attention_mask_for_keys, compact_layout
 
 SWEEP_TABLE = EXIT_SWEEP.name
@@ -217,7 +217,8 @@ def exit_sweep(
     ce_ratio = ce_exit / ce_full.clamp_min(1e-12)[:, None]
     gate_inputs = None
     if features is not None:
-        gate_inputs = torch.stack([gate_features(record, features) for record in records], dim=1).cpu()
+        features_of = GateFeatureBuilder(features, ModelSignature.of(model))
+        gate_inputs = torch.stack([features_of(record) for record in records], dim=1).cpu()
     answer_ids = None
     if branch_cache is not None:
         answer_ids = exit_answer_ids(model, layout, answer_mask, inputs["input_ids"].to(device), compact, cache,

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
+from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -157,3 +160,65 @@ def test_rows_exit_where_their_gate_fires(tiny_models, case_inputs, implementati
     assert surgery.exit_layers == [1, 0]
     assert torch.equal(found.sequences, expected.sequences)
     assert all((a - b).abs().max() <= 1e-6 for a, b in zip(found.logits, expected.logits))
+
+
+def test_history_features_built_online_equal_those_taken_from_cached_features(tiny_models, processor):
+    """The history gate inputs of a prefill (GateFeatureBuilder, layer after layer) equal what
+    select_features makes out of the cached 'both' features of every layer, and at layer l they
+    hold layers 0..l only."""
+    from conftest import BATCH_CASES, make_batch
+
+    from analysis import token_layout
+    from exit.cli import GATE_INPUT_CHOICES
+    from exit.gates import GATE_INPUTS, GateFeatureBuilder, ModelSignature, gate_features, gate_recording, select_features
+
+    assert GATE_INPUT_CHOICES == GATE_INPUTS
+    model = tiny_models("gqa")
+    inputs = make_batch(processor, BATCH_CASES["batch2_left_padding"])
+    layout = token_layout(inputs["input_ids"], inputs["attention_mask"], model.config.image_token_id)
+    signature = ModelSignature.of(model)
+    with torch.no_grad(), gate_recording(model, layout, "both") as recording:
+        model(**inputs)
+    cached = torch.stack([gate_features(r, "both") for r in recording.records], dim=1)  # batch layer F
+    for kind in ("history", "hidden+history"):
+        builder = GateFeatureBuilder(kind, signature)
+        online = torch.stack([builder(r) for r in recording.records], dim=1)
+        assert online.shape[-1] == feature_size(GateConfig(inputs=kind), signature)
+        assert torch.allclose(online, select_features(cached, "both", kind, signature), atol=1e-6)
+    history = select_features(cached, "both", "history", signature).view(2, signature.num_layers, signature.num_layers, 8)
+    assert torch.equal(history[:, 1, 2:], torch.zeros_like(history[:, 1, 2:]))  # the layers still to come
+    assert bool((history[:, 1, :2] != 0).any())
+    text_image = history[:, -1, :, 1]  # text queries' mass over image keys, head-mean, per layer
+    per_head = cached[..., 2 * signature.hidden_size:][..., : signature.num_heads * 6].reshape(2, -1, signature.num_heads, 6)
+    assert torch.allclose(text_image, per_head[..., 1].mean(-1), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["hidden", "history", "hidden+history"])
+def test_gated_prefill_exits_where_the_cached_features_say(tiny_models, processor, kind):
+    """DyVTE by lookup (first layer whose p(exit) on the cached features passes tau) exits where the
+    gated prefill does, for every input kind: what the frontier's lookups rely on."""
+    from conftest import BATCH_CASES, make_batch
+
+    from exit.frontier import first_exit_over
+    from exit.gates import gate_recording, select_features
+
+    model = tiny_models("gqa")
+    inputs = make_batch(processor, BATCH_CASES["batch2_left_padding"])
+    layout = token_layout(inputs["input_ids"], inputs["attention_mask"], model.config.image_token_id)
+    with torch.no_grad(), gate_recording(model, layout, "both") as recording:
+        model(**inputs)
+    cached = torch.stack([gate_features(r, "both") for r in recording.records], dim=1)
+    gates = DyVTEGates.for_model(model, GateConfig(inputs=kind, hidden_width=16, seed=3))
+    features = select_features(cached, "both", kind, gates.signature)
+    layers = gates.signature.num_layers
+    with torch.no_grad():
+        p = torch.stack([gates.p_exit(layer, features[:, layer]) for layer in range(layers)], dim=1)  # batch layer
+    tau = float(p[:, : layers - 1].median())  # some rows fire somewhere, not all at layer 0
+    gates = DyVTEGates.load(gates.save(Path(tempfile.mkdtemp())), model, tau=tau)
+    frame = pd.DataFrame([{"sample_id": str(b), "layer": k, "p_exit": float(p[b, k])} for b in range(2) for k in range(layers)])
+    expected = first_exit_over(frame, tau, layers)
+    with torch.no_grad(), dyvte_exit(model, gates, inputs["input_ids"], inputs["attention_mask"]) as surgery:
+        model(**inputs)
+    found = [layers - 1 if k is None else k for k in surgery.exit_layers]
+    assert found == [int(expected[str(b)]) for b in range(2)]
+    assert min(found) < layers - 1  # some row exits: the comparison has teeth
