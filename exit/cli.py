@@ -56,12 +56,18 @@ EVAL_EXAMPLES = [
     "dyvte-exit eval ... --out runs/eval --add --method static:20   # one more method beside the others",
 ]
 FIGURES_EXAMPLES = ["dyvte-exit figures runs/eval --out figures"]
+FRONTIER_EXAMPLES = [
+    "dyvte-exit frontier --table runs/test-table --out runs/frontier --figures figures",
+    "dyvte-exit frontier --table runs/test-table --gates hidden=runs/gates-hidden --gates history=runs/gates-history \\",
+    "    --tau-table runs/val-table --vtw-layer 20 --out runs/frontier",
+]
 GENERATE_EXAMPLES = [
     "dyvte-exit generate --model demo --gates runs/gates --image .cache/shapesvqa/val/images/000000.png \\",
     '    --question "What colour is the triangle? Answer with one word."',
 ]
 EPILOG = "examples:\n" + "\n".join(
-    f"  {line}" for lines in (SWEEP_EXAMPLES, TRAIN_EXAMPLES, EVAL_EXAMPLES, FIGURES_EXAMPLES, GENERATE_EXAMPLES)
+    f"  {line}" for lines in (SWEEP_EXAMPLES, TRAIN_EXAMPLES, EVAL_EXAMPLES, FIGURES_EXAMPLES, FRONTIER_EXAMPLES,
+                              GENERATE_EXAMPLES)
     for line in lines
 )
 
@@ -151,7 +157,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     check_loadable(args.model, args.device if args.online else "cpu")
     settings = TrainSettings(
         lr=args.lr, weight_decay=args.weight_decay, epochs=args.epochs, batch_size=args.batch_size,
-        holdout_fraction=args.holdout, seed=args.seed,
+        holdout_fraction=args.holdout, seed=args.seed, label_rule=args.label_rule,
     )
     with distributed() as group:  # data-parallel under torchrun (gloo); one process otherwise
         gates, report = _train(args, settings, progress=not args.no_progress and group.index == 0)
@@ -393,6 +399,9 @@ def _add_train(commands: Any) -> None:
                             "'both' serves every kind)")
     train.add_argument("--out", required=True, type=Path,
                        help="folder for gates.safetensors, gate_config.json, train_report.json")
+    train.add_argument("--label-rule", default="cached", metavar="RULE",
+                       help="offline: the labels to learn: 'cached' (the sweep's own, default), or paper, agreement, "
+                            "ce+0.05, ce+0.2, answer (needs a sweep with --answers), each optionally ',monotone'")
     train.add_argument("--hidden-width", type=positive_int, default=2048, help="gate hidden width (default 2048, the paper's)")
     train.add_argument("--tau", type=tau_value, default=0.5, help="exit when p(exit) > tau, in [0, 1) (default 0.5)")
     train.add_argument("--lr", type=float, default=6e-5, help="AdamW learning rate (default 6e-5, the paper's)")
@@ -458,10 +467,62 @@ def _add_figures(commands: Any) -> None:
     figures.set_defaults(run=_cmd_figures)
 
 
+def _cmd_frontier(args: argparse.Namespace) -> int:
+    from analysis.io import check_output_folder
+    from exit.frontier import write_frontier
+    from exit.gates import DyVTEGates
+
+    check_output_folder(args.out)
+    gates = {}
+    for entry in args.gates:
+        name, separator, folder = entry.partition("=")
+        if not separator or not name or not folder:
+            raise UsageError(f"expected --gates NAME=FOLDER, found {entry!r}")
+        gates[name] = DyVTEGates.load(folder)
+    provenance = {"command": "dyvte-exit " + " ".join(sys.argv[1:]), "gates": {k: str(v) for k, v in
+                                                                              (e.partition("=")[::2] for e in args.gates)}}
+    paths = write_frontier(args.table, args.out, args.figures, provenance, gates=gates, taus=args.taus,
+                           tau_table=args.tau_table, vtw_layer=args.vtw_layer)
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def _taus(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1), found {text!r}") from None
+    if not values or any(not 0 <= v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1), found {text!r}")
+    return values
+
+
+def _add_frontier(commands: Any) -> None:
+    frontier = subcommand(
+        commands, "frontier",
+        "the accuracy-FLOPs frontier of an exit table (`sweep --answers`) by lookup: static exits, oracles, "
+        "label rules, VTW, DyVTE gates",
+        FRONTIER_EXAMPLES,
+    )
+    frontier.add_argument("--table", required=True, type=Path, help="folder of `dyvte-exit sweep --answers N --features both`")
+    frontier.add_argument("--out", required=True, type=Path,
+                          help="new folder: eval-*.parquet, summary.parquet, frontier.md, label_rules.md")
+    frontier.add_argument("--figures", type=Path, default=None, help="also write the figures into this folder")
+    frontier.add_argument("--gates", action="append", default=[], metavar="NAME=FOLDER",
+                          help="a gate set (`dyvte-exit train --out`), looked up on the table's cached features; repeat")
+    frontier.add_argument("--taus", type=_taus, default=[0.5, 0.8, 0.9, 0.95, 0.98, 0.99],
+                          help="DyVTE thresholds to look up (default 0.5,0.8,0.9,0.95,0.98,0.99)")
+    frontier.add_argument("--tau-table", type=Path, default=None,
+                          help="a validation exit table: report the tau each gate set would choose there")
+    frontier.add_argument("--vtw-layer", type=int, default=None, help="VTW's exit layer, calibrated on validation questions")
+    frontier.set_defaults(run=_cmd_frontier)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``dyvte-exit`` parser: one subcommand per job, each with its own examples."""
     return command_line("dyvte-exit", "DyVTE visual-token exit: label exit layers, train the gates, answer with them.", EPILOG,
-                        (_add_sweep, _add_train, _add_generate, _add_eval, _add_figures))
+                        (_add_sweep, _add_train, _add_generate, _add_eval, _add_figures, _add_frontier))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -52,6 +52,13 @@ from exit.surgery import NO_EXIT
 from exit.sweep import LabelRule
 
 __all__ = [
+    "DEFAULT_TAUS",
+    "LABEL_STUDY_FILE",
+    "choose_tau",
+    "dyvte_lookups",
+    "frontier_of_tables",
+    "gate_probabilities",
+    "write_frontier",
     "ANSWER_COLUMNS",
     "FRONTIER_COLUMNS",
     "FRONTIER_FILE",
@@ -475,3 +482,116 @@ def write_frontier_folder(out_dir: str | Path, rows_by_method: Mapping[str, pd.D
     markdown = Path(out_dir) / FRONTIER_FILE
     markdown.write_text(frontier_markdown(summary), encoding="utf-8")
     return [*paths, markdown]
+
+
+# gates, by lookup ---------------------------------------------------------------------------------
+
+def gate_probabilities(folder: str | Path, gates: Any, samples: Sequence[str] | None = None) -> pd.DataFrame:
+    """p(exit) of ``gates`` (an ``exit.gates.DyVTEGates``) at every layer of every sample of a sweep
+    folder, from its cached features (``features-*.safetensors``, taken as the gates' input kind
+    with ``exit.gates.select_features``): columns sample_id, layer, p_exit. ``samples``: only these."""
+    import torch
+
+    from exit.gates import select_features
+    from exit.sweep import feature_shards, read_shard
+
+    wanted = None if samples is None else set(samples)
+    frames = []
+    for path in feature_shards(folder):
+        features, _, ids, kind = read_shard(path)
+        keep = [i for i, sample in enumerate(ids) if wanted is None or sample in wanted]
+        if not keep:
+            continue
+        features = select_features(features[keep], kind, gates.config.inputs, gates.signature)
+        with torch.no_grad():
+            p = torch.stack([gates.p_exit(layer, features[:, layer]) for layer in range(features.shape[1])], dim=1)
+        layers = p.shape[1]
+        frames.append(pd.DataFrame({"sample_id": np.repeat([ids[i] for i in keep], layers),
+                                    "layer": np.tile(np.arange(layers), len(keep)), "p_exit": p.reshape(-1).numpy()}))
+    if not frames:
+        raise UsageError(f"expected cached features of the exit table's samples in {folder}, found none")
+    return pd.concat(frames, ignore_index=True).drop_duplicates(["sample_id", "layer"], keep="last")
+
+
+def dyvte_lookups(answers: pd.DataFrame, probabilities: pd.DataFrame, taus: Sequence[float],
+                  name: str = "dyvte") -> dict[str, pd.DataFrame]:
+    """DyVTE at each tau as lookups: each question exits after the first layer whose p(exit) > tau
+    (:func:`first_exit_over`); methods named ``NAME:TAU``."""
+    num_layers = exit_table_layers(answers)
+    samples = _samples(answers)
+    probabilities = probabilities[probabilities["sample_id"].isin(samples)]
+    return {f"{name}:{tau:g}": lookup_rows(answers, f"{name}:{tau:g}",
+                                           first_exit_over(probabilities, tau, num_layers).reindex(samples))
+            for tau in taus}
+
+
+def choose_tau(answers: pd.DataFrame, probabilities: pd.DataFrame, taus: Sequence[float], max_drop: float = 1.0) -> float:
+    """The tau of ``taus`` with the fewest prefill FLOPs whose accuracy is within ``max_drop``
+    points of the full model's on ``answers`` (a validation exit table: never the test split);
+    the largest tau when none is."""
+    rows = dyvte_lookups(answers, probabilities, taus)
+    full = float(lookup_rows(answers, STOCK_MODEL, static_exits(answers, exit_table_layers(answers) - 1))["correct"].mean())
+    within = [(float(frame["relative_prefill_flops"].mean()), tau) for tau, frame in zip(taus, rows.values())
+              if 100 * (full - float(frame["correct"].mean())) <= max_drop]
+    return min(within)[1] if within else max(taus)
+
+
+# the whole frontier of an exit table -------------------------------------------------------------
+
+LABEL_STUDY_FILE = "label_rules.md"
+DEFAULT_TAUS: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
+
+
+def frontier_of_tables(table: str | Path, gates: Mapping[str, Any] | None = None, taus: Sequence[float] = DEFAULT_TAUS,
+                       tau_table: str | Path | None = None, vtw_layer: int | None = None) -> tuple[dict, dict, dict]:
+    """Every lookup of one exit table folder (``dyvte-exit sweep --answers``): (the frontier's
+    methods, the label study's methods, the chosen tau per gate set).
+
+    The frontier: none, static at every K, both oracles, ``vtw:K`` when ``vtw_layer`` (calibrated
+    elsewhere, on validation questions) is given, and for each gate set ``gates[name]`` DyVTE at
+    every tau of ``taus`` (``dyvte[name]:tau``) plus, with a validation exit table ``tau_table``,
+    the tau chosen there (:func:`choose_tau`). The label study: the earliest layer each label rule
+    of :data:`LABEL_RULES` calls safe, plain and monotone.
+    """
+    from exit.sweep import read_exit_answers, read_sweep
+
+    answers = read_exit_answers(table)
+    methods = frontier_methods(answers)
+    study = {name: rows for name, rows in frontier_methods(answers, read_sweep(table), static_layers=[]).items()
+             if name.startswith(ORACLE + "[") and name not in methods or name in (STOCK_MODEL, ORACLE)}
+    if vtw_layer is not None:
+        methods[f"vtw:{vtw_layer}"] = lookup_rows(answers, f"vtw:{vtw_layer}", static_exits(answers, vtw_layer))
+    chosen = {}
+    validation = read_exit_answers(tau_table) if tau_table is not None else None
+    for name, gate_set in (gates or {}).items():
+        probabilities = gate_probabilities(table, gate_set, list(_samples(answers)))
+        settings = list(taus)
+        if validation is not None:
+            chosen[name] = choose_tau(validation, gate_probabilities(tau_table, gate_set, list(_samples(validation))), taus)
+        methods.update(dyvte_lookups(answers, probabilities, settings, f"dyvte[{name}]"))
+    return methods, study, chosen
+
+
+def write_frontier(table: str | Path, out_dir: str | Path, figures: str | Path | None, provenance: Mapping[str, Any],
+                   **options: Any) -> list[Path]:
+    """:func:`frontier_of_tables` written out: the frontier as an evaluation folder in ``out_dir``
+    (:func:`write_frontier_folder`), the label study as ``out_dir/label_rules.md``, and with
+    ``figures`` the figures there (``exit.plots.make_exit_figures``, ``accuracy_by_exit_layer.png``,
+    ``oracle_exit_layers.png``). Returns the paths written."""
+    from exit.plots import make_exit_figures, plot_accuracy_by_exit_layer, plot_oracle_exit_layers, save_figure
+    from exit.sweep import read_exit_answers
+
+    methods, study, chosen = frontier_of_tables(table, **options)
+    answers = read_exit_answers(table)
+    num_layers = exit_table_layers(answers)
+    base = {**provenance, "exit_table": str(table), "chosen_tau": chosen}
+    paths = write_frontier_folder(out_dir, methods, base, num_layers)
+    study_md = Path(out_dir) / LABEL_STUDY_FILE
+    study_md.write_text(frontier_markdown(frontier_summary(study, num_layers), reference=STOCK_MODEL), encoding="utf-8")
+    paths.append(study_md)
+    if figures is not None:
+        Path(figures).mkdir(parents=True, exist_ok=True)
+        paths += make_exit_figures(out_dir, figures, num_layers)
+        paths.append(save_figure(plot_accuracy_by_exit_layer(answers), Path(figures) / "accuracy_by_exit_layer.png"))
+        paths.append(save_figure(plot_oracle_exit_layers(methods[ORACLE], num_layers), Path(figures) / "oracle_exit_layers.png"))
+    return paths

@@ -70,6 +70,7 @@ from exit.methods import (
 )
 
 __all__ = [
+    "save_figure",
     "EvaluationFolderError",
     "FAMILY_STYLES",
     "MethodName",
@@ -429,6 +430,11 @@ def read_evaluation(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         )
     rows = pd.concat([frames[m] for m in summary["method"]], ignore_index=True)
     return rows, summary.reset_index(drop=True)
+
+
+def save_figure(figure: Figure, path: str | Path, dpi: int = 150) -> Path:
+    """Save ``figure`` to ``path`` (tight bounding box) and close it; returns the path."""
+    return _save(figure, Path(path), dpi)
 
 
 def _save(figure: Figure, path: Path, dpi: int) -> Path:

@@ -38,6 +38,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -634,6 +635,24 @@ def read_sweep(path: str | Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def feature_shards(folder: str | Path) -> list[Path]:
+    """The cached feature shards of a sweep folder, in order."""
+    files = sorted(Path(folder).glob(f"{FEATURES_PREFIX}-*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"expected {FEATURES_PREFIX}-*.safetensors in {folder} (run the sweep with features), found none"
+        )
+    return files
+
+
+def read_shard(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str], str]:
+    """(features (batch, layers, F), labels (batch, layers) int64, sample ids, features kind) of one shard."""
+    with safe_open(str(path), "pt") as shard:
+        metadata = shard.metadata() or {}
+        features, labels = shard.get_tensor("features"), shard.get_tensor("label").long()
+    return features, labels, json.loads(metadata.get("sample_ids", "[]")), metadata.get("features_kind", "")
+
+
 def read_exit_answers(path: str | Path) -> pd.DataFrame:
     """The ``exit_answers`` table (``dyvte-exit sweep --answers``) of a file or a folder of shards, validated."""
     path = Path(path)
@@ -847,7 +866,9 @@ __all__ = [
     "exit_labels_at",
     "exit_sweep",
     "prompt_layout",
+    "feature_shards",
     "read_exit_answers",
+    "read_shard",
     "read_sweep",
     "run_sweep",
     "sweep_schema",

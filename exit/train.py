@@ -21,6 +21,7 @@ identical on every process and equal the single-process gates within float toler
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -29,12 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import torch
-from safetensors import safe_open
 from torch import nn
 
+from analysis.errors import UsageError
 from exit.gates import DyVTEGates, select_features
-from exit.sweep import FEATURES_PREFIX, LabelRule, SweepError
+from exit.sweep import LabelRule, SweepError, feature_shards, read_shard
 
 ProgressFn = Callable[[Iterable], Iterable]
 
@@ -54,6 +57,11 @@ class TrainSettings:
     warmup_fraction: float = 0.03
     holdout_fraction: float = 0.2
     seed: int = 0
+    label_rule: str = "cached"
+    """Which labels to learn: "cached" (the sweep's own ``label``, its ``--min-agreement`` /
+    ``--max-ce-ratio`` rule) or a rule of ``exit.frontier.LABEL_RULES`` computed from the sweep's
+    tables ("answer" needs ``--answers``), optionally made monotone ("answer,monotone": safe from
+    this layer on)."""
 
 
 @dataclass
@@ -88,24 +96,6 @@ def is_heldout(sample_id: str, fraction: float, seed: int) -> bool:
     """Seeded, order-independent split: a sample is held out iff its hash falls below ``fraction``."""
     digest = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
-
-
-def feature_shards(folder: str | Path) -> list[Path]:
-    """The cached feature shards of a sweep folder, in order."""
-    files = sorted(Path(folder).glob(f"{FEATURES_PREFIX}-*.safetensors"))
-    if not files:
-        raise FileNotFoundError(
-            f"expected {FEATURES_PREFIX}-*.safetensors in {folder} (run the sweep with features), found none"
-        )
-    return files
-
-
-def read_shard(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str], str]:
-    """(features (batch, layers, F), labels (batch, layers) int64, sample ids, features kind) of one shard."""
-    with safe_open(str(path), "pt") as shard:
-        metadata = shard.metadata() or {}
-        features, labels = shard.get_tensor("features"), shard.get_tensor("label").long()
-    return features, labels, json.loads(metadata.get("sample_ids", "[]")), metadata.get("features_kind", "")
 
 
 def _rank_world() -> tuple[int, int]:
@@ -159,13 +149,42 @@ def _split(folder: str | Path, settings: TrainSettings, heldout: bool,
            gates: DyVTEGates | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(features, labels) of each shard's training (or held-out) samples; with ``gates``, the
     features are those gates' inputs (taken out of cached "both" features if needed)."""
+    relabelled = None if settings.label_rule == "cached" else rule_labels(folder, settings.label_rule)
     for path in feature_shards(folder):
         features, labels, ids, kind = read_shard(path)
+        if relabelled is not None:
+            known = [i in relabelled for i in ids]
+            features, ids = features[torch.tensor(known, dtype=torch.bool)], [i for i in ids if i in relabelled]
+            labels = torch.stack([relabelled[i] for i in ids]) if ids else labels[:0]
         keep = torch.tensor([is_heldout(i, settings.holdout_fraction, settings.seed) == heldout for i in ids], dtype=torch.bool)
         if bool(keep.any()):
             if gates is not None:
                 features = select_features(features, kind, gates.config.inputs, gates.signature)
             yield features[keep], labels[keep]
+
+
+@functools.lru_cache(maxsize=4)
+def rule_labels(folder: str | Path, rule: str) -> dict[str, torch.Tensor]:
+    """Per sample id, (layers,) int64 labels of ``rule`` ("NAME" or "NAME,monotone", NAME in
+    ``exit.frontier.LABEL_RULES``) from a sweep folder's ``exit_sweep`` and ``exit_answers`` tables.
+
+    Raises:
+        UsageError: an unknown rule. FileNotFoundError: the folder lacks a table the rule needs.
+    """
+    from exit.frontier import LABEL_RULES, join_exit_tables, monotone
+    from exit.sweep import read_exit_answers, read_sweep
+
+    name, _, flag = rule.partition(",")
+    if name not in LABEL_RULES or flag not in ("", "monotone"):
+        raise UsageError(f"expected a label rule 'cached' or one of {sorted(LABEL_RULES)} (optionally ',monotone'), "
+                         f"found {rule!r}")
+    frame = join_exit_tables(read_sweep(folder), read_exit_answers(folder))
+    labels = LABEL_RULES[name](frame)
+    labels = pd.Series(np.asarray(labels, dtype=bool), index=pd.MultiIndex.from_frame(frame[["sample_id", "layer"]]))
+    if flag:
+        labels = monotone(labels)
+    table = labels.unstack("layer").sort_index(axis=1)
+    return {str(i): torch.tensor(row.to_numpy(dtype=np.int64)) for i, row in table.iterrows()}
 
 
 def _schedule(optimizer: torch.optim.Optimizer, total: int, warmup_fraction: float) -> torch.optim.lr_scheduler.LambdaLR:

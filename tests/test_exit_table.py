@@ -146,3 +146,59 @@ def test_a_resumed_sweep_with_answers_equals_one_uninterrupted_run(tmp_path, sha
         pd.testing.assert_frame_equal(a, b)
     answers = read_exit_answers(tmp_path / "whole")
     assert set(answers["layer"]) == set(range(spec.num_layers)) and answers["same_as_full"][answers["layer"] == 3].all()
+
+
+def test_gates_learn_the_label_rule_asked_for(tmp_path, shapes_split):
+    from analysis.data import read_questions
+    from exit.frontier import monotone
+    from exit.sweep import read_exit_answers, run_sweep
+    from exit.train import TrainSettings, _split, rule_labels
+
+    spec = TinyLlavaSpec(num_kv_heads=2, seed=3)
+    model, processor = tiny_llava(spec).eval(), tiny_processor(spec.image_size)
+    with torch.no_grad():
+        model.model.multi_modal_projector.linear_2.weight.mul_(3)
+    run_sweep(model, processor, read_questions(shapes_split / "questions.jsonl"), shapes_split, tmp_path, features="both",
+              provenance={"model": "tiny"}, batch_size=3, progress=False, answers=NEW_TOKENS)
+    answers = read_exit_answers(tmp_path)
+    same = answers.set_index(["sample_id", "layer"])["same_as_full"]
+    assert not bool(same.all())  # some exit changes an answer: the labels are not all 1
+    labels = rule_labels(tmp_path, "answer,monotone")
+    for sample, row in labels.items():
+        assert row.tolist() == monotone(same).loc[sample].astype(int).tolist()
+    settings = TrainSettings(holdout_fraction=0.0, label_rule="answer")
+    learned = torch.cat([y for _, y in _split(tmp_path, settings, heldout=False)])
+    assert learned.shape == (len(labels), spec.num_layers)
+    assert int(learned.sum()) == int(same.sum())
+    with pytest.raises(Exception, match="label rule"):
+        rule_labels(tmp_path, "answers")
+
+
+def test_the_frontier_command_looks_up_every_method_of_an_exit_table(tmp_path, shapes_split):
+    from analysis.data import read_questions
+    from exit.cli import main
+    from exit.gates import DyVTEGates, GateConfig
+    from exit.plots import read_evaluation
+    from exit.sweep import read_exit_answers, run_sweep
+
+    spec = TinyLlavaSpec(num_kv_heads=2, seed=3)
+    model, processor = tiny_llava(spec).eval(), tiny_processor(spec.image_size)
+    run_sweep(model, processor, read_questions(shapes_split / "questions.jsonl"), shapes_split, tmp_path / "table",
+              features="both", provenance={"model": "tiny"}, batch_size=3, progress=False, answers=NEW_TOKENS)
+    DyVTEGates.for_model(model, GateConfig(inputs="history", hidden_width=8)).save(tmp_path / "gates")
+    code = main(["frontier", "--table", str(tmp_path / "table"), "--out", str(tmp_path / "frontier"),
+                 "--figures", str(tmp_path / "figures"), "--gates", f"history={tmp_path / 'gates'}",
+                 "--tau-table", str(tmp_path / "table"), "--taus", "0.3,0.6", "--vtw-layer", "2"])
+    assert code == 0
+    rows, summary = read_evaluation(tmp_path / "frontier")
+    layers = spec.num_layers
+    expected = {"none", "oracle", "oracle[correct]", "vtw:2", "dyvte[history]:0.3", "dyvte[history]:0.6",
+                *(f"static:{k}" for k in range(layers - 1))}
+    assert set(summary["method"]) == expected
+    answers = read_exit_answers(tmp_path / "table").set_index(["sample_id", "layer"])
+    for _, row in rows[rows["method"] == "static:1"].iterrows():  # a lookup reads the table's own answer
+        assert row["prediction"] == answers.loc[(row["question_id"], 1), "prediction"]
+    assert (tmp_path / "frontier" / "label_rules.md").read_text().count("oracle[") >= 8
+    for name in ("frontier.png", "exit_histogram.png", "accuracy_by_exit_layer.png", "oracle_exit_layers.png"):
+        assert (tmp_path / "figures" / name).stat().st_size > 0
+    assert main(["frontier", "--table", str(tmp_path / "table"), "--out", str(tmp_path / "again"), "--gates", "x"]) == 2
