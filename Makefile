@@ -9,7 +9,7 @@ export MPLBACKEND := Agg
 
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup demo test lint benchmark clean figures frontier constraints
+.PHONY: setup demo test lint benchmark clean figures frontier frontier-quick constraints
 
 # Every version comes from constraints.txt (make constraints regenerates it).
 $(STAMP): setup.cfg pyproject.toml requirements-demo.txt constraints.txt
@@ -53,10 +53,16 @@ constraints:
 	  $(LATEST)/bin/python -m pip freeze --exclude-editable | grep -v '^#' | sed 's/+cpu$$//'; } > constraints.txt
 	rm -rf $(LATEST)
 
-# The DyVTE results of the README: sweep, gates, the test-split frontier and figures/frontier.png,
-# figures/exit_histogram.png (about 2 h on 2 cores; see the script for shorter runs).
+# The DyVTE result of the README on the committed weights: exit tables (test split, validation,
+# 2,000 train questions about unread images), gates of every input kind, the frontier by lookup
+# and figures/ (3,446 exit-table questions at 5-8 s each on 2 cores: a working day; resumable: run
+# it again after a stop). frontier-quick: the same on 480 questions, into runs/exit-demo-quick.
 frontier: setup
 	bash benchmarks/exit_frontier.sh
+
+frontier-quick: setup
+	OUT=runs/exit-demo-quick FIGURES=runs/exit-demo-quick/figures TEST_QUESTIONS=120 VAL_QUESTIONS=60 \
+	TRAIN_QUESTIONS=300 TIMED_QUESTIONS=24 bash benchmarks/exit_frontier.sh
 
 benchmark: setup
 	$(BIN)/python benchmarks/recorder_overhead.py --demo

@@ -1,47 +1,86 @@
 #!/usr/bin/env bash
-# The DyVTE results of the README on the demo model, end to end: exit labels (sweep) on ShapesVQA
-# train questions about images the demo model was never trained on, gates of the three input kinds,
-# the accuracy-FLOPs frontier on the first $TEST_QUESTIONS test questions, and its two figures.
+# The DyVTE result of the README on the committed demo weights (issue 16), end to end and resumable:
 #
-#   bash benchmarks/exit_frontier.sh                 # = make frontier; about 2 h on 2 cores
-#   SWEEP_QUESTIONS=200 TEST_QUESTIONS=60 bash benchmarks/exit_frontier.sh   # a shorter run
+#   1. exit tables (`dyvte-exit sweep --answers 4 --features both`): for every question and every
+#      exit layer the answer the model generates, the teacher-forced labels and the gate features,
+#      on the whole test split, on validation questions (tau and VTW are chosen there, never on
+#      test) and on train questions about images the committed weights never read
+#      (analysis/demo/weights/training_images.json, replayed from the training config);
+#   2. gates of every input kind (hidden, attention, history, hidden+history), each with the
+#      paper's labels and with "the answer is kept from this layer on" (answer,monotone);
+#   3. VTW's exit layer, calibrated on validation questions;
+#   4. the frontier by lookup (`dyvte-exit frontier`): none, every static K, both oracles, VTW,
+#      every gate set at several tau, the label-rule study, and the figures in figures/;
+#   5. wall times from real runs on the first $TIMED_QUESTIONS test questions (`dyvte-exit eval`),
+#      with FastV and DyVTE + FastV, which remove tokens in ways no exit table holds.
 #
-# The sweep can be stopped at any time (Ctrl-C or kill) and keeps its finished batches; the README's
-# run was a sweep of 1200 such questions stopped after the first 560, which the default reproduces.
+#   bash benchmarks/exit_frontier.sh                       # = make frontier (hours on 2 cores; resumable)
+#   TEST_QUESTIONS=120 TRAIN_QUESTIONS=300 VAL_QUESTIONS=60 TIMED_QUESTIONS=24 bash benchmarks/exit_frontier.sh
+#
+# Every stage keeps what it finished: stop it at any time and run the same command again; each
+# exit table resumes (`--resume`) and a finished stage is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 OUT=${OUT:-runs/exit-demo}
-SWEEP_QUESTIONS=${SWEEP_QUESTIONS:-560}
-TEST_QUESTIONS=${TEST_QUESTIONS:-240}
+FIGURES=${FIGURES:-figures}
+TEST_QUESTIONS=${TEST_QUESTIONS:-0}        # 0: the whole test split (1,146 questions)
+VAL_QUESTIONS=${VAL_QUESTIONS:-300}
+TRAIN_QUESTIONS=${TRAIN_QUESTIONS:-2000}
+TIMED_QUESTIONS=${TIMED_QUESTIONS:-120}
+BATCH=${BATCH:-4}
 export HF_HUB_OFFLINE=1 MPLBACKEND=Agg
+SHAPES=.cache/shapesvqa
 mkdir -p "$OUT"
 
-# Every third question about train images 1000 and up (the demo model trained on images below 330).
-"$BIN/python" - "$OUT/sweep-questions.jsonl" "$SWEEP_QUESTIONS" <<'PY'
+# Questions: the test split (or its first N), the first validation questions, and train
+# questions about images no training stage read.
+"$BIN/python" - "$OUT" "$TEST_QUESTIONS" "$VAL_QUESTIONS" "$TRAIN_QUESTIONS" <<'PY'
 import json, sys
+from pathlib import Path
 from analysis.demo.job import default_data_root
 from analysis.demo.shapes import ensure_split
-train = ensure_split(default_data_root(), "train")
-ensure_split(default_data_root(), "val"); ensure_split(default_data_root(), "test")
-rows = [json.loads(line) for line in open(train / "questions.jsonl")]
-chosen = [r for r in rows if int(r["image"].split("/")[-1][:6]) >= 1000][::3][: int(sys.argv[2])]
-with open(sys.argv[1], "w") as out:
-    out.writelines(json.dumps(r) + "\n" for r in chosen)
+out, limits = Path(sys.argv[1]), dict(zip(("test", "val", "train"), map(int, sys.argv[2:5])))
+read = json.loads(Path("analysis/demo/weights/training_images.json").read_text())
+seen = {*read["standardise"], *read["grounding"], *read["questions"]}
+for split, limit in limits.items():
+    rows = [json.loads(line) for line in open(ensure_split(default_data_root(), split) / "questions.jsonl")]
+    if split == "train":
+        rows = [r for r in rows if r["image"] not in seen]
+    rows = rows[:limit] if limit else rows
+    (out / f"{split}-questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"{split}: {len(rows)} questions about {len({r['image'] for r in rows})} images")
 PY
-SHAPES=.cache/shapesvqa
-"$BIN/dyvte-exit" sweep --model demo --questions "$OUT/sweep-questions.jsonl" --image-folder "$SHAPES/train" \
-    --out "$OUT/sweep" --features both --batch-size 4
-for kind in hidden attention both; do
-    "$BIN/dyvte-exit" train --sweep "$OUT/sweep" --model demo --features "$kind" --out "$OUT/gates-$kind" \
-        --hidden-width 512 --epochs 40 --batch-size 32 --lr 3e-4
+
+for split in test val train; do
+    "$BIN/dyvte-exit" sweep --model demo --questions "$OUT/$split-questions.jsonl" --image-folder "$SHAPES/$split" \
+        --out "$OUT/$split-table" --features both --answers 4 --batch-size "$BATCH" --resume
 done
-"$BIN/dyvte-exit" eval --model demo --questions "$SHAPES/test/questions.jsonl" --image-folder "$SHAPES/test" \
-    --limit "$TEST_QUESTIONS" --gates "$OUT/gates-hidden" --out "$OUT/eval" \
-    --method none,dyvte:0.9,static:25,vtw,fastv:2:0.5,dyvte:0.5,dyvte:0.99,static:22,static:15,fastv:2:0.75,dyvte+fastv:2:0.5,static:7 \
-    --calibration-questions "$SHAPES/val/questions.jsonl" --vtw-samples 16
-for kind in attention both; do
-    "$BIN/dyvte-exit" eval --model demo --questions "$SHAPES/test/questions.jsonl" --image-folder "$SHAPES/test" \
-        --limit "$TEST_QUESTIONS" --gates "$OUT/gates-$kind" --out "$OUT/eval-$kind" --method dyvte:0.9
+
+GATES=()
+for kind in hidden attention history hidden+history; do
+    for rule in cached answer,monotone; do
+        name="$kind-${rule%%,*}"
+        if [ ! -f "$OUT/gates-$name/gates.safetensors" ]; then
+            "$BIN/dyvte-exit" train --sweep "$OUT/train-table" --model demo --features "$kind" --label-rule "$rule" \
+                --out "$OUT/gates-$name" --hidden-width 512 --epochs 40 --batch-size 32 --lr 3e-4 --no-progress
+        fi
+        GATES+=(--gates "$name=$OUT/gates-$name")
+    done
 done
-"$BIN/dyvte-exit" figures "$OUT/eval" --out figures
+
+if [ ! -f "$OUT/vtw/summary.parquet" ]; then  # VTW's K: calibrated on 16 validation questions (KL <= eta)
+    "$BIN/dyvte-exit" eval --model demo --questions "$OUT/val-questions.jsonl" --image-folder "$SHAPES/val" --limit 1 \
+        --method vtw --calibration-questions "$SHAPES/val/questions.jsonl" --vtw-samples 16 --out "$OUT/vtw" --no-progress
+fi
+VTW=$("$BIN/python" -c "import pandas as pd, sys; print(pd.read_parquet(sys.argv[1])['method'][0].split(':')[1])" "$OUT/vtw/summary.parquet")
+
+rm -rf "$OUT/frontier"
+"$BIN/dyvte-exit" frontier --table "$OUT/test-table" --tau-table "$OUT/val-table" --vtw-layer "$VTW" "${GATES[@]}" \
+    --out "$OUT/frontier" --figures "$FIGURES"
+
+if [ "$TIMED_QUESTIONS" -gt 0 ]; then  # wall times, FastV and DyVTE + FastV: real runs
+    "$BIN/dyvte-exit" eval --model demo --questions "$OUT/test-questions.jsonl" --image-folder "$SHAPES/test" \
+        --limit "$TIMED_QUESTIONS" --gates "$OUT/gates-hidden-answer" --out "$OUT/timed" --resume \
+        --method none,static:23,vtw:"$VTW",fastv:2:0.5,fastv:2:0.75,dyvte,dyvte+fastv:2:0.5 --no-progress
+fi
