@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "ModelAdapter": "analysis.adapters",
     "UnsupportedModelError": "analysis.adapters",
+    "register_adapter": "analysis.adapters",
     "resolve_adapter": "analysis.adapters",
     "supported_model_types": "analysis.adapters",
     "KEY_GROUPS": "analysis.layout",
@@ -58,6 +59,7 @@ __all__ = [
     "TokenLayout",
     "UnsupportedModelError",
     "record_attention",
+    "register_adapter",
     "resolve_adapter",
     "supported_model_types",
     "token_layout",

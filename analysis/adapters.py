@@ -234,6 +234,85 @@ _REJECTED: dict[str, str] = {
     "so removing image tokens there changes the sequence those additions index",
 }
 """Families known not to fit the toolkit, with the reason added to the rejection."""
+_BUILT_IN = frozenset(_ADAPTERS)
+
+
+POSITION_KINDS: tuple[str, ...] = ("1d", "mrope")
+
+
+def adapter_problems(adapter: ModelAdapter, model: nn.Module) -> list[str]:
+    """What in ``model`` does not match ``adapter`` (empty: everything the toolkit reads is there):
+    the model type, the decoder layers and their attention modules, the final norm and the output
+    head, the text config and its head counts, the image token id."""
+    problems: list[str] = []
+    found_type = getattr(getattr(model, "config", None), "model_type", None)
+    if found_type != adapter.model_type:
+        problems.append(f"the adapter is for model_type {adapter.model_type!r}, the model's config says {found_type!r}")
+    if adapter.positions not in POSITION_KINDS:
+        problems.append(f"positions must be one of {list(POSITION_KINDS)}, found {adapter.positions!r}")
+    checks = [
+        ("decoder layers", lambda: adapter.decoder_layers(model)),
+        ("final norm", lambda: adapter.final_norm(model)),
+        ("text config", lambda: adapter.text_config(model)),
+        ("head counts", lambda: adapter.head_counts(model)),
+        ("image token id", lambda: adapter.image_token_id(model)),
+    ]
+    for what, check in checks:
+        try:
+            check()
+        except (UnsupportedModelError, AttributeError) as error:
+            problems.append(f"{what}: {error}")
+    if not problems:
+        missing = [path for path in adapter.attention_paths(model) if _no_module(model, path)]
+        if missing:
+            problems.append(f"expected each decoder layer's attention at .{adapter.attention_attr}, found none at {missing[:3]}")
+        if not callable(getattr(model, "get_output_embeddings", None)) or model.get_output_embeddings() is None:
+            problems.append("expected model.get_output_embeddings() to return the output head, found none")
+    return problems
+
+
+def _no_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return True
+    return False
+
+
+def register_adapter(adapter: ModelAdapter, model: nn.Module, *, replace_existing: bool = False) -> ModelAdapter:
+    """Add a family to the table: ``resolve_adapter`` then serves every model whose
+    ``config.model_type`` is ``adapter.model_type`` (a remote-code VILA or Eagle checkpoint, a
+    family not tested here). ``model`` is one instance of the family, checked against the adapter
+    first (:func:`adapter_problems`).
+
+    Example::
+
+        register_adapter(ModelAdapter(model_type="my_vlm", layers_path="decoder.layers",
+                                      final_norm_path="decoder.norm", text_config_key="text_config",
+                                      image_token_fields=("image_token_id",)), model)
+
+    Raises:
+        UnsupportedModelError: the adapter does not match ``model`` (every problem listed), the
+            family is one the toolkit rejects, or it is in the table already (unless
+            ``replace_existing``).
+    """
+    if adapter.model_type in _REJECTED:
+        raise UnsupportedModelError(f"cannot register {adapter.model_type!r}: {_REJECTED[adapter.model_type]}")
+    if adapter.model_type in _ADAPTERS and not replace_existing:
+        raise UnsupportedModelError(f"expected a family not in the table, found {adapter.model_type!r} registered already "
+                                    "(pass replace_existing=True to replace it)")
+    problems = adapter_problems(adapter, model)
+    if problems:
+        raise UnsupportedModelError(f"the adapter for {adapter.model_type!r} does not match the model: " + "; ".join(problems))
+    _ADAPTERS[adapter.model_type] = adapter
+    return adapter
+
+
+def unregister_adapter(model_type: str) -> None:
+    """Remove a family added with :func:`register_adapter` (the built-in families stay)."""
+    if model_type in _BUILT_IN:
+        raise UnsupportedModelError(f"expected a registered family, found the built-in {model_type!r}")
+    _ADAPTERS.pop(model_type, None)
 
 
 def supported_model_types() -> list[str]:
