@@ -50,6 +50,11 @@ class ModelAdapter:
         head_fields: text-config fields holding the query-head and key/value-head counts.
         positions: "1d" (position ids from the attention mask) or "mrope" (the model computes
             3-D positions from input_ids and the image grids; pass no position_ids).
+        deepstack_field: dotted config path of the vision layers whose features the decoder adds
+            to the image positions after its first decoder layers (Qwen3-VL's deepstack), or None.
+            After decoder layer i < len(that list) the model indexes the image positions of the
+            full sequence, so the exit surgery keeps the stream at full length (removed keys
+            masked) until those layers are done (:meth:`first_compactable_layer`).
     """
 
     model_type: str
@@ -62,6 +67,7 @@ class ModelAdapter:
     marker_token_fields: tuple[str, ...] = ()
     head_fields: tuple[str, str] = ("num_attention_heads", "num_key_value_heads")
     positions: str = "1d"
+    deepstack_field: str | None = None
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """The decoder's layers, found at ``layers_path``."""
@@ -113,6 +119,16 @@ class ModelAdapter:
             f"expected an image token id in one of the config fields {list(self.image_token_fields)} "
             f"of this {self.model_type!r} model, found none set"
         )
+
+    def first_compactable_layer(self, model: nn.Module) -> int:
+        """The first decoder layer whose input may be shorter than the prompt: 0, or with deepstack
+        the number of decoder layers the vision features are added after."""
+        if self.deepstack_field is None:
+            return 0
+        value: Any = model.config
+        for part in self.deepstack_field.split("."):
+            value = getattr(value, part, None)
+        return len(value or ())
 
     def head_counts(self, model: nn.Module) -> tuple[int, int]:
         """(query heads, key/value heads) of the text decoder's attention."""
@@ -193,6 +209,9 @@ _ADAPTERS: dict[str, ModelAdapter] = {
         ),
         _QWEN2_VL,
         replace(_QWEN2_VL, model_type="qwen2_5_vl"),  # same layout, processor tokens and M-RoPE
+        replace(_QWEN2_VL, model_type="qwen3_vl", deepstack_field="vision_config.deepstack_visual_indexes",
+                image_token_groups=_QWEN2_VL.image_token_groups + "; deepstack: vision features of some vision "
+                "layers are added to the image positions after the first decoder layers (image tokens still)"),
         ModelAdapter(
             model_type="internvl",
             layers_path=f"{_LANGUAGE_MODEL}.layers",
@@ -228,10 +247,8 @@ _ADAPTERS: dict[str, ModelAdapter] = {
 _REJECTED: dict[str, str] = {
     "mllama": "its decoder reads the image through cross-attention layers, so no image tokens sit in the "
     "decoder's sequence to group, record or remove",
-    "qwen3_vl": "its decoder adds deepstack vision features to the image positions inside the first layers, "
-    "so removing image tokens there changes the sequence those additions index",
-    "qwen3_vl_moe": "its decoder adds deepstack vision features to the image positions inside the first layers, "
-    "so removing image tokens there changes the sequence those additions index",
+    "qwen3_vl_moe": "its mixture-of-experts decoder has not been tested here yet (qwen3_vl, the dense one, is "
+    "supported)",
 }
 """Families known not to fit the toolkit, with the reason added to the rejection."""
 _BUILT_IN = frozenset(_ADAPTERS)

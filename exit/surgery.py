@@ -286,6 +286,7 @@ class VisualExit:
         self._plan = _exit_plan(exit_layers, self.num_layers)
         self._removals = _removal_plan(removals, self.num_layers)
         self._compact = compact
+        self._first_compact = self.adapter.first_compactable_layer(model)
         self._config = self.adapter.text_config(model)
         self._image_token_id = self.adapter.image_token_id(model)
         check_attention_implementation(self.adapter.attention_implementation(model), "the exit surgery")
@@ -571,7 +572,7 @@ class VisualExit:
         else:
             held, columns = run.compact.valid, run.compact.index
         gone = held & removed.gather(1, columns)  # slots of the stream whose token has left
-        if self._compact and bool(gone.any(dim=1).all()):
+        if self._compact and layer >= self._first_compact and bool(gone.any(dim=1).all()):
             # Every row drops tokens the stream still holds: (re)compact to the remaining ones.
             hidden = self._recompact(run, layer, hidden, real & ~removed)
             args = (hidden, *args[1:]) if args else args

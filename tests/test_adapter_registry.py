@@ -88,8 +88,8 @@ def test_a_wrong_adapter_is_refused_with_every_problem_named(custom):
         resolve_adapter(model)  # nothing was registered
     with pytest.raises(UnsupportedModelError, match="registered already"):
         register_adapter(ModelAdapter(model_type="llava", layers_path="x"), model)
-    with pytest.raises(UnsupportedModelError, match="deepstack"):
-        register_adapter(ModelAdapter(model_type="qwen3_vl", layers_path="x"), model)
+    with pytest.raises(UnsupportedModelError, match="cross-attention"):
+        register_adapter(ModelAdapter(model_type="mllama", layers_path="x"), model)
 
 
 def test_a_registered_family_is_recorded_like_its_eager_attention(custom):

@@ -285,3 +285,31 @@ def test_cross_attention_family_is_rejected_with_the_supported_list():
     for use in (lambda model: visual_token_exit(model, 1), lambda model: record_attention(model, None).__enter__()):
         with pytest.raises(UnsupportedModelError, match=r"expected one of \["):
             use(CrossAttentionModel())
+
+
+@pytest.mark.parametrize("path", ["sdpa", "eager"])
+def test_deepstack_exits_before_its_last_addition_stay_exact(family_case, path):
+    """Qwen3-VL adds vision features to the image positions after decoder layers 0 and 1 (the
+    tiny config): an exit of every row after layer 0 keeps the stream at full length with the image
+    keys masked until layer 2, then compacts; removal still equals masking for every text query,
+    and generate() with the cache equals recomputation."""
+    model, inputs = family_case("qwen3_vl")
+    assert resolve_adapter(model).first_compactable_layer(model) == 2
+    inputs = with_positions(model, inputs)
+    layout = layout_of(model, inputs)
+    kept = (layout.group != PADDING) & (layout.group != IMAGE)
+    with running(model, path):
+        expected = masked_image_reference(model, inputs, [0, 0])
+        with torch.no_grad(), visual_token_exit(model, [0, 0]) as surgery:
+            found = model(**inputs).logits
+        assert surgery.exit_layers == [0, 0]
+        assert (found - expected)[kept].abs().max().item() <= TOLERANCE
+        with torch.no_grad(), visual_token_exit(model, [0, 0]):
+            generated = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True,
+                                       return_dict_in_generate=True)
+        prompt = inputs["input_ids"].shape[1]
+        for step in range(3):
+            grown = recompute_inputs(model, inputs, generated.sequences[:, : prompt + step])
+            with torch.no_grad(), visual_token_exit(model, [0, 0]):
+                logits = model(**grown).logits[:, -1]
+            assert torch.equal(logits.argmax(-1), generated.sequences[:, prompt + step])

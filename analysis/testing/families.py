@@ -197,6 +197,25 @@ def _qwen2_5_vl_config(kv: int) -> object:
     )
 
 
+def _qwen3_vl_config(kv: int) -> object:
+    from transformers import Qwen3VLConfig
+    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig, Qwen3VLVisionConfig
+
+    # deepstack after decoder layers 0 and 1 (the features of vision layers 0 and 1): exits after
+    # layer 0 keep the stream at full length, masked, until layer 2.
+    vision = Qwen3VLVisionConfig(
+        depth=2, hidden_size=VISION_HIDDEN, intermediate_size=2 * VISION_HIDDEN, num_heads=2, patch_size=2,
+        spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=HIDDEN, num_position_embeddings=64,
+        deepstack_visual_indexes=[0, 1],
+    )
+    text = Qwen3VLTextConfig(
+        **_text_kwargs(kv), head_dim=HIDDEN // 4,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+    )
+    return Qwen3VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, video_token_id=MARKER_C,
+                         vision_start_token_id=MARKER_A, vision_end_token_id=MARKER_B)
+
+
 def _internvl_config(kv: int) -> object:
     from transformers import InternVLConfig, Qwen2Config
     from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
@@ -361,6 +380,7 @@ _FAMILIES: dict[str, _Family] = {
     "qwen2_5_vl": _Family(
         _qwen2_5_vl_config, "Qwen2_5_VLForConditionalGeneration", _pixels_qwen, **AROUND, mrope=True, type_ids=MM
     ),
+    "qwen3_vl": _Family(_qwen3_vl_config, "Qwen3VLForConditionalGeneration", _pixels_qwen, **AROUND, mrope=True, type_ids=MM),
     "internvl": _Family(_internvl_config, "InternVLForConditionalGeneration", _pixels_flat((56, 56)), **AROUND),
     "idefics3": _Family(
         lambda kv: _idefics3_like_config(kv, "idefics3"),
