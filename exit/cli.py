@@ -110,7 +110,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     if not args.resume:
         check_output_folder(args.out)
-    check_loadable(args.model, local_device(args.device))
+    config = check_loadable(args.model, local_device(args.device))
+    if args.answers:
+        from analysis.adapters import resolve_adapter
+        from exit.answers import check_answerable
+
+        check_answerable(resolve_adapter(config.model_type))  # before the weights load
     questions = read_questions(args.questions, limit=args.limit)
     with distributed() as group:  # data-parallel under torchrun: each process sweeps every n-th question
         model, processor = load_model(args.model, dtype=args.dtype, device=local_device(args.device), attention=args.attn)

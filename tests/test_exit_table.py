@@ -202,3 +202,16 @@ def test_the_frontier_command_looks_up_every_method_of_an_exit_table(tmp_path, s
     for name in ("frontier.png", "exit_histogram.png", "accuracy_by_exit_layer.png", "oracle_exit_layers.png"):
         assert (tmp_path / "figures" / name).stat().st_size > 0
     assert main(["frontier", "--table", str(tmp_path / "table"), "--out", str(tmp_path / "again"), "--gates", "x"]) == 2
+
+
+def test_answers_of_a_family_the_table_cannot_decode_stop_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import analysis.loading
+    from exit.cli import main
+
+    tiny_family_model("qwen2_vl").config.save_pretrained(tmp_path / "model")  # a config is all it reads
+    monkeypatch.setattr(analysis.loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "q.jsonl").write_text('{"question_id": "a", "image": "x.png", "text": "What?", "answer": "red"}\n')
+    status = main(["sweep", "--model", str(tmp_path / "model"), "--questions", str(tmp_path / "q.jsonl"),
+                   "--image-folder", str(tmp_path), "--out", str(tmp_path / "out"), "--answers", "4", "--no-progress"])
+    err = capsys.readouterr().err
+    assert status == 2 and "expected a family with 1-D position ids" in err and "Traceback" not in err
