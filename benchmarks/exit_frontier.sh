@@ -84,3 +84,5 @@ if [ "$TIMED_QUESTIONS" -gt 0 ]; then  # wall times, FastV and DyVTE + FastV: re
         --limit "$TIMED_QUESTIONS" --gates "$OUT/gates-hidden-answer" --out "$OUT/timed" --resume \
         --method none,static:23,vtw:"$VTW",fastv:2:0.5,fastv:2:0.75,dyvte,dyvte+fastv:2:0.5 --no-progress
 fi
+
+"$BIN/python" benchmarks/exit_table_report.py "$OUT/test-table" "$OUT/frontier" "$FIGURES/exit_table_results.md"

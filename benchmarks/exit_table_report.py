@@ -1,0 +1,64 @@
+"""The results file of an exit-table frontier, with what made it (issue 16).
+
+Writes one markdown file: which weights made the exit table (the sha256 of the committed demo
+weights file and of every weight file of the model folder, from the table's provenance), the
+command lines, how many questions, then the frontier (``frontier.md`` of ``dyvte-exit
+frontier --out``) and the label-rule study (``label_rules.md``).
+
+Run::
+
+    .venv/bin/python benchmarks/exit_table_report.py runs/exit-demo/test-table runs/exit-demo/frontier \\
+        figures/exit_table_results.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.demo.model import DEMO_WEIGHTS_FILE, sha256_of_file
+from analysis.io import read_provenance
+from exit.frontier import FRONTIER_FILE, LABEL_STUDY_FILE
+from exit.sweep import read_exit_answers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("table", type=Path, help="the exit table folder (dyvte-exit sweep --answers)")
+    parser.add_argument("frontier", type=Path, help="the folder of dyvte-exit frontier --out")
+    parser.add_argument("out", type=Path, help="the markdown file to write")
+    args = parser.parse_args()
+    answers = read_exit_answers(args.table)
+    table_files = sorted(args.table.glob("exit_answers-*.parquet"))
+    table = read_provenance(table_files[0])
+    frontier = read_provenance(args.frontier / "summary.parquet")
+    questions = int(pd.read_parquet(args.frontier / "summary.parquet")["questions"].max())
+    lines = [
+        "# The exit table's frontier on the demo model",
+        "",
+        f"- Questions: {questions} (the exit table at {args.table} holds {answers['sample_id'].nunique()} now, "
+        f"in {len(table_files)} committed shards).",
+        f"- Committed demo weights (`{DEMO_WEIGHTS_FILE.name}`): sha256 {sha256_of_file(DEMO_WEIGHTS_FILE)}.",
+        f"- Model folder weights: {json.dumps(table.get('weights_sha256', 'not recorded'))}.",
+        f"- Exit table: `dyvte-exit sweep --answers 4 --features both` (git {table.get('git_revision')}, "
+        f"{table.get('attention_path')}, {table.get('dtype')}, {table.get('device')}).",
+        f"- Frontier: `{frontier.get('command')}`.",
+        f"- Exit layers per question: {answers['layer'].nunique()} (the last one is the full model).",
+        "",
+        "## Frontier",
+        "",
+        (args.frontier / FRONTIER_FILE).read_text(encoding="utf-8"),
+        "## Label rules: the earliest layer each rule calls safe",
+        "",
+        (args.frontier / LABEL_STUDY_FILE).read_text(encoding="utf-8"),
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines), encoding="utf-8")
+    print(f"wrote {args.out} ({questions} questions)")
+
+
+if __name__ == "__main__":
+    main()
