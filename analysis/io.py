@@ -376,26 +376,26 @@ def _parquet_files(path: str | Path, table: str) -> list[Path]:
     return files
 
 
-def read_schema(file: str | Path) -> tuple[str, pa.Schema]:
-    """Open one parquet file's schema and validate it; return (table name, schema).
+def read_schema(file: str | Path, expected: str | None = None) -> tuple[str, pa.Schema]:
+    """Open one parquet file's schema and validate it (as table ``expected`` if given); return
+    (table name, schema).
 
     Raises:
-        SchemaError: the file is not readable parquet, or not of this toolkit's schema/version.
+        SchemaError: the file is not readable parquet, or not of this toolkit's schema/version, or
+            not the ``expected`` table.
     """
     try:
         schema = pq.read_schema(file)
     except (pa.ArrowInvalid, OSError) as error:
         raise SchemaError(f"{file}: expected a readable parquet file, found a corrupt or foreign file ({error})") from error
-    return validate_arrow_schema(schema, str(file)), schema
+    return validate_arrow_schema(schema, str(file), expected), schema
 
 
 def read_table(path: str | Path, table: str = "statistics") -> pd.DataFrame:
     """Read a file or a folder of shards of ``table`` into one DataFrame, validating every file."""
     frames = []
     for file in _parquet_files(path, table):
-        found, _ = read_schema(file)
-        if found != table:
-            raise SchemaError(f"{file}: expected a {table} table, found a {found} table")
+        read_schema(file, expected=table)
         try:
             frames.append(pq.read_table(file).to_pandas())
         except (pa.ArrowInvalid, OSError) as error:

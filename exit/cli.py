@@ -478,14 +478,14 @@ def _cmd_frontier(args: argparse.Namespace) -> int:
     from exit.gates import DyVTEGates
 
     check_output_folder(args.out)
-    gates = {}
+    folders = {}
     for entry in args.gates:
         name, separator, folder = entry.partition("=")
         if not separator or not name or not folder:
             raise UsageError(f"expected --gates NAME=FOLDER, found {entry!r}")
-        gates[name] = DyVTEGates.load(folder)
-    provenance = {"command": "dyvte-exit " + " ".join(sys.argv[1:]), "gates": {k: str(v) for k, v in
-                                                                              (e.partition("=")[::2] for e in args.gates)}}
+        folders[name] = folder
+    gates = {name: DyVTEGates.load(folder) for name, folder in folders.items()}
+    provenance = {"command": "dyvte-exit " + " ".join(sys.argv[1:]), "gates": folders}
     paths = write_frontier(args.table, args.out, args.figures, provenance, gates=gates, taus=args.taus,
                            tau_table=args.tau_table, vtw_layer=args.vtw_layer)
     for path in paths:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ from exit.sweep import LabelRule
 
 __all__ = [
     "DEFAULT_TAUS",
+    "TableFrontier",
     "LABEL_STUDY_FILE",
     "choose_tau",
     "dyvte_lookups",
@@ -542,34 +544,50 @@ LABEL_STUDY_FILE = "label_rules.md"
 DEFAULT_TAUS: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
 
 
+@dataclass(frozen=True)
+class TableFrontier:
+    """Every lookup of one exit table (:func:`frontier_of_tables`).
+
+    Attributes:
+        answers: the exit table itself (``exit_answers``).
+        methods: the frontier's methods -> their evaluation rows.
+        study: the label study's methods (none, the oracle, each label rule plain and monotone).
+        chosen_tau: per gate set, the tau a validation table chose (empty without one).
+    """
+
+    answers: pd.DataFrame
+    methods: dict[str, pd.DataFrame]
+    study: dict[str, pd.DataFrame]
+    chosen_tau: dict[str, float]
+
+
 def frontier_of_tables(table: str | Path, gates: Mapping[str, Any] | None = None, taus: Sequence[float] = DEFAULT_TAUS,
-                       tau_table: str | Path | None = None, vtw_layer: int | None = None) -> tuple[dict, dict, dict]:
-    """Every lookup of one exit table folder (``dyvte-exit sweep --answers``): (the frontier's
-    methods, the label study's methods, the chosen tau per gate set).
+                       tau_table: str | Path | None = None, vtw_layer: int | None = None) -> TableFrontier:
+    """Every lookup of one exit table folder (``dyvte-exit sweep --answers``).
 
     The frontier: none, static at every K, both oracles, ``vtw:K`` when ``vtw_layer`` (calibrated
     elsewhere, on validation questions) is given, and for each gate set ``gates[name]`` DyVTE at
-    every tau of ``taus`` (``dyvte[name]:tau``) plus, with a validation exit table ``tau_table``,
-    the tau chosen there (:func:`choose_tau`). The label study: the earliest layer each label rule
-    of :data:`LABEL_RULES` calls safe, plain and monotone.
+    every tau of ``taus`` (``dyvte[name]:tau``); with a validation exit table ``tau_table``, the
+    tau each gate set would choose there (:func:`choose_tau`). The label study: the earliest layer
+    each label rule of :data:`LABEL_RULES` calls safe, plain and monotone, beside none and the oracle.
     """
     from exit.sweep import read_exit_answers, read_sweep
 
     answers = read_exit_answers(table)
-    methods = frontier_methods(answers)
-    study = {name: rows for name, rows in frontier_methods(answers, read_sweep(table), static_layers=[]).items()
-             if name.startswith(ORACLE + "[") and name not in methods or name in (STOCK_MODEL, ORACLE)}
+    everything = frontier_methods(answers, read_sweep(table))
+    rules = {rule_method_name(rule, flag) for rule in LABEL_RULES for flag in (False, True)}
+    methods = {name: rows for name, rows in everything.items() if name not in rules}
+    study = {name: rows for name, rows in everything.items() if name in rules or name in (STOCK_MODEL, ORACLE)}
     if vtw_layer is not None:
         methods[f"vtw:{vtw_layer}"] = lookup_rows(answers, f"vtw:{vtw_layer}", static_exits(answers, vtw_layer))
     chosen = {}
     validation = read_exit_answers(tau_table) if tau_table is not None else None
     for name, gate_set in (gates or {}).items():
         probabilities = gate_probabilities(table, gate_set, list(_samples(answers)))
-        settings = list(taus)
         if validation is not None:
             chosen[name] = choose_tau(validation, gate_probabilities(tau_table, gate_set, list(_samples(validation))), taus)
-        methods.update(dyvte_lookups(answers, probabilities, settings, f"dyvte[{name}]"))
-    return methods, study, chosen
+        methods.update(dyvte_lookups(answers, probabilities, taus, f"dyvte[{name}]"))
+    return TableFrontier(answers, methods, study, chosen)
 
 
 def write_frontier(table: str | Path, out_dir: str | Path, figures: str | Path | None, provenance: Mapping[str, Any],
@@ -579,19 +597,18 @@ def write_frontier(table: str | Path, out_dir: str | Path, figures: str | Path |
     ``figures`` the figures there (``exit.plots.make_exit_figures``, ``accuracy_by_exit_layer.png``,
     ``oracle_exit_layers.png``). Returns the paths written."""
     from exit.plots import make_exit_figures, plot_accuracy_by_exit_layer, plot_oracle_exit_layers, save_figure
-    from exit.sweep import read_exit_answers
 
-    methods, study, chosen = frontier_of_tables(table, **options)
-    answers = read_exit_answers(table)
-    num_layers = exit_table_layers(answers)
-    base = {**provenance, "exit_table": str(table), "chosen_tau": chosen}
-    paths = write_frontier_folder(out_dir, methods, base, num_layers)
+    found = frontier_of_tables(table, **options)
+    num_layers = exit_table_layers(found.answers)
+    base = {**provenance, "exit_table": str(table), "chosen_tau": found.chosen_tau}
+    paths = write_frontier_folder(out_dir, found.methods, base, num_layers)
     study_md = Path(out_dir) / LABEL_STUDY_FILE
-    study_md.write_text(frontier_markdown(frontier_summary(study, num_layers), reference=STOCK_MODEL), encoding="utf-8")
+    study_md.write_text(frontier_markdown(frontier_summary(found.study, num_layers), reference=STOCK_MODEL), encoding="utf-8")
     paths.append(study_md)
     if figures is not None:
         Path(figures).mkdir(parents=True, exist_ok=True)
         paths += make_exit_figures(out_dir, figures, num_layers)
-        paths.append(save_figure(plot_accuracy_by_exit_layer(answers), Path(figures) / "accuracy_by_exit_layer.png"))
-        paths.append(save_figure(plot_oracle_exit_layers(methods[ORACLE], num_layers), Path(figures) / "oracle_exit_layers.png"))
+        paths.append(save_figure(plot_accuracy_by_exit_layer(found.answers), Path(figures) / "accuracy_by_exit_layer.png"))
+        paths.append(save_figure(plot_oracle_exit_layers(found.methods[ORACLE], num_layers),
+                                 Path(figures) / "oracle_exit_layers.png"))
     return paths

@@ -178,11 +178,9 @@ class GateFeatureBuilder:
         summary = _head_mean(attention, self.signature.num_heads)
         if self._summaries is None or record.layer == 0:
             self._summaries = summary.new_zeros(summary.shape[0], self.signature.num_layers, summary.shape[-1])
-        self._summaries[:, record.layer] = summary
-        history = self._summaries.clone()
-        history[:, record.layer + 1 :] = 0
+        self._summaries[:, record.layer] = summary  # the layers after this one are still 0
         parts = [gate_features(record, "hidden")] if self.inputs == "hidden+history" else []
-        return torch.cat([*parts, history.flatten(1)], dim=-1)
+        return torch.cat([*parts, self._summaries.flatten(1)], dim=-1)  # a new tensor: later layers do not change it
 
 
 def select_features(features: torch.Tensor, found: str, wanted: str, signature: ModelSignature) -> torch.Tensor:

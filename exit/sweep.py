@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -45,7 +44,7 @@ from torch import nn
 from analysis.adapters import ModelAdapter, resolve_adapter
 from analysis.errors import DyVTEError
 from analysis.hooks import Hook, attached
-from analysis.io import AtomicFile, ParquetShard, parse_shard_file, shard_file_name
+from analysis.io import AtomicFile, ParquetShard, parse_shard_file, read_table, shard_file_name
 from analysis.layout import IMAGE, PADDING, TokenLayout, token_layout
 from analysis.schema import EXIT_ANSWERS, EXIT_SWEEP, SchemaError, validate_arrow_schema
 from exit.answers import CacheBuffers, answers_table, check_answerable, exit_answer_ids, generation_position_ids
@@ -624,15 +623,7 @@ class SweepWriter:
 
 def read_sweep(path: str | Path) -> pd.DataFrame:
     """The sweep table of a file or a folder of ``exit_sweep-*.parquet`` shards, validated."""
-    path = Path(path)
-    files = [path] if path.is_file() else sorted(path.glob(f"{SWEEP_TABLE}-*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"expected {SWEEP_TABLE}-*.parquet at {path}, found none")
-    frames = []
-    for file in files:
-        validate_sweep_schema(pq.read_schema(file), str(file))
-        frames.append(pq.read_table(file).to_pandas())
-    return pd.concat(frames, ignore_index=True)
+    return read_table(path, SWEEP_TABLE)
 
 
 def feature_shards(folder: str | Path) -> list[Path]:
@@ -655,15 +646,7 @@ def read_shard(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str], str]:
 
 def read_exit_answers(path: str | Path) -> pd.DataFrame:
     """The ``exit_answers`` table (``dyvte-exit sweep --answers``) of a file or a folder of shards, validated."""
-    path = Path(path)
-    files = [path] if path.is_file() else sorted(path.glob(f"{EXIT_ANSWERS.name}-*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"expected {EXIT_ANSWERS.name}-*.parquet at {path} (a sweep run with --answers), found none")
-    frames = []
-    for file in files:
-        validate_arrow_schema(pq.read_schema(file), str(file), expected=EXIT_ANSWERS.name)
-        frames.append(pq.read_table(file).to_pandas())
-    return pd.concat(frames, ignore_index=True)
+    return read_table(path, EXIT_ANSWERS.name)
 
 
 def exit_labels_at(
@@ -799,8 +782,9 @@ def _finished_samples(out_dir: Path, shard: Any, resume: bool, answers: bool) ->
         if int(path.stem.split("-")[-2]) not in committed:
             path.unlink()  # the features of a shard whose table never committed
     done = set(read_sweep(out_dir)["sample_id"]) if committed else set()
-    if answers and committed:
-        done &= set(read_exit_answers(out_dir)["sample_id"]) if any(out_dir.glob(f"{EXIT_ANSWERS.name}-*")) else set()
+    if answers and done:  # a question counts as done only with its answers too
+        has_answers = any(out_dir.glob(f"{EXIT_ANSWERS.name}-*.parquet"))
+        done &= set(read_exit_answers(out_dir)["sample_id"]) if has_answers else set()
     return done | {entry["sample_id"] for entry in _SweepErrors(out_dir, shard.tag).entries}
 
 
