@@ -64,6 +64,7 @@ __all__ = [
     "ANSWER_COLUMNS",
     "FRONTIER_COLUMNS",
     "FRONTIER_FILE",
+    "ANSWER_LABEL_RULES",
     "LABEL_RULES",
     "ORACLE",
     "ORACLE_KEEPS",
@@ -128,6 +129,10 @@ LABEL_RULES: dict[str, LabelFunction] = {
 ``paper``: agreement > 0.99 and ce_ratio < 1.03 (``exit.sweep.LabelRule``, the sweep's ``label``);
 ``agreement``: agreement > 0.99 alone; ``ce+D``: the answer cross-entropy rises by less than D nats
 per token; ``answer``: the generated answer equals the full model's."""
+
+ANSWER_LABEL_RULES: frozenset[str] = frozenset({"answer"})
+"""The label rules that read the generated answers (the exit table); the others read only the
+teacher-forced sweep."""
 
 
 # the exit table ----------------------------------------------------------------------------------

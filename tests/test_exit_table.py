@@ -174,6 +174,29 @@ def test_gates_learn_the_label_rule_asked_for(tmp_path, shapes_split):
         rule_labels(tmp_path, "answers")
 
 
+def test_teacher_forced_label_rules_train_from_a_labels_only_sweep(tmp_path, shapes_split):
+    from analysis.data import read_questions
+    from exit.frontier import monotone
+    from exit.sweep import read_sweep, run_sweep
+    from exit.train import rule_labels
+
+    spec = TinyLlavaSpec(num_kv_heads=2, seed=3)
+    model, processor = tiny_llava(spec).eval(), tiny_processor(spec.image_size)
+    with torch.no_grad():  # a stronger image, so that some exits change the answer
+        model.model.multi_modal_projector.linear_2.weight.mul_(30)
+    run_sweep(model, processor, read_questions(shapes_split / "questions.jsonl"), shapes_split, tmp_path, features=None,
+              provenance={"model": "tiny"}, batch_size=2, progress=False)
+    sweep = read_sweep(tmp_path).assign(layer=lambda f: f["layer"].astype("int64")).set_index(["sample_id", "layer"])
+    safe = monotone((sweep["agreement"] > 0.99) & (sweep["ce_ratio"] < 1.03))  # the paper's rule, by hand
+    labels = rule_labels(tmp_path, "paper,monotone")
+    assert 0 < sum(int(row.sum()) for row in labels.values()) < len(labels) * spec.num_layers  # not constant
+    assert set(labels) == set(sweep.index.get_level_values("sample_id"))
+    for sample, row in labels.items():
+        assert row.tolist() == safe.loc[sample].sort_index().astype(int).tolist()
+    with pytest.raises(Exception, match="--answers"):
+        rule_labels(tmp_path, "answer")
+
+
 def test_the_frontier_command_looks_up_every_method_of_an_exit_table(tmp_path, shapes_split):
     from analysis.data import read_questions
     from exit.cli import main
