@@ -106,7 +106,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from analysis.distributed import all_sum, barrier, distributed, local_device
     from analysis.io import check_output_folder
     from analysis.loading import check_loadable, load_model, provenance
-    from exit.sweep import LabelRule, read_sweep, run_sweep
+    from exit.sweep import SWEEP_TABLE, LabelRule, read_sweep, run_sweep
 
     if not args.resume:
         check_output_folder(args.out)
@@ -143,9 +143,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if errors:
         print(f"{int(errors)} question(s) could not be swept and were left out; their reasons are in "
               f"{run.out_dir}/_errors-*.jsonl", file=sys.stderr)
-    if not rows:
+    finished_before = args.resume and any(run.out_dir.glob(f"{SWEEP_TABLE}-*.parquet"))
+    if not rows and not finished_before:
         raise UsageError(f"expected at least one question to sweep, found all {int(errors)} failing "
                          f"(listed in {run.out_dir}/_errors-*.jsonl)")
+    if not rows:
+        print(f"nothing left to sweep: {run.out_dir} already holds every question (--resume)")
     frame = read_sweep(run.out_dir)
     print("fraction of samples whose exit after the layer is safe (label), by layer")
     print(frame.groupby("layer")["label"].mean().to_string(float_format=lambda v: f"{v:.3f}"))

@@ -93,6 +93,9 @@ def test_command_line_sweep_train_generate(tmp_path, capsys):
     assert main(["sweep", *common, "--questions", str(tmp_path / "q.jsonl"), "--image-folder", str(tmp_path / "img"),
                  "--out", str(tmp_path / "sweep"), "--batch-size", "2"]) == 0
     assert "wrote 24 rows for 6 samples" in capsys.readouterr().out
+    assert main(["sweep", *common, "--questions", str(tmp_path / "q.jsonl"), "--image-folder", str(tmp_path / "img"),
+                 "--out", str(tmp_path / "sweep"), "--batch-size", "2", "--resume"]) == 0  # a finished sweep: nothing to do
+    assert "nothing left to sweep" in capsys.readouterr().out
     assert main(["train", "--sweep", str(tmp_path / "sweep"), "--model", str(model_dir), "--out", str(tmp_path / "gates"),
                  "--hidden-width", "8", "--epochs", "2", "--batch-size", "2", "--holdout", "0.5"]) == 0
     captured = capsys.readouterr()
