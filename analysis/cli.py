@@ -14,6 +14,7 @@ from analysis.options import (
     batch_options,
     command_line,
     model_options,
+    non_negative_int,
     positive_int,
     progress_option,
     question_options,
@@ -33,6 +34,7 @@ DUMP_EXAMPLES = [
     "torchrun --nproc-per-node 4 -m analysis dump --model ./ckpt --questions q.jsonl --image-folder img/ --out stats/",
     "dyvte-stats dump --model ./ckpt --questions q.jsonl --image-folder img/ --out stats/ --shard 2/8   # task 2 of 8",
     "dyvte-stats dump --model ./ckpt --questions q.jsonl --image-folder img/ --out stats/ --resume     # after a kill",
+    "dyvte-stats dump --model ./ckpt --questions q.jsonl --image-folder img/ --out stats/ --generate 8 # answer tokens too",
 ]
 
 EPILOG = """examples:
@@ -91,6 +93,7 @@ def _cmd_dump(args: argparse.Namespace) -> int:
             fail_fast=args.fail_fast,
             batches_per_file=args.batches_per_file,
             seconds_per_file=args.seconds_per_file,
+            generate=args.generate,
         )
         where = f"shard {shard.index}/{shard.count}: " if shard.count > 1 else ""
         skipped = f" (skipped {result.skipped} already in the folder)" if args.resume else ""
@@ -241,6 +244,9 @@ def _add_dump(commands: Any) -> None:
                       help="commit a shard file every N batches; a kill loses at most the open file (default: 64)")
     dump.add_argument("--seconds-per-file", type=float, default=600.0,
                       help="also commit the open shard file after this many seconds (default: 600)")
+    dump.add_argument("--generate", type=non_negative_int, default=0, metavar="N",
+                      help="also record the attention of up to N greedy answer tokens per sample (query group "
+                      "'generated', one step each; generate() with the KV cache); default: 0, the prompt only")
     dump.set_defaults(run=_cmd_dump)
 
 
@@ -297,7 +303,7 @@ def _add_stage_commands(commands: Any) -> None:
     plot = subcommand(commands, "plot", "draw one figure of a dump to PNG or SVG",
                       ["dyvte-stats plot stats/ --kind stages --out stages.svg"])
     plot.add_argument("stats", type=Path, help="statistics folder or file (a dump)")
-    plot.add_argument("--kind", required=True, choices=["stages", "heads", "boundaries", "entropy"], help="which figure")
+    plot.add_argument("--kind", required=True, choices=["stages", "heads", "boundaries", "entropy", "answer"], help="which figure")
     plot.add_argument("--out", required=True, type=Path, help="output file, .png or .svg")
     _add_stage_settings(plot)
     plot.set_defaults(run=_cmd_plot)

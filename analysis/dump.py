@@ -36,7 +36,7 @@ from analysis.layout import token_layout
 from analysis.loading import provenance
 from analysis.recorder import record_attention
 from analysis.schema import samples_table
-from analysis.vocabulary import HEAD_MAX, HEAD_MEAN
+from analysis.vocabulary import GENERATED, HEAD_MAX, HEAD_MEAN
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def prepare_owned_folder(out_dir: Path, shard: Shard, resume: bool) -> set[str]:
     return finished_samples(out_dir)
 
 
-RESUME_KEYS = ("model", "model_type", "dtype", "attention_path", "heads")
+RESUME_KEYS = ("model", "model_type", "dtype", "attention_path", "heads", "generate")
 
 
 def check_resumable(out_dir: Path, provenance: dict[str, Any]) -> None:
@@ -115,6 +115,8 @@ def _setting(key: str, value: Any) -> Any:
     ``./ckpt`` and ``/abs/ckpt`` are the same model."""
     if key == "model" and isinstance(value, str) and Path(value).is_dir():
         return str(Path(value).resolve())
+    if key == "generate":
+        return value or 0  # a dump from before --generate existed recorded no answer tokens
     return value
 
 
@@ -147,6 +149,7 @@ def dump_statistics(
     fail_fast: bool = False,
     batches_per_file: int = 64,
     seconds_per_file: float | None = 600.0,
+    generate: int = 0,
 ) -> DumpResult:
     """Record the statistics of this shard's questions and stream them to parquet shards in ``out_dir``.
 
@@ -161,6 +164,10 @@ def dump_statistics(
             skipped, leftovers of a killed writer are removed. Without it the folder must be new.
         fail_fast: stop at the first bad sample (and check every image file before any model work);
             by default a bad sample is listed with its reason in ``_errors-*.jsonl`` and the run goes on.
+        generate: also record the attention of up to this many greedy answer tokens per sample
+            (``generate()`` with the KV cache, left padding): each is a ``generated`` query at its
+            ``step``; the answer is the samples table's ``generated`` column. A row's steps end
+            at its end-of-sequence token.
 
     Raises:
         DataError: repeated question ids; a bad sample under ``fail_fast``; a folder holding another
@@ -174,7 +181,7 @@ def dump_statistics(
     mine = shard.select(questions)
     if fail_fast:
         check_questions(mine, image_folder)
-    info = provenance(model_id, model, attention, heads, seed)
+    info = {**provenance(model_id, model, attention, heads, seed), "generate": generate}
     if resume:
         check_resumable(out_dir, info)  # before anything in the folder is touched
     finished = prepare_owned_folder(out_dir, shard, resume)
@@ -182,7 +189,7 @@ def dump_statistics(
         barrier()  # under torchrun no process writes before every process has looked at the folder
     todo = [q for q in mine if q.question_id not in finished]
     torch.manual_seed(seed)
-    run = _DumpRun(model, processor, adapter, image_folder, attention, heads, fail_fast)
+    run = _DumpRun(model, processor, adapter, image_folder, attention, heads, fail_fast, generate)
     writer = StatisticsWriter(out_dir, info, batches_per_file, tag=shard.tag, seconds_per_shard=seconds_per_file)
     with writer:
         run.dump_all(todo, writer, batch_size, progress, f"dump {shard.index}/{shard.count}" if shard.count > 1 else "dump")
@@ -202,9 +209,10 @@ class _DumpRun:
     """One batch of a dump: prepare it, list its bad questions, record the good ones, write both."""
 
     def __init__(self, model: Any, processor: Any, adapter: ModelAdapter, image_folder: str | Path, attention: str,
-                 heads: str, fail_fast: bool) -> None:
+                 heads: str, fail_fast: bool, generate: int = 0) -> None:
         self.model, self.processor, self.adapter = model, processor, adapter
         self.image_folder, self.attention, self.heads, self.fail_fast = image_folder, attention, heads, fail_fast
+        self.generate = generate
         self.image_token_id = adapter.image_token_id(model)
         self.max_tokens = context_length(model, adapter)
         self.device = next(model.parameters()).device
@@ -223,7 +231,8 @@ class _DumpRun:
         bar.close()
 
     def dump_batch(self, batch: Sequence[Question], writer: StatisticsWriter) -> None:
-        prepared = prepare_batch(self.processor, batch, self.image_folder, self.image_token_id, self.max_tokens)
+        padding = {"padding_side": "left"} if self.generate else {}  # generate() continues every row at the end
+        prepared = prepare_batch(self.processor, batch, self.image_folder, self.image_token_id, self.max_tokens, **padding)
         for question, error in prepared.failed:
             if self.fail_fast:
                 raise error
@@ -234,13 +243,42 @@ class _DumpRun:
         inputs = {k: v.to(self.device) for k, v in prepared.inputs.items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         layout = token_layout(inputs["input_ids"], inputs.get("attention_mask"), self.image_token_id)
-        with torch.no_grad(), record_attention(self.model, layout, attention=self.attention, adapter=self.adapter) as recording:
-            self.model(**inputs, logits_to_keep=1)
+        with torch.no_grad(), record_attention(self.model, layout, attention=self.attention, adapter=self.adapter,
+                                               generated=self.generate > 0) as recording:
+            if self.generate:
+                # one more token than recorded: the query of the N-th answer token runs in the N-th decoding step
+                sequences = self.model.generate(**inputs, max_new_tokens=self.generate + 1, do_sample=False)
+            else:
+                self.model(**inputs, logits_to_keep=1)
         ids = [q.question_id for q in prepared.questions]
-        statistics = recording.to_table(ids, self.heads)
+        steps, answers = None, None
+        if self.generate:
+            new = sequences[:, layout.seq_len :].cpu()
+            steps = [min(self.generate, n) for n in answer_lengths(new, stop_token_ids(self.model))]
+            answers = [self.processor.tokenizer.decode(row[:n], skip_special_tokens=True).strip()
+                       for row, n in zip(new.tolist(), steps)]
+        statistics = recording.to_table(ids, self.heads, steps=steps)
         samples = samples_table(layout, ids, ids, [q.images for q in prepared.questions],
-                                [q.text for q in prepared.questions])
+                                [q.text for q in prepared.questions], answers)
         writer.write(statistics, samples)
+
+
+def stop_token_ids(model: Any) -> set[int]:
+    """The tokens that end a greedy answer: the generation config's end-of-sequence and padding ids."""
+    config = model.generation_config
+    found: set[int] = set()
+    for value in (config.eos_token_id, config.pad_token_id):
+        found.update([value] if isinstance(value, int) else list(value or ()))
+    return found
+
+
+def answer_lengths(new_tokens: torch.Tensor, stop_ids: set[int]) -> list[int]:
+    """Per row of (batch, new) generated ids, how many tokens come before the first stop token."""
+    lengths = []
+    for row in new_tokens.tolist():
+        stops = [i for i, token in enumerate(row) if token in stop_ids]
+        lengths.append(stops[0] if stops else len(row))
+    return lengths
 
 
 SUMMARY_PAIRS: tuple[tuple[str, str], ...] = (
@@ -249,6 +287,9 @@ SUMMARY_PAIRS: tuple[tuple[str, str], ...] = (
     ("text", "system"),
     ("last", "image"),
     ("image", "image"),
+    (GENERATED, "image"),
+    (GENERATED, "text"),
+    (GENERATED, GENERATED),
 )
 
 

@@ -34,7 +34,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from analysis.errors import UsageError
-from analysis.schema import DUMP_TABLES, PROVENANCE_KEY, SchemaError, arrow_schema, validate_arrow_schema
+from analysis.schema import (
+    DUMP_TABLES,
+    PROVENANCE_KEY,
+    SchemaError,
+    arrow_schema,
+    file_version,
+    upgraded,
+    validate_arrow_schema,
+)
 
 
 @contextmanager
@@ -392,12 +400,13 @@ def read_schema(file: str | Path, expected: str | None = None) -> tuple[str, pa.
 
 
 def read_table(path: str | Path, table: str = "statistics") -> pd.DataFrame:
-    """Read a file or a folder of shards of ``table`` into one DataFrame, validating every file."""
+    """Read a file or a folder of shards of ``table`` into one DataFrame, validating every file; a
+    file of an earlier schema version is read in the current one (``analysis.schema.upgraded``)."""
     frames = []
     for file in _parquet_files(path, table):
-        read_schema(file, expected=table)
+        _, schema = read_schema(file, expected=table)
         try:
-            frames.append(pq.read_table(file).to_pandas())
+            frames.append(upgraded(pq.read_table(file), table, file_version(schema)).to_pandas())
         except (pa.ArrowInvalid, OSError) as error:
             raise SchemaError(f"{file}: expected readable parquet row groups, found corrupt data ({error})") from error
     return pd.concat(frames, ignore_index=True)

@@ -37,12 +37,16 @@ from analysis.stages import (
     STAGE_LABELS,
     DatasetStages,
     Stage,
+    StageError,
     StageSettings,
+    answer_curves,
     detect_dataset_stages,
     format_stages,
     long_curves,
+    prompt_rows,
     sample_curves,
 )
+from analysis.vocabulary import GENERATED, GENERATED_KEY_GROUPS
 
 STAGE_PAIRS: tuple[str, ...] = ("text->image", "text->text", "text->system", "last->image", "image->image")
 """The query->key pairs of the stage plot (the pairs a dump lacks are skipped)."""
@@ -125,6 +129,7 @@ def plot_heads(statistics: pd.DataFrame, stages: DatasetStages | None = None, pa
     """Layer x head heatmap of one pair's mass (mean over samples); each present stage is named at
     its first layer, with a white line where a stage starts after the first."""
     query, _, key = pair.partition("->")
+    statistics = prompt_rows(statistics)
     selected = (statistics["head"] >= 0) & (statistics["query_group"] == query) & (statistics["key_group"] == key)
     rows = statistics[selected]
     if rows.empty:
@@ -200,11 +205,44 @@ def plot_entropy(statistics: pd.DataFrame, stages: DatasetStages | None = None) 
     return fig
 
 
+def plot_answer_attention(statistics: pd.DataFrame, stages: DatasetStages | None = None) -> Figure:
+    """Where the generated answer tokens look (``dyvte-stats dump --generate N``): per layer, the
+    mass of a generated token's attention over the system, image and text tokens of the prompt
+    and over the answer so far (mean and 95% CI over samples and answer tokens), with the prompt's
+    stages shaded.
+
+    Raises:
+        PlotError: the statistics hold no generated tokens' rows.
+    """
+    try:
+        curves = answer_curves(statistics)
+    except StageError as error:
+        raise PlotError(str(error)) from error
+    result = _stages_of(statistics, stages)
+    shown = [f"{GENERATED}->{key}" for key in GENERATED_KEY_GROUPS if f"{GENERATED}->{key}" in curves.columns]
+    data = long_curves(curves, shown)
+    data["curve"] = data["curve"].str.removeprefix(f"{GENERATED}->")
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    consensus = result.consensus_stages()
+    shade_stages(ax, consensus)
+    _curve_lines(ax, data, [name.removeprefix(f"{GENERATED}->") for name in shown])
+    _layer_axis(ax, result.n_layers)
+    ax.set_ylim(0, 1.12)
+    ax.set_ylabel("attention mass of a generated token (mean over heads)")
+    ax.legend(title="key group", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    samples = curves.index.get_level_values("sample_id").nunique()
+    _title(ax, f"Where the answer tokens look: mean and 95% CI over {samples} samples and {len(curves) // max(1, result.n_layers)} "
+           "answer tokens", consensus)
+    fig.tight_layout()
+    return fig
+
+
 PLOTS: dict[str, Callable[..., Figure]] = {
     "stages": plot_stages,
     "heads": plot_heads,
     "boundaries": plot_boundaries,
     "entropy": plot_entropy,
+    "answer": plot_answer_attention,
 }
 FORMATS = (".png", ".svg")
 
@@ -243,7 +281,8 @@ class Figures:
 def make_figures(stats: str | Path, out_dir: str | Path, settings: StageSettings = StageSettings()) -> Figures:
     """Every figure of one dump as ``<out_dir>/<kind>.png``, and the stage table as ``stages.txt``.
 
-    A kind the dump cannot give (``heads`` without per-head rows) is skipped with its reason.
+    A kind the dump cannot give (``heads`` without per-head rows, ``answer`` without
+    ``--generate``) is skipped with its reason.
 
     Raises:
         FileNotFoundError: no statistics at ``stats`` (run `make demo` first for the demo's).

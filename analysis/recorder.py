@@ -5,6 +5,12 @@ sequence is the layout's (the prefill) is observed layer by layer; other forward
 steps of generate()) pass through untouched. Attention is reduced to group statistics inside
 the hook: no layer's map is kept.
 
+With ``generated=True`` the decoding steps of ``generate()`` inside the block are recorded too:
+each step's query (the token generated before it) is a group of its own, ``generated`` with its
+step index, over the prompt's key groups and the answer so far (``GENERATED_KEY_GROUPS``); the
+KV cache must hold the whole prompt in every layer (no token-removing exit while decoding) but
+a sliding-window layer's, which holds the latest positions.
+
 Two ways to observe attention give the same numbers:
 - ``attention="sdpa"`` (fast, default): the decoder runs the registered attention function
   ``OBSERVED_SDPA``, whose output is SDPA's; the statistics are recomputed on the side from
@@ -31,8 +37,9 @@ from analysis.attention import attention_path, running_attention
 from analysis.errors import DyVTEError
 from analysis.hooks import Hook, attached, layer_stream
 from analysis.layout import PADDING, TokenLayout
-from analysis.schema import statistics_table
+from analysis.schema import generated_statistics_table, statistics_table
 from analysis.stats import GroupSums, fused_group_sums, fused_kernel_name, group_sums, logit_group_sums
+from analysis.vocabulary import GENERATED_KEY_GROUPS, PROMPT_STEP
 
 RECOMPUTED = "recomputed: q k^T and exp beside SDPA, fp32 query chunks"
 """``AttentionRecorder.kernel`` when the fast path recomputed the statistics (no fused kernel)."""
@@ -55,7 +62,10 @@ class LayerRecord:
             after the image excluding the last token, or None when states were not asked for.
         last: (batch, hidden) float32 output state of the last prompt token, or None.
         query_counts, key_counts: (batch, groups) int64 group sizes at this layer when they differ
-            from the prompt's (the layers after a visual-token exit), else None.
+            from the prompt's (the layers after a visual-token exit), else None; a decoding step's
+            key_counts follow GENERATED_KEY_GROUPS.
+        step: PROMPT_STEP for the prefill; s >= 0 for decoding step s, whose one query is the s-th
+            generated token (mass (batch, head, 1, len(GENERATED_KEY_GROUPS)), entropy (batch, head, 1)).
     """
 
     layer: int
@@ -65,6 +75,7 @@ class LayerRecord:
     last: torch.Tensor | None = None
     query_counts: torch.Tensor | None = None
     key_counts: torch.Tensor | None = None
+    step: int = PROMPT_STEP
 
 
 @dataclass
@@ -77,6 +88,8 @@ class AttentionRecorder:
         records: one LayerRecord per decoder layer and recorded forward, in layer order
             (empty when ``keep=False``: consumers then receive them through ``on_layer``).
         forwards_recorded: prefills observed; forwards_skipped: other forwards (decoding steps).
+        generated: with ``generated=True``, one LayerRecord per decoder layer and decoding step.
+        steps_recorded: decoding steps recorded.
     """
 
     layout: TokenLayout
@@ -86,9 +99,17 @@ class AttentionRecorder:
     kernel: str | None = None  # the fast path's statistics kernel (fused_kernel_name, or RECOMPUTED); None: eager
     forwards_recorded: int = 0
     forwards_skipped: int = 0
+    generated: list[LayerRecord] = field(default_factory=list)
+    steps_recorded: int = 0
 
-    def to_table(self, sample_ids: Sequence[str], heads: str = "mean") -> pa.Table:
-        """The recorded statistics as a long-format table following ``analysis.schema``."""
+    def to_table(self, sample_ids: Sequence[str], heads: str = "mean", steps: Sequence[int] | None = None) -> pa.Table:
+        """The recorded statistics as a long-format table following ``analysis.schema``: the
+        prompt's rows, then those of the recorded decoding steps.
+
+        Args:
+            steps: per row, how many decoding steps to keep (its answer's tokens; a row that ended
+                before the batch did has fewer); default every recorded step for every row.
+        """
         if not self.records or self.records[0].mass is None:
             raise RecordingError(
                 "expected recorded attention statistics, found none: run a forward over the layout's "
@@ -99,7 +120,15 @@ class AttentionRecorder:
                 f"expected one record per decoder layer ({self.num_layers}) from a single forward, "
                 f"found {len(self.records)}; record each forward in its own block"
             )
-        return statistics_table(self.records, self.layout, sample_ids, heads)
+        prompt = statistics_table(self.records, self.layout, sample_ids, heads)
+        if not self.generated:
+            return prompt
+        if steps is None:
+            steps = [self.steps_recorded] * len(sample_ids)
+        if max(steps, default=0) > self.steps_recorded:
+            raise RecordingError(f"expected at most {self.steps_recorded} decoding steps per row (recorded), "
+                                 f"found a request for {max(steps)}")
+        return pa.concat_tables([prompt, generated_statistics_table(self.generated, sample_ids, steps, heads)])
 
     def to_frame(self, sample_ids: Sequence[str], heads: str = "mean") -> Any:
         """The recorded statistics as a pandas DataFrame (see ``to_table``)."""
@@ -224,6 +253,8 @@ class _LayerObserver:
         describe_implementation: Callable[[], str],
         stream: Callable[[int], tuple[torch.Tensor, torch.Tensor] | None] = lambda layer: None,
         fused: bool = True,
+        record_generated: bool = False,
+        sliding_layers: Sequence[int] = (),
     ) -> None:
         self.recorder = recorder
         self.index_of_attention = index_of_attention
@@ -234,7 +265,10 @@ class _LayerObserver:
         self.describe_implementation = describe_implementation
         self.stream = stream
         self.fused = fused
+        self.record_generated = record_generated
+        self.sliding_layers = frozenset(sliding_layers)
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.pending_generated: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def groups_at(self, layer: int) -> _LayerGroups:
         """The token groups decoder layer ``layer`` holds: the prompt's, or, after a visual-token
@@ -253,21 +287,58 @@ class _LayerObserver:
         length = self.groups_at(layer).layout.seq_len
         return num_queries == num_keys == length and batch == self.recorder.layout.batch_size
 
+    def is_decoding(self, num_queries: int, batch: int) -> bool:
+        """A decoding step of generate() (one new query per row) that the block records."""
+        return self.record_generated and num_queries == 1 and batch == self.recorder.layout.batch_size
+
+    def generated_groups(self, layer: int, num_keys: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(query membership (batch, 1, 1), key membership (batch, keys, len(GENERATED_KEY_GROUPS)),
+        key counts (batch, len(GENERATED_KEY_GROUPS))) of the running decoding step: the prompt's
+        key groups at its positions, then the answer so far (this step's query included).
+
+        Raises:
+            RecordingError: the layer's cache holds fewer keys than the prompt and the answer so far
+                (a token-removing exit, or a sliding cache shorter than the prompt).
+        """
+        step, prompt = self.recorder.steps_recorded, self.prompt_groups.key_membership
+        batch, length = prompt.shape[0], prompt.shape[1]
+        seen = length + step + 1  # positions so far: the prompt, the answer before this step, this step's token
+        if num_keys < seen and layer not in self.sliding_layers:
+            raise RecordingError(
+                f"expected decoder layer {layer} to attend over the whole prompt ({length} positions) and the "
+                f"{step + 1} generated tokens at decoding step {step}, found {num_keys} keys: decoding statistics need "
+                "every layer's cache to keep the prompt (no visual-token exit)"
+            )
+        keys = prompt.new_zeros(batch, max(seen, num_keys), len(GENERATED_KEY_GROUPS))
+        keys[:, :length, : prompt.shape[-1]] = prompt
+        keys[:, length:seen, -1] = 1  # a static cache's later slots are in no group (and masked)
+        # a sliding-window layer's cache holds the latest positions only
+        keys = keys[:, seen - num_keys : seen] if num_keys < seen else keys[:, :num_keys]
+        return prompt.new_ones(batch, 1, 1), keys, keys.sum(dim=1).long()
+
+    def _sums(self, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: float, query_membership: torch.Tensor,
+              key_membership: torch.Tensor) -> GroupSums:
+        with torch.no_grad():
+            if self.fused and fused_kernel_name(query.device) is not None:
+                self.recorder.kernel = fused_kernel_name(query.device)
+                return fused_group_sums(query, key, mask, scaling, query_membership, key_membership)
+            self.recorder.kernel = RECOMPUTED
+            chunk = self.query_chunk or default_query_chunk(query.shape[2])
+            return observed_group_sums(query, key, mask, scaling, query_membership, key_membership, chunk)
+
     def observe_sdpa(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: float) -> None:
         """Attention observer of the fast path: group sums recomputed from query and key."""
         layer = self.index_of_attention[id(module)]
         if not self.is_prefill(layer, query.shape[2], key.shape[2], query.shape[0]):
+            if self.is_decoding(query.shape[2], query.shape[0]):
+                query_membership, key_membership, counts = self.generated_groups(layer, key.shape[2])
+                if mask is None:  # SDPA's mask function leaves it out when every key is visible
+                    mask = torch.ones(query.shape[0], 1, 1, key.shape[2], dtype=torch.bool, device=query.device)
+                sums = self._sums(query, key, mask, scaling, query_membership, key_membership)
+                self.pending_generated[layer] = (*sums.means(query_membership.sum(dim=1).long()), counts)
             return
         groups = self.groups_at(layer)
-        with torch.no_grad():
-            if self.fused and fused_kernel_name(query.device) is not None:
-                sums = fused_group_sums(query, key, mask, scaling, groups.query_membership, groups.key_membership)
-                self.recorder.kernel = fused_kernel_name(query.device)
-            else:
-                chunk = self.query_chunk or default_query_chunk(query.shape[2])
-                sums = observed_group_sums(query, key, mask, scaling, groups.query_membership, groups.key_membership,
-                                           chunk)
-                self.recorder.kernel = RECOMPUTED
+        sums = self._sums(query, key, mask, scaling, groups.query_membership, groups.key_membership)
         self.pending[layer] = groups.means(sums, self.prompt_groups)
 
     def observe_eager(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -280,6 +351,11 @@ class _LayerObserver:
             )
         layer = self.index_of_attention[id(module)]
         if not self.is_prefill(layer, weights.shape[2], weights.shape[3], weights.shape[0]):
+            if self.is_decoding(weights.shape[2], weights.shape[0]):
+                query_membership, key_membership, counts = self.generated_groups(layer, weights.shape[3])
+                with torch.no_grad():
+                    sums = group_sums(weights, query_membership, key_membership)
+                self.pending_generated[layer] = (*sums.means(query_membership.sum(dim=1).long()), counts)
             return
         groups = self.groups_at(layer)
         chunk = self.query_chunk or default_query_chunk(weights.shape[2])
@@ -305,10 +381,26 @@ class _LayerObserver:
             if not self.is_prefill(layer, hidden.shape[1], hidden.shape[1], hidden.shape[0]):
                 if layer == 0:
                     self.recorder.forwards_skipped += 1
+                if self.record_attention and self.is_decoding(hidden.shape[1], hidden.shape[0]):
+                    self.finish_generated(layer)
                 return
             self.finish_layer(layer, hidden)
 
         return hook
+
+    def finish_generated(self, layer: int) -> None:
+        """Keep decoder layer ``layer``'s record of the running decoding step."""
+        if layer not in self.pending_generated:
+            raise RecordingError(
+                f"expected attention statistics for decoder layer {layer} at decoding step "
+                f"{self.recorder.steps_recorded}, found none: its self-attention did not run "
+                f"{self.recorder.attention!r} attention as requested"
+            )
+        mass, entropy, counts = self.pending_generated.pop(layer)
+        self.recorder.generated.append(
+            LayerRecord(layer=layer, mass=mass, entropy=entropy, key_counts=counts, step=self.recorder.steps_recorded))
+        if layer == self.recorder.num_layers - 1:
+            self.recorder.steps_recorded += 1
 
     def finish_layer(self, layer: int, hidden: torch.Tensor) -> None:
         record = LayerRecord(layer=layer)
@@ -345,6 +437,7 @@ def record_attention(
     query_chunk: int | None = None,
     adapter: ModelAdapter | None = None,
     fused: bool = True,
+    generated: bool = False,
 ) -> Iterator[AttentionRecorder]:
     """Observe a model's decoder layer by layer for the duration of the block.
 
@@ -362,11 +455,16 @@ def record_attention(
             are the key-group indicators and the keys (``analysis.stats.fused_group_sums``) where
             the device has such a kernel; False, or a device without one, recomputes q k^T in
             query chunks beside SDPA. ``recorder.kernel`` says which ran.
+        generated: also record the decoding steps of ``generate()`` run inside the block, into
+            ``recorder.generated`` (whatever ``keep`` says); needs ``record_attention``.
 
     Yields:
         The AttentionRecorder that fills up while the block runs.
     """
     path = attention_path(attention)
+    if generated and not record_attention:
+        raise RecordingError("expected record_attention=True with generated=True (decoding steps record attention), "
+                             "found record_attention=False")
     adapter = adapter or resolve_adapter(model)
     layers = adapter.decoder_layers(model)
     recorder = AttentionRecorder(layout=layout, attention=path.name, num_layers=len(layers))
@@ -382,6 +480,9 @@ def record_attention(
         describe_implementation=lambda: adapter.attention_implementation(model),
         stream=lambda layer: layer_stream(model, layer),
         fused=fused,
+        record_generated=generated,
+        sliding_layers=[i for i, kind in enumerate(getattr(adapter.text_config(model), "layer_types", None) or ())
+                        if kind == "sliding_attention"],
     )
     hooks = [Hook(p, observer.after_layer(i)) for i, p in enumerate(adapter.layer_paths(model))]
     if record_attention:

@@ -22,14 +22,16 @@ import numpy as np
 import pyarrow as pa
 
 from analysis.errors import DyVTEError
-from analysis.vocabulary import KEY_GROUPS, QUERY_GROUPS
+from analysis.vocabulary import GENERATED, GENERATED_KEY_GROUPS, KEY_GROUPS, PROMPT_STEP, QUERY_GROUPS
 
 if TYPE_CHECKING:
     import torch
 
     from analysis.layout import TokenLayout
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""The statistics and samples tables' version (2: decoding steps; files of version 1 are read as
+version 2 with their prompt rows' ``step`` and an empty ``generated``)."""
 TABLE_KEY = b"dyvte.table"
 VERSION_KEY = b"dyvte.schema_version"
 PROVENANCE_KEY = b"dyvte.provenance"
@@ -41,23 +43,36 @@ class SchemaError(DyVTEError, ValueError):
 
 @dataclass(frozen=True)
 class Column:
+    """One column of a registered table.
+
+    Attributes:
+        since: the table version that added the column; a file of an earlier version is read with
+            the column filled with ``fill`` (what those files' rows mean in the newer schema).
+    """
+
     name: str
     dtype: pa.DataType
     unit: str
     description: str
+    since: int = 1
+    fill: Any = None
 
 
 STATISTICS_COLUMNS: tuple[Column, ...] = (
     Column("sample_id", pa.string(), "", "identifier of the sample (the question id)"),
     Column("layer", pa.int32(), "index", "decoder layer, 0 = first"),
     Column("head", pa.int32(), "index", "attention head; -1 = mean over heads, -2 = max over heads"),
-    Column("query_group", pa.string(), "", "group of the attending tokens: system, image, text, last"),
-    Column("key_group", pa.string(), "", "group of the attended tokens: system, image, text"),
+    Column("query_group", pa.string(), "", f"group of the attending tokens: system, image, text, last; {GENERATED} "
+           "for a generated answer token (one per step)"),
+    Column("key_group", pa.string(), "", f"group of the attended tokens: system, image, text; {GENERATED} (the answer "
+           "so far) for a generated token's rows"),
     Column("mass", pa.float32(), "probability", "mean over the group's queries of the summed attention over the key group"),
     Column("mass_per_key", pa.float32(), "probability / token", "mass divided by the number of keys in the key group"),
     Column("entropy", pa.float32(), "nats", "mean entropy of the query group's attention rows (same for every key group)"),
     Column("n_query", pa.int32(), "tokens", "number of queries in the query group (at this layer: fewer after an exit)"),
     Column("n_key", pa.int32(), "tokens", "number of keys in the key group (at this layer: 0 for a group that left)"),
+    Column("step", pa.int32(), "index", f"{PROMPT_STEP} = the prompt (prefill); s >= 0 = the query is the s-th "
+           "generated answer token (dump --generate)", since=2, fill=PROMPT_STEP),
 )
 
 SAMPLE_COLUMNS: tuple[Column, ...] = (
@@ -69,6 +84,8 @@ SAMPLE_COLUMNS: tuple[Column, ...] = (
     Column("n_system", pa.int32(), "tokens", "tokens before the first image token"),
     Column("n_image", pa.int32(), "tokens", "image tokens"),
     Column("n_text", pa.int32(), "tokens", "non-image tokens after the first image token"),
+    Column("generated", pa.string(), "", "the greedy answer whose tokens' attention was recorded (dump --generate); "
+           "'' when none was", since=2, fill=""),
 )
 
 @dataclass(frozen=True)
@@ -96,6 +113,10 @@ class TableSpec:
     def expected_phrase(self) -> str:
         return self.family or f"an {self.name} table"
 
+    def columns_at(self, version: int) -> tuple[Column, ...]:
+        """The fixed columns a file of table version ``version`` holds."""
+        return tuple(c for c in self.columns if c.since <= version)
+
     def arrow_schema(self, provenance: dict[str, Any] | None = None, extra: Sequence[str] = ()) -> pa.Schema:
         """The arrow schema with the toolkit's metadata; ``extra`` names open columns to add."""
         metadata = {TABLE_KEY: self.name.encode(), VERSION_KEY: str(self.version).encode()}
@@ -115,9 +136,10 @@ class TableSpec:
             + f", found an extra column {name!r}"
         )
 
-    def check_columns(self, schema: pa.Schema, where: str) -> None:
-        """Raise SchemaError unless ``schema``'s columns are this table's (names and dtypes, in order)."""
-        expected = [(c.name, c.dtype) for c in self.columns]
+    def check_columns(self, schema: pa.Schema, where: str, version: int | None = None) -> None:
+        """Raise SchemaError unless ``schema``'s columns are this table's at ``version`` (default:
+        the current one): names and dtypes, in order."""
+        expected = [(c.name, c.dtype) for c in self.columns_at(self.version if version is None else version)]
         found = [(f.name, f.type) for f in schema]
         if found[: len(expected)] != expected or (len(found) > len(expected) and not self.open_columns):
             raise SchemaError(
@@ -261,9 +283,28 @@ def validate_arrow_schema(schema: pa.Schema, where: str = "table", expected: str
     if table not in TABLES:
         raise SchemaError(f"{where}: expected table to be one of {sorted(TABLES)}, found {table!r}")
     spec = TABLES[table]
-    if version != str(spec.version):
-        raise SchemaError(f"{where}: expected schema version {spec.version}, found version {version}")
-    spec.check_columns(schema, where)
+    readable = [str(v) for v in range(1, spec.version + 1)]
+    if version not in readable:
+        raise SchemaError(f"{where}: expected schema version {spec.version}"
+                          + (f" (or an earlier one: {', '.join(readable[:-1])})" if len(readable) > 1 else "")
+                          + f", found version {version}")
+    spec.check_columns(schema, where, int(version))
+    return table
+
+
+def file_version(schema: pa.Schema) -> int:
+    """The table version a validated file's schema says it has."""
+    return int((schema.metadata or {})[VERSION_KEY].decode())
+
+
+def upgraded(table: pa.Table, name: str, version: int) -> pa.Table:
+    """A table read from a file of ``version`` with the columns later versions added, filled with
+    what they mean for those rows (``Column.fill``), so that every reader sees the current schema."""
+    spec = TABLES[name]
+    for position, column in enumerate(spec.columns):
+        if column.since > version:
+            table = table.add_column(position, pa.field(column.name, column.dtype, nullable=False),
+                                     pa.array([column.fill] * table.num_rows, column.dtype))
     return table
 
 
@@ -309,8 +350,69 @@ def statistics_table(
         "entropy": pa.array(entropy[index[0], index[1], index[2], index[3]].astype(np.float32), pa.float32()),
         "n_query": pa.array(query_counts[index[0], index[1], index[3]].astype(np.int32), pa.int32()),
         "n_key": pa.array(n_key.astype(np.int32), pa.int32()),
+        "step": pa.array(np.full(n_key.shape, PROMPT_STEP, dtype=np.int32), pa.int32()),
     }
     return pa.Table.from_pydict(columns, schema=arrow_schema("statistics"))
+
+
+class GeneratedLayer(Protocol):
+    """What the statistics table needs of one layer of one decoding step (a generated token's query)."""
+
+    layer: int
+    step: int
+    mass: torch.Tensor  # (batch, head, 1, len(GENERATED_KEY_GROUPS))
+    entropy: torch.Tensor  # (batch, head, 1)
+    key_counts: torch.Tensor  # (batch, len(GENERATED_KEY_GROUPS))
+
+
+def generated_statistics_table(
+    records: Sequence[GeneratedLayer],
+    sample_ids: Sequence[str],
+    steps: Sequence[int],
+    heads: str = "mean",
+) -> pa.Table:
+    """Long-format statistics of the generated tokens of one recorded batch: query group
+    ``generated``, one ``step`` per token, key groups GENERATED_KEY_GROUPS (rows ordered sample,
+    step, layer, head, key group). Row b keeps its first ``steps[b]`` steps (its answer tokens;
+    a row that stopped earlier than the batch has no rows for the steps after it stopped)."""
+    from analysis.stats import reduce_heads
+
+    if len(sample_ids) != len(steps):
+        raise SchemaError(f"expected one step count per sample ({len(sample_ids)}), found {len(steps)}")
+    by_step: dict[int, dict[int, GeneratedLayer]] = {}
+    for record in records:
+        by_step.setdefault(record.step, {})[record.layer] = record
+    parts = []
+    for b, sample in enumerate(sample_ids):
+        for step in range(int(steps[b])):
+            if step not in by_step:
+                raise SchemaError(f"expected recorded decoding step {step} for sample {sample!r}, found steps "
+                                  f"{sorted(by_step)}")
+            layers = [by_step[step][layer] for layer in sorted(by_step[step])]
+            mass = np.stack([reduce_heads(r.mass[b : b + 1], heads)[0][0, :, 0].cpu().numpy() for r in layers])  # l h k
+            entropy = np.stack([reduce_heads(r.entropy[b : b + 1], heads)[0][0, :, 0].cpu().numpy() for r in layers])
+            n_key = np.stack([r.key_counts[b].cpu().numpy() for r in layers])  # l k
+            head_labels = np.asarray(reduce_heads(layers[0].mass[b : b + 1], heads)[1], dtype=np.int32)
+            l_index, h_index, k_index = np.indices(mass.shape).reshape(3, -1)
+            keys = n_key[l_index, k_index]
+            parts.append({
+                "sample_id": np.full(l_index.shape, sample, dtype=object),
+                "layer": np.array([r.layer for r in layers], dtype=np.int32)[l_index],
+                "head": head_labels[h_index],
+                "query_group": np.full(l_index.shape, GENERATED, dtype=object),
+                "key_group": np.asarray(GENERATED_KEY_GROUPS, dtype=object)[k_index],
+                "mass": mass.reshape(-1).astype(np.float32),
+                "mass_per_key": (mass.reshape(-1) / np.where(keys > 0, keys, np.nan)).astype(np.float32),
+                "entropy": entropy[l_index, h_index].astype(np.float32),
+                "n_query": np.ones(l_index.shape, dtype=np.int32),
+                "n_key": keys.astype(np.int32),
+                "step": np.full(l_index.shape, step, dtype=np.int32),
+            })
+    schema = arrow_schema("statistics")
+    if not parts:
+        return schema.empty_table()
+    columns = {f.name: pa.array(np.concatenate([part[f.name] for part in parts]), f.type) for f in schema}
+    return pa.Table.from_pydict(columns, schema=schema)
 
 
 def _counts(layer_counts: torch.Tensor | None, prompt_counts: torch.Tensor) -> np.ndarray:
@@ -323,8 +425,9 @@ def samples_table(
     question_ids: Sequence[str],
     images: Sequence[Sequence[str]],
     questions: Sequence[str],
+    generated: Sequence[str] | None = None,
 ) -> pa.Table:
-    """The per-sample table of one batch."""
+    """The per-sample table of one batch; ``generated``: the answers recorded with ``--generate``."""
     counts = layout.key_counts().cpu().numpy()
     n_tokens = (layout.group >= 0).sum(dim=1).cpu().numpy()
     columns = {
@@ -336,6 +439,7 @@ def samples_table(
         "n_system": pa.array(counts[:, KEY_GROUPS.index("system")].astype(np.int32), pa.int32()),
         "n_image": pa.array(counts[:, KEY_GROUPS.index("image")].astype(np.int32), pa.int32()),
         "n_text": pa.array(counts[:, KEY_GROUPS.index("text")].astype(np.int32), pa.int32()),
+        "generated": pa.array(list(generated) if generated is not None else [""] * len(sample_ids), pa.string()),
     }
     return pa.Table.from_pydict(columns, schema=arrow_schema("samples"))
 

@@ -64,7 +64,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from analysis.errors import DyVTEError
-from analysis.vocabulary import HEAD_MAX, HEAD_MEAN
+from analysis.vocabulary import GENERATED, HEAD_MAX, HEAD_MEAN, PROMPT_STEP
 
 STAGES: tuple[str, ...] = ("early_fusion", "intra_modality", "multimodal_reasoning")
 STAGE_LABELS: dict[str, str] = {
@@ -363,15 +363,31 @@ def detect_stages(curves: Curves, settings: StageSettings = StageSettings()) -> 
     return StageResult(tuple(stages), quality, layers, smoothed)
 
 
-def select_head_rows(statistics: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+def prompt_rows(statistics: pd.DataFrame) -> pd.DataFrame:
+    """The prompt's (prefill) rows of a statistics table: the stages are the prompt's; a dump with
+    ``--generate`` also holds the generated tokens' rows (``step`` >= 0), which these leave out."""
+    return statistics[statistics["step"] == PROMPT_STEP] if "step" in statistics.columns else statistics
+
+
+def generated_rows(statistics: pd.DataFrame) -> pd.DataFrame:
+    """The generated answer tokens' rows of a statistics table (``dump --generate``); none otherwise."""
+    if "step" not in statistics.columns:
+        return statistics.iloc[:0]
+    return statistics[(statistics["step"] != PROMPT_STEP) & (statistics["query_group"] == GENERATED)]
+
+
+def select_head_rows(statistics: pd.DataFrame, rows: str = "prompt") -> tuple[pd.DataFrame, str]:
     """The rows that stand for "all heads" and how: head-mean rows, else the per-head rows
-    (averaged later), else the max-over-heads rows."""
+    (averaged later), else the max-over-heads rows; of the prompt (``rows="prompt"``) or of the
+    generated tokens (``rows="generated"``)."""
     needed = ("sample_id", "layer", "head", "query_group", "key_group", "mass", "entropy")
     missing = [c for c in needed if c not in statistics.columns]
     if missing:
         raise StageError(f"expected a statistics table (analysis.io.read_statistics), found no columns {missing}")
+    statistics = ROW_KINDS[rows](statistics)
     if statistics.empty:
-        raise StageError("expected statistics rows, found an empty table")
+        raise StageError(f"expected statistics rows{' of generated tokens (dump --generate N)' if rows == 'generated' else ''}, "
+                         "found an empty table")
     head = statistics["head"]
     preference = ((head == HEAD_MEAN, "mean over heads"), (head >= 0, "mean of the per-head rows"),
                   (head == HEAD_MAX, "max over heads"))
@@ -396,6 +412,25 @@ def sample_curves(statistics: pd.DataFrame) -> pd.DataFrame:
     curves = mass.join(entropy).sort_index()
     curves.index = curves.index.set_levels(curves.index.levels[1].astype(int), level="layer")
     return curves
+
+
+ROW_KINDS: dict[str, Any] = {"prompt": prompt_rows, "generated": generated_rows}
+"""Which rows of a statistics table a curve is made of: the prompt's or the generated tokens'."""
+
+
+def answer_curves(statistics: pd.DataFrame) -> pd.DataFrame:
+    """Where the generated answer tokens look: index (sample_id, step, layer); columns
+    ``generated->KEY`` (mass over each key group of GENERATED_KEY_GROUPS) and ``entropy:generated``.
+
+    Raises:
+        StageError: the table holds no generated tokens' rows (dump without ``--generate``).
+    """
+    rows, _ = select_head_rows(statistics, rows="generated")
+    keys = ["sample_id", "step", "layer"]
+    mass = rows.groupby([*keys, "key_group"], observed=True)["mass"].mean().unstack("key_group")
+    mass.columns = [f"{GENERATED}->{key}" for key in mass.columns]
+    entropy = rows.groupby(keys, observed=True)["entropy"].mean().rename(f"entropy:{GENERATED}")
+    return mass.join(entropy).sort_index()
 
 
 def long_curves(curves: pd.DataFrame, names: Sequence[str] | None = None) -> pd.DataFrame:

@@ -18,3 +18,11 @@ HEAD_MAX = -2
 
 HEAD_REDUCTIONS: tuple[str, ...] = ("all", "mean", "max")
 """The values of ``heads=`` / ``--heads``: keep every head (0..H-1), or one mean or max row."""
+
+GENERATED = "generated"
+"""Query group of a generated answer token (one per decoding step, ``step`` >= 0) and key group
+of the generated tokens so far (the query itself included)."""
+GENERATED_KEY_GROUPS: tuple[str, ...] = (*KEY_GROUPS, GENERATED)
+"""Key groups of a generated token's attention: the prompt's groups, then the answer so far."""
+PROMPT_STEP = -1
+"""``step`` value of the prompt's rows (the prefill); a generated token's rows hold its step 0, 1, ..."""

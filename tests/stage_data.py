@@ -15,6 +15,7 @@ import pytest
 from analysis.io import StatisticsWriter
 from analysis.layout import KEY_GROUPS, QUERY_GROUPS
 from analysis.schema import arrow_schema
+from analysis.vocabulary import GENERATED, GENERATED_KEY_GROUPS, PROMPT_STEP
 
 
 def step_curve(levels: Sequence[float], boundaries: Sequence[int], n_layers: int) -> np.ndarray:
@@ -36,10 +37,12 @@ def _masses(text_image: float, head_shift: float) -> dict[tuple[str, str], float
     }
 
 
-def synthetic_statistics(curves: np.ndarray, heads: int = 0, sample_ids: Sequence[str] | None = None) -> pd.DataFrame:
-    """A statistics table (schema version 1) whose text->image (and last->image) mass per sample
-    and layer is ``curves[sample, layer]``; head-mean rows, and ``heads`` per-head rows whose
-    average is the head-mean value. Entropy rises with the text->image mass."""
+def synthetic_statistics(curves: np.ndarray, heads: int = 0, sample_ids: Sequence[str] | None = None,
+                         answer_steps: int = 0) -> pd.DataFrame:
+    """A statistics table whose text->image (and last->image) mass per sample and layer is
+    ``curves[sample, layer]``; head-mean rows, and ``heads`` per-head rows whose average is the
+    head-mean value. Entropy rises with the text->image mass. ``answer_steps`` adds that many
+    generated tokens per sample whose image mass is half the text's (``generated_masses``)."""
     curves = np.atleast_2d(np.asarray(curves, dtype=float))
     sample_ids = list(sample_ids or [f"s{i:02d}" for i in range(len(curves))])
     shifts = np.linspace(-0.02, 0.02, heads) if heads > 1 else np.zeros(heads)
@@ -51,14 +54,25 @@ def synthetic_statistics(curves: np.ndarray, heads: int = 0, sample_ids: Sequenc
                 for query in QUERY_GROUPS:
                     entropy = 1.0 + value if query in ("text", "last") else 2.0
                     for key in KEY_GROUPS:
-                        rows.append((sample_id, layer, head, query, key, masses[query, key], entropy))
-    frame = pd.DataFrame(rows, columns=["sample_id", "layer", "head", "query_group", "key_group", "mass", "entropy"])
-    n_key = frame["key_group"].map({"system": 5, "image": 16, "text": 8})
-    n_query = frame["query_group"].map({"system": 5, "image": 16, "text": 8, "last": 1})
+                        rows.append((sample_id, layer, head, query, key, masses[query, key], entropy, PROMPT_STEP))
+                for step in range(answer_steps):
+                    for key, mass in generated_masses(value).items():
+                        rows.append((sample_id, layer, head, GENERATED, key, mass, 1.5, step))
+    frame = pd.DataFrame(rows, columns=["sample_id", "layer", "head", "query_group", "key_group", "mass", "entropy", "step"])
+    n_key = frame["key_group"].map({"system": 5, "image": 16, "text": 8, GENERATED: 1}) + np.where(
+        frame["key_group"] == GENERATED, frame["step"], 0)
+    n_query = frame["query_group"].map({"system": 5, "image": 16, "text": 8, "last": 1, GENERATED: 1})
     frame["mass_per_key"] = frame["mass"] / n_key
     frame["n_query"], frame["n_key"] = n_query, n_key
-    columns = ["sample_id", "layer", "head", "query_group", "key_group", "mass", "mass_per_key", "entropy", "n_query", "n_key"]
+    columns = ["sample_id", "layer", "head", "query_group", "key_group", "mass", "mass_per_key", "entropy", "n_query",
+               "n_key", "step"]
     return frame[columns]
+
+
+def generated_masses(text_image: float) -> dict[str, float]:
+    """A generated token's masses at a layer whose text->image mass is ``text_image`` (sum 1)."""
+    image = text_image / 2
+    return dict(zip(GENERATED_KEY_GROUPS, (0.2 * (1 - image), image, 0.5 * (1 - image), 0.3 * (1 - image))))
 
 
 def write_statistics(frame: pd.DataFrame, folder: Path) -> Path:
@@ -69,6 +83,7 @@ def write_statistics(frame: pd.DataFrame, folder: Path) -> Path:
         {
             "sample_id": ids, "question_id": ids, "images": [["x.png"]] * len(ids), "question": ["?"] * len(ids),
             "n_tokens": [30] * len(ids), "n_system": [5] * len(ids), "n_image": [16] * len(ids), "n_text": [9] * len(ids),
+            "generated": [""] * len(ids),
         },
         schema=arrow_schema("samples"),
     )

@@ -155,14 +155,15 @@ def test_parquet_of_another_schema_version_stops(model_dir, images, tmp_path, ca
     questions, out = _dump_folder(model_dir, images, tmp_path)
     path = out / "statistics-00000.parquet"
     table = pq.read_table(path)
-    metadata = {**table.schema.metadata, b"dyvte.schema_version": b"2"}
+    metadata = {**table.schema.metadata, b"dyvte.schema_version": b"3"}
     pq.write_table(table.replace_schema_metadata(metadata), path)
     capsys.readouterr()
     assert main(["summary", str(out)]) == 2
-    assert "statistics-00000.parquet: expected schema version 1, found version 2" in capsys.readouterr().err
+    expected = "statistics-00000.parquet: expected schema version 2 (or an earlier one: 1), found version 3"
+    assert expected in capsys.readouterr().err
     assert dump(model_dir, questions, images, out, "--resume") == 2
-    assert "expected schema version 1, found version 2" in capsys.readouterr().err
-    assert len(read_samples(out)) == 1  # the samples shard (version 1) is untouched
+    assert "expected schema version 2 (or an earlier one: 1), found version 3" in capsys.readouterr().err
+    assert len(read_samples(out)) == 1  # the samples shard (version 2) is untouched
 
 
 def test_gates_for_another_model_stop(model_dir, images, tmp_path, capsys):

@@ -66,6 +66,40 @@ def test_dump_validate_summary_end_to_end(model_dir, dataset, tmp_path, capsys):
     assert "text->image" in printed and "last->image" in printed
 
 
+def test_dump_generate_records_each_answer_tokens_attention(model_dir, dataset, tmp_path, capsys):
+    from analysis.stages import answer_curves, detect_dataset_stages, prompt_rows
+    from analysis.vocabulary import GENERATED, PROMPT_STEP
+
+    questions, images = dataset
+    assert main(dump_args(model_dir, questions, images, tmp_path / "prompt", "--quiet")) == 0
+    assert main(dump_args(model_dir, questions, images, tmp_path / "answers", "--generate", "3", "--batch-size", "2")) == 0
+    assert "generated->image" in capsys.readouterr().out  # the summary shows where the answer looks
+    stats, samples = read_statistics(tmp_path / "answers"), read_samples(tmp_path / "answers").set_index("sample_id")
+    generated = stats[stats["step"] != PROMPT_STEP]
+    assert set(generated["query_group"]) == {GENERATED}
+    counts = []
+    for sample, row in samples.iterrows():  # one step per answer token (at most 3; fewer where the answer ended)
+        steps = sorted(generated[generated["sample_id"] == sample]["step"].unique())
+        assert steps == list(range(len(steps))) and len(steps) <= 3 and (steps or row["generated"] == "")
+        counts.append(len(steps))
+    assert max(counts) > 0
+    assert read_provenance(next((tmp_path / "answers").glob("statistics-*.parquet")))["generate"] == 3
+    # the prompt's rows are those of a dump without --generate (left padding changes only rounding)
+    plain, prompt = (f.sort_values(["sample_id", "layer", "head", "query_group", "key_group"]).reset_index(drop=True)
+                     for f in (read_statistics(tmp_path / "prompt"), prompt_rows(stats)))
+    assert plain[["sample_id", "layer", "query_group", "key_group"]].equals(prompt[["sample_id", "layer", "query_group", "key_group"]])
+    assert (plain["mass"] - prompt["mass"]).abs().max() < 1e-5
+    assert detect_dataset_stages(stats).consensus_stages() == detect_dataset_stages(plain).consensus_stages()
+    assert set(answer_curves(stats).columns) >= {f"{GENERATED}->image", f"{GENERATED}->{GENERATED}"}
+    assert main(["plot", str(tmp_path / "answers"), "--kind", "answer", "--out", str(tmp_path / "answer.png")]) == 0
+    assert (tmp_path / "answer.png").stat().st_size > 0
+    assert main(["plot", str(tmp_path / "prompt"), "--kind", "answer", "--out", str(tmp_path / "none.png")]) == 2
+    assert "dump --generate" in capsys.readouterr().err
+    # a resumed dump must keep the setting
+    assert main(dump_args(model_dir, questions, images, tmp_path / "answers", "--resume")) == 2
+    assert "generate=3 (now 0)" in capsys.readouterr().err
+
+
 def test_eager_and_sdpa_dumps_agree(model_dir, dataset, tmp_path):
     questions, images = dataset
     for path in ("sdpa", "eager"):

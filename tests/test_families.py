@@ -235,6 +235,30 @@ def test_cached_generate_equals_recomputation(family_case, model_type, plan):
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
+def test_generated_tokens_statistics_equal_an_eager_recomputation(family_case, model_type):
+    """Each decoding step's query over the prompt's groups and the answer so far, against the
+    stock eager model's output_attentions over prompt + answer in one uncached forward."""
+    from analysis.vocabulary import GENERATED_KEY_GROUPS
+    from tests.test_recorder_generated import step_by_step_reference
+
+    model, inputs = family_case(model_type)
+    layout = layout_of(model, inputs)
+    image_id = resolve_adapter(model).image_token_id(model)
+    with torch.no_grad(), record_attention(model, layout, generated=True) as recording:
+        sequences = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                                   suppress_tokens=[image_id])
+    recompute = recompute_inputs(model, inputs, sequences)
+    with running(model, "eager"):
+        expected = step_by_step_reference(model, recompute, layout, sequences)
+    assert recording.steps_recorded == 2 and len(expected) == 2 * len(recording.records)
+    for record in recording.generated:
+        mass, entropy = expected[record.step, record.layer]
+        assert record.mass.shape[-1] == len(GENERATED_KEY_GROUPS)
+        assert_relative_close(record.mass, mass, TOLERANCE)
+        assert_relative_close(record.entropy, entropy, TOLERANCE)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
 def test_gates_that_fire_equal_an_exit_after_the_first_layer(family_case, model_type):
     model, inputs = family_case(model_type)
     gates = DyVTEGates.for_model(model, GateConfig(inputs="both", hidden_width=8, tau=0.0))

@@ -121,8 +121,28 @@ def test_foreign_parquet_and_other_schema_version_are_rejected(tmp_path, recorde
     metadata[b"dyvte.schema_version"] = b"99"
     old = tmp_path / "old.parquet"
     pq.write_table(table.replace_schema_metadata(metadata), old)
-    with pytest.raises(SchemaError, match="expected schema version 1, found version 99"):
+    with pytest.raises(SchemaError, match="expected schema version 2 .or an earlier one: 1., found version 99"):
         read_statistics(old)
+
+
+def test_version_1_files_are_read_as_prompt_rows_of_version_2(tmp_path, recorded):
+    """A dump written before decoding statistics existed (schema version 1: no step, no generated)
+    reads back as the current schema, its rows the prompt's."""
+    from analysis.vocabulary import PROMPT_STEP
+
+    recording, layout = recorded
+    write_batches(tmp_path / "new", recording, layout, batches=1)
+    for table, dropped in (("statistics", "step"), ("samples", "generated")):
+        current = pq.read_table(tmp_path / "new" / f"{table}-00000.parquet")
+        old = current.drop_columns([dropped])
+        metadata = {**old.schema.metadata, b"dyvte.schema_version": b"1"}
+        (tmp_path / "old").mkdir(exist_ok=True)
+        pq.write_table(old.replace_schema_metadata(metadata), tmp_path / "old" / f"{table}-00000.parquet")
+    statistics, samples = read_statistics(tmp_path / "old"), read_samples(tmp_path / "old")
+    assert (statistics["step"] == PROMPT_STEP).all() and (samples["generated"] == "").all()
+    pd.testing.assert_frame_equal(statistics, read_statistics(tmp_path / "new"))
+    pd.testing.assert_frame_equal(samples, read_samples(tmp_path / "new"))
+    assert validate_path(tmp_path / "old")  # an older version is valid, not an error
 
 
 def test_reading_samples_where_statistics_are_expected_is_an_error(tmp_path, recorded):

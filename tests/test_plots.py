@@ -19,7 +19,7 @@ def statistics():
     rng = np.random.default_rng(0)
     bounds = [(3, 12), (4, 13), (4, 12), (5, 14), (4, 13)]
     curves = [step_curve((0.6, 0.08, 0.2), b, 18) + rng.normal(0, 0.01, 18) for b in bounds]
-    return synthetic_statistics(np.array(curves), heads=2)
+    return synthetic_statistics(np.array(curves), heads=2, answer_steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -98,14 +98,31 @@ def test_figures_command_on_a_tiny_model_dump(tiny_dump, tmp_path, capsys):
     assert names == ["boundaries.png", "entropy.png", "heads.png", "stages.png", "stages.txt"]
     assert all((out / n).stat().st_size > 1000 for n in names if n.endswith(".png"))
     assert "stages of 3 samples, 6 layers" in (out / "stages.txt").read_text()
-    assert printed.count("wrote ") == 5 and "skipped" not in printed
+    assert printed.count("wrote ") == 5 and printed.count("skipped") == 1 and "skipped answer" in printed
+    assert "dump --generate" in printed  # the one figure a dump without answer tokens cannot give, and why
 
 
 def test_figures_skip_heads_without_per_head_rows(statistics, tmp_path):
     stats = write_statistics(statistics[statistics["head"] == -1], tmp_path / "stats")
     result = make_figures(stats, tmp_path / "figures")
-    assert sorted(p.name for p in result.files) == ["boundaries.png", "entropy.png", "stages.png", "stages.txt"]
+    assert sorted(p.name for p in result.files) == ["answer.png", "boundaries.png", "entropy.png", "stages.png", "stages.txt"]
     assert list(result.skipped) == ["heads"] and "--heads all" in result.skipped["heads"]
+
+
+def test_answer_curves_are_the_generated_tokens_masses(statistics):
+    from stage_data import generated_masses
+
+    from analysis.stages import answer_curves, prompt_rows, sample_curves
+
+    curves = answer_curves(statistics)
+    assert list(curves.index.names) == ["sample_id", "step", "layer"] and len(curves) == 5 * 2 * 18
+    text_image = sample_curves(statistics)["text->image"]
+    for (sample, step, layer), row in curves.iloc[::7].iterrows():
+        expected = generated_masses(text_image.loc[(sample, layer)])
+        assert row["generated->image"] == pytest.approx(expected["image"], abs=1e-6)
+        assert row["generated->generated"] == pytest.approx(expected["generated"], abs=1e-6)
+    # the stages are the prompt's: the generated rows change nothing
+    assert sample_curves(statistics).equals(sample_curves(prompt_rows(statistics)))
 
 
 def test_figures_without_a_dump_say_run_make_demo(tmp_path, capsys):
