@@ -39,7 +39,7 @@ from analysis.hooks import Hook, attached, layer_stream
 from analysis.layout import PADDING, TokenLayout
 from analysis.schema import generated_statistics_table, statistics_table
 from analysis.stats import GroupSums, fused_group_sums, fused_kernel_name, group_sums, logit_group_sums
-from analysis.vocabulary import GENERATED_KEY_GROUPS, PROMPT_STEP
+from analysis.vocabulary import GENERATED_KEY_GROUPS, PROMPT_STEP, QUERY_GROUPS
 
 RECOMPUTED = "recomputed: q k^T and exp beside SDPA, fp32 query chunks"
 """``AttentionRecorder.kernel`` when the fast path recomputed the statistics (no fused kernel)."""
@@ -198,6 +198,49 @@ def observed_group_sums(
     return total
 
 
+@dataclass(frozen=True)
+class SelectedQueries:
+    """The query rows of some query groups, gathered per row of the batch (left-aligned; a row
+    with fewer of them fills its slots with other positions whose membership is 0).
+
+    Attributes:
+        index: (batch, n) int64 position of each slot. membership: (batch, n, query_group) 0/1,
+            zero outside the selected groups and in the filler slots.
+    """
+
+    index: torch.Tensor
+    membership: torch.Tensor
+
+    def gather_query(self, query: torch.Tensor) -> torch.Tensor:
+        """(batch, head, n, dim) of (batch, head, q, dim)."""
+        return query.gather(2, self.index[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[3]))
+
+    def gather_mask(self, mask: torch.Tensor | None, num_keys: int) -> torch.Tensor:
+        """The attention mask of the gathered rows, (batch, 1 or head, n, keys); None (plain
+        causal) becomes the explicit causal mask of the slots' positions."""
+        batch = self.index.shape[0]
+        if mask is None:
+            keys = torch.arange(num_keys, device=self.index.device)
+            return (keys[None, None, None, :] <= self.index[:, None, :, None])
+        mask = mask.expand(batch, -1, -1, -1)
+        return mask.gather(2, self.index[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
+
+
+def selected_query_rows(query_membership: torch.Tensor, columns: Sequence[int]) -> SelectedQueries:
+    """The rows of the query groups ``columns`` (indices into QUERY_GROUPS) of a (batch, q, group) membership."""
+    keep = torch.zeros(query_membership.shape[-1], dtype=query_membership.dtype, device=query_membership.device)
+    keep[list(columns)] = 1
+    membership = query_membership * keep
+    selected = membership.sum(dim=-1) > 0  # (batch, q)
+    count = selected.sum(dim=1)
+    width = max(1, int(count.max()))
+    # stable sort puts each row's selected positions first, in order
+    index = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :width]
+    filled = torch.arange(width, device=index.device)[None, :] < count[:, None]
+    gathered = membership.gather(1, index[..., None].expand(-1, -1, membership.shape[-1])) * filled[..., None]
+    return SelectedQueries(index, gathered)
+
+
 def _text_states(hidden: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
     hidden = hidden.detach().float()
     text = layout.text_mask_excluding_last().to(hidden.dtype)
@@ -255,6 +298,7 @@ class _LayerObserver:
         fused: bool = True,
         record_generated: bool = False,
         sliding_layers: Sequence[int] = (),
+        query_groups: Sequence[str] | None = None,
     ) -> None:
         self.recorder = recorder
         self.index_of_attention = index_of_attention
@@ -267,6 +311,7 @@ class _LayerObserver:
         self.fused = fused
         self.record_generated = record_generated
         self.sliding_layers = frozenset(sliding_layers)
+        self.query_columns = None if query_groups is None else [QUERY_GROUPS.index(g) for g in query_groups]
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.pending_generated: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -338,8 +383,21 @@ class _LayerObserver:
                 self.pending_generated[layer] = (*sums.means(query_membership.sum(dim=1).long()), counts)
             return
         groups = self.groups_at(layer)
-        sums = self._sums(query, key, mask, scaling, groups.query_membership, groups.key_membership)
-        self.pending[layer] = groups.means(sums, self.prompt_groups)
+        if self.query_columns is None:
+            sums = self._sums(query, key, mask, scaling, groups.query_membership, groups.key_membership)
+            self.pending[layer] = groups.means(sums, self.prompt_groups)
+            return
+        # The selected rows' (query x key) map is small (the text and last queries: tens of rows),
+        # so it is formed directly: cheaper than a fused kernel's fixed cost per call.
+        rows = selected_query_rows(groups.query_membership, self.query_columns)
+        with torch.no_grad():
+            sums = observed_group_sums(rows.gather_query(query), key, rows.gather_mask(mask, key.shape[2]), scaling,
+                                       rows.membership, groups.key_membership, rows.index.shape[1])
+        self.recorder.kernel = RECOMPUTED
+        mass, entropy = groups.means(sums, self.prompt_groups)
+        others = [g for g in range(len(QUERY_GROUPS)) if g not in self.query_columns]
+        mass[:, :, others], entropy[:, :, others] = torch.nan, torch.nan  # not recorded: never a made-up 0
+        self.pending[layer] = (mass, entropy)
 
     def observe_eager(self, module: nn.Module, args: Any, output: Any) -> None:
         """Forward hook of the eager path: group sums of the weights ``self_attn`` returns."""
@@ -438,6 +496,7 @@ def record_attention(
     adapter: ModelAdapter | None = None,
     fused: bool = True,
     generated: bool = False,
+    query_groups: Sequence[str] | None = None,
 ) -> Iterator[AttentionRecorder]:
     """Observe a model's decoder layer by layer for the duration of the block.
 
@@ -457,11 +516,17 @@ def record_attention(
             query chunks beside SDPA. ``recorder.kernel`` says which ran.
         generated: also record the decoding steps of ``generate()`` run inside the block, into
             ``recorder.generated`` (whatever ``keep`` says); needs ``record_attention``.
+        query_groups: on the fast path, compute the statistics of these query groups only (names
+            of QUERY_GROUPS; the others are NaN): the attention call then runs over their rows
+            alone, which is what makes the gates' statistics (text and last) cheap. None: all.
 
     Yields:
         The AttentionRecorder that fills up while the block runs.
     """
     path = attention_path(attention)
+    unknown = sorted(set(query_groups or ()) - set(QUERY_GROUPS))
+    if unknown:
+        raise RecordingError(f"expected query groups among {list(QUERY_GROUPS)}, found {unknown}")
     if generated and not record_attention:
         raise RecordingError("expected record_attention=True with generated=True (decoding steps record attention), "
                              "found record_attention=False")
@@ -481,6 +546,7 @@ def record_attention(
         stream=lambda layer: layer_stream(model, layer),
         fused=fused,
         record_generated=generated,
+        query_groups=query_groups,
         sliding_layers=[i for i, kind in enumerate(getattr(adapter.text_config(model), "layer_types", None) or ())
                         if kind == "sliding_attention"],
     )

@@ -67,6 +67,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import StoppingCriteria, StoppingCriteriaList  # noqa: E402
 
+from analysis import record_attention, resolve_adapter, token_layout  # noqa: E402
 from analysis.data import Question, build_prompt  # noqa: E402
 from analysis.demo.shapes import render_scene, scene_for  # noqa: E402
 from exit.flops import DecoderShape, VisionShape, decode_flops, prefill_flops, vision_flops  # noqa: E402
@@ -240,6 +241,18 @@ def main(argv: list[str] | None = None) -> int:
         variants["prefill gated"] = gated
         # The statistics gates read the recorder's fused-kernel statistics: their cost over the hidden gates.
         variants["prefill gated (attention inputs)"] = gated_with(attention_gates)
+        # The recorder alone, as the gates run it (states and statistics of the text and last
+        # queries only) and as a dump runs it (every query group): what the query subset saves.
+        layout = token_layout(inputs["input_ids"], inputs["attention_mask"], resolve_adapter(model).image_token_id(model))
+
+        def recorded(query_groups: tuple[str, ...] | None) -> Callable[[], None]:
+            def run() -> None:
+                with record_attention(model, layout, record_states=True, keep=False, query_groups=query_groups):
+                    model(**inputs, logits_to_keep=1)
+            return run
+
+        variants["prefill recorded (every query group)"] = recorded(None)
+        variants["prefill recorded (text, last)"] = recorded(("text", "last"))
         print(f"phase 1/2: prefill forms and the gated prefill, {len(variants)} variants ...", flush=True)
         times = timed_rounds(variants, args.rounds, args.warmup)
         if any(row != [None] for row in gated_exits):
@@ -324,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"   gates with attention-statistics inputs (fused-kernel recorder) over hidden-input gates: "
           f"{statistics_cost:.3f}x (target <= 1.05x: {'met' if statistics_cost <= 1.05 else 'MISSED'})   "
           f"per round: {', '.join(f'{r:.3f}x' for r in per_round)}")
+    every, subset = med["prefill recorded (every query group)"], med["prefill recorded (text, last)"]
+    print(f"   the recorder alone (states + statistics) over the plain prefill: every query group {every / plain:.3f}x, "
+          f"the gates' text and last queries only {subset / plain:.3f}x")
     print(f"\nworst prefill measured/predicted {worst:.2f} (target >= {PREFILL_TARGET:.2f})")
     return 0
 

@@ -325,6 +325,7 @@ def gate_recording(
         attention=path_of_model(model, adapter).name,
         record_attention=recorded_kind(inputs) in ("attention", "both"),
         record_states=recorded_kind(inputs) in ("hidden", "both"),
+        query_groups=[QUERY_GROUPS[g] for g in _ATTENTION_QUERIES],  # the only rows the gates read
         keep=keep,
         on_layer=on_layer,
         adapter=adapter,

@@ -165,3 +165,45 @@ def test_to_table_without_a_forward_is_an_error(tiny_models, processor):
         pass
     with pytest.raises(RecordingError, match="found none"):
         recording.to_table(["a"])
+
+
+@pytest.mark.parametrize("path", ["sdpa", "sdpa-recomputed"])
+@pytest.mark.parametrize("case", ["batch1", "batch2_left_padding", "two_images"])
+def test_recording_some_query_groups_runs_their_rows_alone_with_the_same_numbers(tiny_models, attention_kind,
+                                                                                  case_inputs, case, path):
+    """query_groups=("text", "last") (what the gates read): the attention call runs over those rows
+    only, and their statistics equal a recording of every group; the other groups are NaN."""
+    fused = not path.endswith("recomputed")
+    model = tiny_models(attention_kind)
+    inputs = case_inputs(case)
+    layout = layout_of(model, inputs)
+    with torch.no_grad():
+        with record_attention(model, layout, fused=fused) as everything:
+            model(**inputs)
+        with record_attention(model, layout, fused=fused, query_groups=("text", "last")) as some:
+            model(**inputs)
+    kept = [QUERY_GROUPS.index("text"), QUERY_GROUPS.index("last")]
+    others = [g for g in range(len(QUERY_GROUPS)) if g not in kept]
+    for full, part in zip(everything.records, some.records):
+        assert_relative_close(part.mass[:, :, kept], full.mass[:, :, kept])
+        assert_relative_close(part.entropy[:, :, kept], full.entropy[:, :, kept])
+        assert torch.isnan(part.mass[:, :, others]).all() and torch.isnan(part.entropy[:, :, others]).all()
+    with pytest.raises(RecordingError, match="expected query groups among"):
+        with record_attention(model, layout, query_groups=("answer",)):
+            pass
+
+
+def test_selected_query_rows_gather_each_rows_groups_in_order():
+    from analysis.recorder import selected_query_rows
+
+    # row 0: system, image, image, text, last; row 1: padding, padding, image, text, last
+    membership = torch.tensor([
+        [[1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]],
+        [[0, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]],
+    ], dtype=torch.float32)
+    rows = selected_query_rows(membership, [1])  # the image rows
+    assert rows.index[0].tolist() == [1, 2] and rows.index[1, 0].item() == 2
+    assert rows.membership[1, 1].sum().item() == 0  # row 1 has one image token: its second slot is filler
+    assert rows.membership[:, :, 1].sum().item() == 3 and rows.membership[:, :, [0, 2, 3]].sum().item() == 0
+    causal = rows.gather_mask(None, 5)
+    assert causal[0, 0, 1].tolist() == [True, True, True, False, False]  # slot 1 is position 2
