@@ -172,6 +172,11 @@ _QWEN2_VL = ModelAdapter(
         f"(text before later images), <|vision_end|> is text; {_POSITIONAL}"
     ),
 )
+_QWEN3_VL = replace(
+    _QWEN2_VL, model_type="qwen3_vl", deepstack_field="vision_config.deepstack_visual_indexes",
+    image_token_groups=_QWEN2_VL.image_token_groups + "; deepstack: vision features of some vision layers are added "
+    "to the image positions after the first decoder layers (image tokens still)",
+)
 _IDEFICS3 = ModelAdapter(
     model_type="idefics3",
     layers_path=f"{_TEXT_MODEL}.layers",
@@ -209,9 +214,8 @@ _ADAPTERS: dict[str, ModelAdapter] = {
         ),
         _QWEN2_VL,
         replace(_QWEN2_VL, model_type="qwen2_5_vl"),  # same layout, processor tokens and M-RoPE
-        replace(_QWEN2_VL, model_type="qwen3_vl", deepstack_field="vision_config.deepstack_visual_indexes",
-                image_token_groups=_QWEN2_VL.image_token_groups + "; deepstack: vision features of some vision "
-                "layers are added to the image positions after the first decoder layers (image tokens still)"),
+        _QWEN3_VL,
+        replace(_QWEN3_VL, model_type="qwen3_vl_moe"),  # the same with a mixture-of-experts decoder (routed per token)
         ModelAdapter(
             model_type="internvl",
             layers_path=f"{_LANGUAGE_MODEL}.layers",
@@ -247,8 +251,6 @@ _ADAPTERS: dict[str, ModelAdapter] = {
 _REJECTED: dict[str, str] = {
     "mllama": "its decoder reads the image through cross-attention layers, so no image tokens sit in the "
     "decoder's sequence to group, record or remove",
-    "qwen3_vl_moe": "its mixture-of-experts decoder has not been tested here yet (qwen3_vl, the dense one, is "
-    "supported)",
 }
 """Families known not to fit the toolkit, with the reason added to the rejection."""
 _BUILT_IN = frozenset(_ADAPTERS)

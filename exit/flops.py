@@ -94,9 +94,19 @@ class DecoderShape:
             heads=heads,
             kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
             head_dim=int(head_dim),
-            intermediate=int(_field(text, "intermediate_size")),
+            intermediate=_active_ffn_width(text),
             vocab=int(_field(text, "vocab_size")),
         )
+
+
+def _active_ffn_width(text: Any) -> int:
+    """The FFN width one token runs through: ``intermediate_size``, or in a mixture-of-experts
+    decoder the routed experts' (``num_experts_per_tok x moe_intermediate_size``) plus a shared
+    expert's; the router's small product is left out."""
+    experts, width = getattr(text, "num_experts_per_tok", None), getattr(text, "moe_intermediate_size", None)
+    if experts and width:
+        return int(experts) * int(width) + int(getattr(text, "shared_expert_intermediate_size", None) or 0)
+    return int(_field(text, "intermediate_size"))
 
 
 def layer_flops(shape: DecoderShape, queries: int, keys: int) -> int:

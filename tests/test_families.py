@@ -311,13 +311,14 @@ def test_cross_attention_family_is_rejected_with_the_supported_list():
             use(CrossAttentionModel())
 
 
+@pytest.mark.parametrize("model_type", ["qwen3_vl", "qwen3_vl_moe"])
 @pytest.mark.parametrize("path", ["sdpa", "eager"])
-def test_deepstack_exits_before_its_last_addition_stay_exact(family_case, path):
-    """Qwen3-VL adds vision features to the image positions after decoder layers 0 and 1 (the
-    tiny config): an exit of every row after layer 0 keeps the stream at full length with the image
-    keys masked until layer 2, then compacts; removal still equals masking for every text query,
-    and generate() with the cache equals recomputation."""
-    model, inputs = family_case("qwen3_vl")
+def test_deepstack_exits_before_its_last_addition_stay_exact(family_case, model_type, path):
+    """Qwen3-VL (dense and mixture-of-experts) adds vision features to the image positions after
+    decoder layers 0 and 1 (the tiny config): an exit of every row after layer 0 keeps the stream
+    at full length with the image keys masked until layer 2, then compacts; removal still equals
+    masking for every text query, and generate() with the cache equals recomputation."""
+    model, inputs = family_case(model_type)
     assert resolve_adapter(model).first_compactable_layer(model) == 2
     inputs = with_positions(model, inputs)
     layout = layout_of(model, inputs)

@@ -216,6 +216,28 @@ def _qwen3_vl_config(kv: int) -> object:
                          vision_start_token_id=MARKER_A, vision_end_token_id=MARKER_B)
 
 
+def _qwen3_vl_moe_config(kv: int) -> object:
+    from transformers import Qwen3VLMoeConfig
+    from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import (
+        Qwen3VLMoeTextConfig,
+        Qwen3VLMoeVisionConfig,
+    )
+
+    # Qwen3-VL's deepstack with a mixture-of-experts decoder: 4 experts, 2 per token, in every layer
+    vision = Qwen3VLMoeVisionConfig(
+        depth=2, hidden_size=VISION_HIDDEN, intermediate_size=2 * VISION_HIDDEN, num_heads=2, patch_size=2,
+        spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=HIDDEN, num_position_embeddings=64,
+        deepstack_visual_indexes=[0, 1],
+    )
+    text = Qwen3VLMoeTextConfig(
+        **_text_kwargs(kv), head_dim=HIDDEN // 4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=INTERMEDIATE // 2,
+        decoder_sparse_step=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+    )
+    return Qwen3VLMoeConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, video_token_id=MARKER_C,
+                            vision_start_token_id=MARKER_A, vision_end_token_id=MARKER_B)
+
+
 def _internvl_config(kv: int) -> object:
     from transformers import InternVLConfig, Qwen2Config
     from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
@@ -381,6 +403,9 @@ _FAMILIES: dict[str, _Family] = {
         _qwen2_5_vl_config, "Qwen2_5_VLForConditionalGeneration", _pixels_qwen, **AROUND, mrope=True, type_ids=MM
     ),
     "qwen3_vl": _Family(_qwen3_vl_config, "Qwen3VLForConditionalGeneration", _pixels_qwen, **AROUND, mrope=True, type_ids=MM),
+    "qwen3_vl_moe": _Family(
+        _qwen3_vl_moe_config, "Qwen3VLMoeForConditionalGeneration", _pixels_qwen, **AROUND, mrope=True, type_ids=MM
+    ),
     "internvl": _Family(_internvl_config, "InternVLForConditionalGeneration", _pixels_flat((56, 56)), **AROUND),
     "idefics3": _Family(
         lambda kv: _idefics3_like_config(kv, "idefics3"),
