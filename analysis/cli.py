@@ -125,7 +125,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from analysis.demo.job import run_demo
 
     result = run_demo(args.out, args.data, samples=args.samples, heads=args.heads, attention=args.attn,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, generate=args.generate)
     print(f"wrote {result.dump.rows} rows for {result.dump.samples} ShapesVQA test samples "
           f"({result.questions}) to {result.dump.out_dir}")
     print("ShapesVQA splits (question files for dyvte-exit sweep / train / eval): "
@@ -267,6 +267,8 @@ def _add_demo(commands: Any) -> None:
                       help="default: all (the layer x head figure needs them)")
     demo.add_argument("--attn", choices=ATTENTION_CHOICES, default=ATTENTION_CHOICES[0],
                       help="how attention runs and is observed (default: sdpa)")
+    demo.add_argument("--generate", type=non_negative_int, default=4, metavar="N",
+                      help="also record the attention of up to N greedy answer tokens (default: 4; 0: the prompt only)")
     demo.set_defaults(run=_cmd_demo)
 
 

@@ -37,6 +37,10 @@ def test_demo_command_end_to_end_replaces_its_output_only_when_complete(tmp_path
     samples = read_samples(out)
     assert len(samples) == 2 and (samples["n_image"] == 576).all()
     assert read_provenance(next(out.glob("statistics-*.parquet")))["model"] == "demo"
+    # the demo records its answer tokens too: at most 4 steps each, and the answer it gave
+    answered = statistics[statistics["step"] >= 0]
+    assert set(answered["query_group"]) == {"generated"} and answered["step"].max() <= 3
+    assert (samples["generated"] != "").all() and "generated->image" in printed
     first = sorted(p.name for p in out.iterdir())
 
     assert main(args) == 0  # a second run replaces the folder: no doubled samples, no leftovers

@@ -29,6 +29,9 @@ DEMO_MODEL_ID = "demo"
 
 DEFAULT_OUT = Path("runs/demo")
 DEFAULT_SAMPLES = 64
+DEFAULT_ANSWER_TOKENS = 4
+"""Answer tokens whose attention the demo records (``dyvte-stats demo --generate``): ShapesVQA
+answers are one or two words."""
 
 
 def default_data_root() -> Path:
@@ -64,6 +67,7 @@ def run_demo(
     heads: str = "all",
     attention: str = "sdpa",
     progress: bool = True,
+    generate: int = DEFAULT_ANSWER_TOKENS,
 ) -> DemoResult:
     """Dump the statistics of ``samples`` ShapesVQA test questions (one per image) of the demo model.
 
@@ -79,6 +83,8 @@ def run_demo(
             (as ``dyvte-stats dump --heads``).
         attention: "sdpa" (the fast path) or "eager".
         progress: show a progress bar.
+        generate: also record the attention of up to this many greedy answer tokens (as
+            ``dyvte-stats dump --generate``); 0: the prompt only.
 
     Raises:
         DemoModelUnavailable: the demo model's wheels are not installed (the message says how).
@@ -98,7 +104,7 @@ def run_demo(
     with replaced_when_complete(out_dir) as staging:
         result = dump_statistics(
             model, processor, questions, split, staging,
-            model_id=DEMO_MODEL_ID, heads=heads, attention=attention, progress=progress,
+            model_id=DEMO_MODEL_ID, heads=heads, attention=attention, progress=progress, generate=generate,
         )
     dump = DumpResult(out_dir, result.samples, result.rows, [out_dir / f.name for f in result.files])
     return DemoResult(dump, summarize(read_statistics(out_dir)), split / QUESTIONS_FILE, splits)
