@@ -177,6 +177,16 @@ _QWEN3_VL = replace(
     image_token_groups=_QWEN2_VL.image_token_groups + "; deepstack: vision features of some vision layers are added "
     "to the image positions after the first decoder layers (image tokens still)",
 )
+_GLM4V = ModelAdapter(
+    model_type="glm4v",
+    layers_path=f"{_LANGUAGE_MODEL}.layers",
+    marker_token_fields=("image_start_token_id", "image_end_token_id"),
+    positions="mrope",
+    image_token_groups=(
+        "image: <|image|> x merged patches (3-D positions: its own M-RoPE index); <|begin_of_image|> is "
+        f"system before the first image (text before later images), <|end_of_image|> is text; {_POSITIONAL}"
+    ),
+)
 _IDEFICS3 = ModelAdapter(
     model_type="idefics3",
     layers_path=f"{_TEXT_MODEL}.layers",
@@ -216,6 +226,8 @@ _ADAPTERS: dict[str, ModelAdapter] = {
         replace(_QWEN2_VL, model_type="qwen2_5_vl"),  # same layout, processor tokens and M-RoPE
         _QWEN3_VL,
         replace(_QWEN3_VL, model_type="qwen3_vl_moe"),  # the same with a mixture-of-experts decoder (routed per token)
+        _GLM4V,
+        replace(_GLM4V, model_type="glm4v_moe"),  # the same with a mixture-of-experts decoder (routed per token)
         ModelAdapter(
             model_type="internvl",
             layers_path=f"{_LANGUAGE_MODEL}.layers",

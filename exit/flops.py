@@ -101,11 +101,15 @@ class DecoderShape:
 
 def _active_ffn_width(text: Any) -> int:
     """The FFN width one token runs through: ``intermediate_size``, or in a mixture-of-experts
-    decoder the routed experts' (``num_experts_per_tok x moe_intermediate_size``) plus a shared
-    expert's; the router's small product is left out."""
+    decoder the routed experts' (``num_experts_per_tok x moe_intermediate_size``) plus the shared
+    experts' (``shared_expert_intermediate_size``, or ``n_shared_experts x moe_intermediate_size``).
+    The router's small product is left out, and so is a dense first layer (GLM-4.5V's
+    ``first_k_dense_replace``): every layer is counted at the experts' width."""
     experts, width = getattr(text, "num_experts_per_tok", None), getattr(text, "moe_intermediate_size", None)
     if experts and width:
-        return int(experts) * int(width) + int(getattr(text, "shared_expert_intermediate_size", None) or 0)
+        shared = getattr(text, "shared_expert_intermediate_size", None) or (
+            int(getattr(text, "n_shared_experts", None) or 0) * int(width))
+        return int(experts) * int(width) + int(shared)
     return int(_field(text, "intermediate_size"))
 
 

@@ -238,6 +238,43 @@ def _qwen3_vl_moe_config(kv: int) -> object:
                             vision_start_token_id=MARKER_A, vision_end_token_id=MARKER_B)
 
 
+def _glm4v_config(kv: int) -> object:
+    from transformers import Glm4vConfig
+    from transformers.models.glm4v.configuration_glm4v import Glm4vTextConfig, Glm4vVisionConfig
+
+    vision = Glm4vVisionConfig(
+        depth=1, hidden_size=VISION_HIDDEN, intermediate_size=2 * VISION_HIDDEN, num_heads=2, patch_size=2,
+        image_size=8, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=HIDDEN,
+    )
+    return Glm4vConfig(
+        vision_config=vision,
+        text_config=_qwen_text(kv, Glm4vTextConfig),
+        image_token_id=IMAGE,
+        video_token_id=MARKER_C,
+        image_start_token_id=MARKER_A,
+        image_end_token_id=MARKER_B,
+    )
+
+
+def _glm4v_moe_config(kv: int) -> object:
+    from transformers import Glm4vMoeConfig
+    from transformers.models.glm4v_moe.configuration_glm4v_moe import Glm4vMoeTextConfig, Glm4vMoeVisionConfig
+
+    vision = Glm4vMoeVisionConfig(
+        depth=1, hidden_size=VISION_HIDDEN, intermediate_size=2 * VISION_HIDDEN, num_heads=2, patch_size=2,
+        image_size=8, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=HIDDEN,
+    )
+    # layer 0 dense, then 4 routed experts (2 per token) and one shared expert; half the head rotates
+    text = Glm4vMoeTextConfig(
+        **_text_kwargs(kv), moe_intermediate_size=INTERMEDIATE // 2, num_experts_per_tok=2, n_routed_experts=4,
+        n_shared_experts=1, first_k_dense_replace=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2],
+                         "partial_rotary_factor": 0.5},
+    )
+    return Glm4vMoeConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, video_token_id=MARKER_C,
+                          image_start_token_id=MARKER_A, image_end_token_id=MARKER_B)
+
+
 def _internvl_config(kv: int) -> object:
     from transformers import InternVLConfig, Qwen2Config
     from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
@@ -405,6 +442,10 @@ _FAMILIES: dict[str, _Family] = {
     "qwen3_vl": _Family(_qwen3_vl_config, "Qwen3VLForConditionalGeneration", _pixels_qwen, **AROUND, mrope=True, type_ids=MM),
     "qwen3_vl_moe": _Family(
         _qwen3_vl_moe_config, "Qwen3VLMoeForConditionalGeneration", _pixels_qwen, **AROUND, mrope=True, type_ids=MM
+    ),
+    "glm4v": _Family(_glm4v_config, "Glm4vForConditionalGeneration", _pixels_qwen, **AROUND, mrope=True, type_ids=MM),
+    "glm4v_moe": _Family(
+        _glm4v_moe_config, "Glm4vMoeForConditionalGeneration", _pixels_qwen, **AROUND, mrope=True, type_ids=MM
     ),
     "internvl": _Family(_internvl_config, "InternVLForConditionalGeneration", _pixels_flat((56, 56)), **AROUND),
     "idefics3": _Family(
