@@ -197,82 +197,46 @@ def _qwen2_5_vl_config(kv: int) -> object:
     )
 
 
-def _qwen3_vl_config(kv: int) -> object:
-    from transformers import Qwen3VLConfig
-    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig, Qwen3VLVisionConfig
+_INTERLEAVED_MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+_QWEN3_VL_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=INTERMEDIATE // 2, decoder_sparse_step=1)
+"""Qwen3-VL-MoE's decoder: 4 experts, 2 per token, in every layer."""
+_GLM4V_MOE = dict(
+    moe_intermediate_size=INTERMEDIATE // 2, num_experts_per_tok=2, n_routed_experts=4, n_shared_experts=1,
+    first_k_dense_replace=1,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2], "partial_rotary_factor": 0.5},
+)
+"""GLM-4.5V's decoder: layer 0 dense, then 4 routed experts (2 per token) and a shared one; half of each head rotates."""
+
+
+def _qwen3_vl_config(kv: int, model_type: str = "qwen3_vl", moe: dict | None = None) -> object:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     # deepstack after decoder layers 0 and 1 (the features of vision layers 0 and 1): exits after
     # layer 0 keep the stream at full length, masked, until layer 2.
-    vision = Qwen3VLVisionConfig(
+    config_class = CONFIG_MAPPING[model_type]
+    vision = config_class.sub_configs["vision_config"](
         depth=2, hidden_size=VISION_HIDDEN, intermediate_size=2 * VISION_HIDDEN, num_heads=2, patch_size=2,
         spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=HIDDEN, num_position_embeddings=64,
         deepstack_visual_indexes=[0, 1],
     )
-    text = Qwen3VLTextConfig(
-        **_text_kwargs(kv), head_dim=HIDDEN // 4,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True},
-    )
-    return Qwen3VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, video_token_id=MARKER_C,
-                         vision_start_token_id=MARKER_A, vision_end_token_id=MARKER_B)
+    text = config_class.sub_configs["text_config"](
+        **_text_kwargs(kv), head_dim=HIDDEN // 4, rope_parameters=_INTERLEAVED_MROPE, **(moe or {}))
+    return config_class(vision_config=vision, text_config=text, image_token_id=IMAGE, video_token_id=MARKER_C,
+                        vision_start_token_id=MARKER_A, vision_end_token_id=MARKER_B)
 
 
-def _qwen3_vl_moe_config(kv: int) -> object:
-    from transformers import Qwen3VLMoeConfig
-    from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import (
-        Qwen3VLMoeTextConfig,
-        Qwen3VLMoeVisionConfig,
-    )
+def _glm4v_config(kv: int, model_type: str = "glm4v", moe: dict | None = None) -> object:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    # Qwen3-VL's deepstack with a mixture-of-experts decoder: 4 experts, 2 per token, in every layer
-    vision = Qwen3VLMoeVisionConfig(
-        depth=2, hidden_size=VISION_HIDDEN, intermediate_size=2 * VISION_HIDDEN, num_heads=2, patch_size=2,
-        spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=HIDDEN, num_position_embeddings=64,
-        deepstack_visual_indexes=[0, 1],
-    )
-    text = Qwen3VLMoeTextConfig(
-        **_text_kwargs(kv), head_dim=HIDDEN // 4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=INTERMEDIATE // 2,
-        decoder_sparse_step=1,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True},
-    )
-    return Qwen3VLMoeConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, video_token_id=MARKER_C,
-                            vision_start_token_id=MARKER_A, vision_end_token_id=MARKER_B)
-
-
-def _glm4v_config(kv: int) -> object:
-    from transformers import Glm4vConfig
-    from transformers.models.glm4v.configuration_glm4v import Glm4vTextConfig, Glm4vVisionConfig
-
-    vision = Glm4vVisionConfig(
+    config_class = CONFIG_MAPPING[model_type]
+    vision = config_class.sub_configs["vision_config"](
         depth=1, hidden_size=VISION_HIDDEN, intermediate_size=2 * VISION_HIDDEN, num_heads=2, patch_size=2,
         image_size=8, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=HIDDEN,
     )
-    return Glm4vConfig(
-        vision_config=vision,
-        text_config=_qwen_text(kv, Glm4vTextConfig),
-        image_token_id=IMAGE,
-        video_token_id=MARKER_C,
-        image_start_token_id=MARKER_A,
-        image_end_token_id=MARKER_B,
-    )
-
-
-def _glm4v_moe_config(kv: int) -> object:
-    from transformers import Glm4vMoeConfig
-    from transformers.models.glm4v_moe.configuration_glm4v_moe import Glm4vMoeTextConfig, Glm4vMoeVisionConfig
-
-    vision = Glm4vMoeVisionConfig(
-        depth=1, hidden_size=VISION_HIDDEN, intermediate_size=2 * VISION_HIDDEN, num_heads=2, patch_size=2,
-        image_size=8, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=HIDDEN,
-    )
-    # layer 0 dense, then 4 routed experts (2 per token) and one shared expert; half the head rotates
-    text = Glm4vMoeTextConfig(
-        **_text_kwargs(kv), moe_intermediate_size=INTERMEDIATE // 2, num_experts_per_tok=2, n_routed_experts=4,
-        n_shared_experts=1, first_k_dense_replace=1,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2],
-                         "partial_rotary_factor": 0.5},
-    )
-    return Glm4vMoeConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, video_token_id=MARKER_C,
-                          image_start_token_id=MARKER_A, image_end_token_id=MARKER_B)
+    text_class = config_class.sub_configs["text_config"]
+    text = text_class(**_text_kwargs(kv), **moe) if moe else _qwen_text(kv, text_class)
+    return config_class(vision_config=vision, text_config=text, image_token_id=IMAGE, video_token_id=MARKER_C,
+                        image_start_token_id=MARKER_A, image_end_token_id=MARKER_B)
 
 
 def _internvl_config(kv: int) -> object:
@@ -441,11 +405,13 @@ _FAMILIES: dict[str, _Family] = {
     ),
     "qwen3_vl": _Family(_qwen3_vl_config, "Qwen3VLForConditionalGeneration", _pixels_qwen, **AROUND, mrope=True, type_ids=MM),
     "qwen3_vl_moe": _Family(
-        _qwen3_vl_moe_config, "Qwen3VLMoeForConditionalGeneration", _pixels_qwen, **AROUND, mrope=True, type_ids=MM
+        lambda kv: _qwen3_vl_config(kv, "qwen3_vl_moe", _QWEN3_VL_MOE), "Qwen3VLMoeForConditionalGeneration",
+        _pixels_qwen, **AROUND, mrope=True, type_ids=MM,
     ),
     "glm4v": _Family(_glm4v_config, "Glm4vForConditionalGeneration", _pixels_qwen, **AROUND, mrope=True, type_ids=MM),
     "glm4v_moe": _Family(
-        _glm4v_moe_config, "Glm4vMoeForConditionalGeneration", _pixels_qwen, **AROUND, mrope=True, type_ids=MM
+        lambda kv: _glm4v_config(kv, "glm4v_moe", _GLM4V_MOE), "Glm4vMoeForConditionalGeneration", _pixels_qwen,
+        **AROUND, mrope=True, type_ids=MM,
     ),
     "internvl": _Family(_internvl_config, "InternVLForConditionalGeneration", _pixels_flat((56, 56)), **AROUND),
     "idefics3": _Family(
