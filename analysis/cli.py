@@ -305,7 +305,8 @@ def _add_stage_commands(commands: Any) -> None:
     plot = subcommand(commands, "plot", "draw one figure of a dump to PNG or SVG",
                       ["dyvte-stats plot stats/ --kind stages --out stages.svg"])
     plot.add_argument("stats", type=Path, help="statistics folder or file (a dump)")
-    plot.add_argument("--kind", required=True, choices=["stages", "heads", "boundaries", "entropy", "answer"], help="which figure")
+    plot.add_argument("--kind", required=True, choices=["stages", "heads", "boundaries", "entropy", "answer"],
+                      help="which figure")
     plot.add_argument("--out", required=True, type=Path, help="output file, .png or .svg")
     _add_stage_settings(plot)
     plot.set_defaults(run=_cmd_plot)

@@ -231,8 +231,8 @@ def plot_answer_attention(statistics: pd.DataFrame, stages: DatasetStages | None
     ax.set_ylabel("attention mass of a generated token (mean over heads)")
     ax.legend(title="key group", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     samples = curves.index.get_level_values("sample_id").nunique()
-    _title(ax, f"Where the answer tokens look: mean and 95% CI over {samples} samples and {len(curves) // max(1, result.n_layers)} "
-           "answer tokens", consensus)
+    tokens = len(curves) // max(1, result.n_layers)
+    _title(ax, f"Where the answer tokens look: mean and 95% CI over {samples} samples and {tokens} answer tokens", consensus)
     fig.tight_layout()
     return fig
 

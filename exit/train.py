@@ -174,8 +174,8 @@ def rule_labels(folder: str | Path, rule: str) -> dict[str, torch.Tensor]:
     Raises:
         UsageError: an unknown rule, or a rule that needs the generated answers on a folder without them.
     """
-    from exit.frontier import ANSWER_LABEL_RULES, LABEL_RULES, join_exit_tables, monotone
     from analysis.schema import EXIT_ANSWERS
+    from exit.frontier import ANSWER_LABEL_RULES, LABEL_RULES, join_exit_tables, monotone
     from exit.sweep import read_exit_answers, read_sweep
 
     name, _, flag = rule.partition(",")

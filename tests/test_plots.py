@@ -117,7 +117,7 @@ def test_answer_curves_are_the_generated_tokens_masses(statistics):
     curves = answer_curves(statistics)
     assert list(curves.index.names) == ["sample_id", "step", "layer"] and len(curves) == 5 * 2 * 18
     text_image = sample_curves(statistics)["text->image"]
-    for (sample, step, layer), row in curves.iloc[::7].iterrows():
+    for (sample, _step, layer), row in curves.iloc[::7].iterrows():
         expected = generated_masses(text_image.loc[(sample, layer)])
         assert row["generated->image"] == pytest.approx(expected["image"], abs=1e-6)
         assert row["generated->generated"] == pytest.approx(expected["generated"], abs=1e-6)
