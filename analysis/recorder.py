@@ -260,6 +260,7 @@ class _LayerGroups:
     query_counts: torch.Tensor
     key_counts: torch.Tensor
     changed: bool  # True when the groups differ from the prompt's (tokens left before this layer)
+    _selected: dict[tuple[int, ...], SelectedQueries] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, layout: TokenLayout, changed: bool) -> _LayerGroups:
@@ -273,6 +274,14 @@ class _LayerGroups:
             gone = (self.key_counts == 0) & (prompt.key_counts > 0)  # (batch, key_group)
             mass = mass.masked_fill(gone[:, None, None, :], torch.nan)
         return mass, entropy
+
+    def selected_rows(self, columns: Sequence[int]) -> SelectedQueries:
+        """The rows of the query groups ``columns`` (:func:`selected_query_rows`), gathered once:
+        every layer that holds the prompt's groups shares them."""
+        key = tuple(columns)
+        if key not in self._selected:
+            self._selected[key] = selected_query_rows(self.query_membership, key)
+        return self._selected[key]
 
 
 class _LayerObserver:
@@ -389,7 +398,7 @@ class _LayerObserver:
             return
         # The selected rows' (query x key) map is small (the text and last queries: tens of rows),
         # so it is formed directly: cheaper than a fused kernel's fixed cost per call.
-        rows = selected_query_rows(groups.query_membership, self.query_columns)
+        rows = groups.selected_rows(self.query_columns)
         with torch.no_grad():
             sums = observed_group_sums(rows.gather_query(query), key, rows.gather_mask(mask, key.shape[2]), scaling,
                                        rows.membership, groups.key_membership, rows.index.shape[1])
