@@ -230,7 +230,7 @@ def prepare_batch(
     while good:
         try:
             inputs = processor(
-                images=[image for _, images, _ in good for image in images],
+                images=[images for _, images, _ in good],  # per prompt: a flat list is one sample to some families
                 text=[prompt for _, _, prompt in good],
                 return_tensors="pt",
                 padding=True,
@@ -248,6 +248,12 @@ def prepare_batch(
                     failed.extend(one.failed)
                 else:
                     kept.append(item)
+            if len(kept) == len(good):  # each question alone is fine, the batch is not: never retry it
+                reason = (f"the processor takes it alone but rejected its batch of {len(good)}: {error}; "
+                          "run with --batch-size 1")
+                failed.extend((q, DataError(f"question {q.question_id!r}: {reason}")) for q, _, _ in good)
+                good = []
+                break
             good = kept
             continue
         bad = _row_problems(inputs, [q for q, _, _ in good], image_token_id, max_tokens)
@@ -290,7 +296,7 @@ def encode_questions(processor: Any, questions: Sequence[Question], image_folder
     Raises:
         DataError: an image is missing or unreadable, or the processor has no chat template.
     """
-    images = [load_image(image_folder, name) for question in questions for name in question.images]
+    images = [[load_image(image_folder, name) for name in question.images] for question in questions]  # per prompt
     prompts = [build_prompt(processor, question) for question in questions]
     inputs = processor(images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt")
     inputs = {key: value.to(device) for key, value in inputs.items()}

@@ -11,6 +11,7 @@ path, dtype, seed.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import platform
 import subprocess
@@ -30,15 +31,21 @@ from analysis.options import DTYPE_CHOICES
 __all__ = [
     "DTYPES",
     "NAMED_MODELS",
+    "ProcessorUnavailableError",
+    "VIDEO_PROCESSOR_FOR_IMAGES",
     "check_device",
     "check_loadable",
     "decoder_depth",
+    "family_processor_class",
     "git_revision",
+    "images_only_processor_class",
     "load_model",
+    "load_processor",
     "provenance",
     "read_config",
     "register_model_name",
     "resolve_model_name",
+    "torchvision_available",
 ]
 
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_CHOICES}
@@ -147,20 +154,117 @@ def load_model(
         UsageError: ``dtype`` or ``attention`` is not one of the choices.
         UnsupportedModelError: the checkpoint's family is not in the adapter table.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     if dtype not in DTYPES:
         raise UsageError(f"expected dtype to be one of {list(DTYPES)}, found {dtype!r}")
     path = attention_path(attention)
     model_id = resolve_model_name(model_id)
-    adapter = resolve_adapter(check_loadable(model_id, device).model_type)
+    config = check_loadable(model_id, device)
+    adapter = resolve_adapter(config.model_type)
+    processor = load_processor(model_id, config)  # before the weights: a processor that cannot load fails in a second
     model = AutoModelForImageTextToText.from_pretrained(
         model_id, dtype=DTYPES[dtype], attn_implementation=path.load_implementation
     )
     adapter.image_token_id(model)
-    processor = AutoProcessor.from_pretrained(model_id)
-    processor.tokenizer.padding_side = "left"
     return model.to(device).eval(), processor
+
+
+class ProcessorUnavailableError(UsageError):
+    """The checkpoint's processor cannot be built or loaded here: it needs a package that is not installed."""
+
+
+VIDEO_PROCESSOR_FOR_IMAGES: dict[str, str] = {
+    "SmolVLMProcessor": "its chat template reads the video processor's frame settings even for images",
+}
+"""Processor classes that need their video processor (so torchvision) for images too, with the reason."""
+
+
+def torchvision_available() -> bool:
+    """Whether torchvision imports (transformers' video processors need it; the image processors used
+    here have PIL versions that do not)."""
+    from transformers.utils import is_torchvision_available
+
+    return bool(is_torchvision_available())
+
+
+@functools.cache
+def images_only_processor_class(processor_class: type) -> type:
+    """``processor_class`` without its video processor: same name, same behaviour on images.
+
+    The processors of the video-capable families (Qwen-VL, GLM-4V, InternVL, LLaVA-OneVision, ...)
+    take a video processor, and transformers' video processors need torchvision, so without it such
+    a processor can be neither built nor loaded. The toolkit reads images only; this subclass leaves
+    the video processor out of the processor's parts (``ProcessorMixin.get_attributes``), so it
+    builds, saves and loads from the image processor, tokenizer and chat template. Passing
+    ``videos=`` to it is not supported. No class is changed: the subclass is made once per class.
+    """
+    if "video_processor" not in processor_class.get_attributes():
+        return processor_class
+
+    def get_attributes(cls: type) -> list[str]:
+        return [name for name in processor_class.get_attributes() if name != "video_processor"]
+
+    def from_args_and_dict(cls: type, args: Any, processor_dict: dict[str, Any], **kwargs: Any) -> Any:
+        # from_pretrained builds it here; some classes take video_processor without a default. (Not an
+        # __init__ override: transformers reads the parameters from __init__'s code object.)
+        return processor_class.from_args_and_dict.__func__(cls, args, processor_dict, **{"video_processor": None, **kwargs})
+
+    return type(processor_class.__name__, (processor_class,), {
+        "get_attributes": classmethod(get_attributes),
+        "from_args_and_dict": classmethod(from_args_and_dict),
+        "__module__": processor_class.__module__,
+        "__doc__": f"{processor_class.__name__} for images only (no video processor; torchvision is not installed).",
+    })
+
+
+def family_processor_class(model_type: str) -> type | None:
+    """The processor class transformers pairs with ``model_type`` (None: none registered), images only
+    (:func:`images_only_processor_class`) where torchvision is missing."""
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES, processor_class_from_name
+
+    name = PROCESSOR_MAPPING_NAMES.get(model_type)
+    try:
+        processor_class = processor_class_from_name(name) if name else None
+    except ImportError as error:
+        raise ProcessorUnavailableError(f"expected the {model_type} processor to load, found it needs a package that is "
+                                        f"not installed: {_first_line(error)}") from error
+    if processor_class is None or torchvision_available():
+        return processor_class
+    if processor_class.__name__ in VIDEO_PROCESSOR_FOR_IMAGES:
+        raise ProcessorUnavailableError(f"expected the {model_type} processor to load, found {processor_class.__name__} "
+                                        f"needs torchvision, which is not installed: "
+                                        f"{VIDEO_PROCESSOR_FOR_IMAGES[processor_class.__name__]}")
+    return images_only_processor_class(processor_class)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def load_processor(model_id: str | Path, config: Any = None) -> Any:
+    """The checkpoint's processor (``AutoProcessor.from_pretrained``), left padding; images only where
+    torchvision is missing and the family's processor takes a video processor.
+
+    Raises:
+        ProcessorUnavailableError (a UsageError): the processor needs a package that is not installed
+            (one line, naming it).
+    """
+    from transformers import AutoProcessor
+    from transformers.models.auto.processing_auto import processor_class_from_name
+
+    model_id = resolve_model_name(model_id)
+    config = config if config is not None else read_config(model_id)
+    try:
+        processor_class = family_processor_class(config.model_type)
+        if processor_class is None or processor_class is processor_class_from_name(processor_class.__name__):
+            processor_class = AutoProcessor  # the checkpoint's own choice, as from_pretrained makes it
+        processor = processor_class.from_pretrained(model_id)
+    except ImportError as error:
+        raise ProcessorUnavailableError(f"expected the processor of {str(model_id)!r} to load, found it needs a package "
+                                        f"that is not installed: {_first_line(error)}") from error
+    processor.tokenizer.padding_side = "left"
+    return processor
 
 
 def git_revision() -> str | None:

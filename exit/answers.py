@@ -47,13 +47,22 @@ class ExitAnswersError(DyVTEError, ValueError):
     """The exit table cannot generate answers for this model or these inputs."""
 
 
-def check_answerable(adapter: ModelAdapter) -> None:
+def check_answerable(adapter: ModelAdapter, config: Any = None) -> None:
     """Raise ExitAnswersError unless the family's positions are the 1-D ones generate() derives from
-    the attention mask (M-RoPE families compute theirs from the image grids)."""
+    the attention mask (M-RoPE families compute theirs from the image grids) and, where ``config``
+    (the model's) is given, no decoder layer is a sliding-window one (its cache keeps only the
+    window, and the table's decoding cache holds every column). Both are known before the weights load."""
     if adapter.positions != "1d":
         raise ExitAnswersError(
             f"expected a family with 1-D position ids for the exit table's answers, found {adapter.model_type!r} "
             f"with {adapter.positions!r} positions; run `dyvte-exit eval --method static:K` instead"
+        )
+    layer_types = getattr(adapter.text_config(config), "layer_types", None) if config is not None else None
+    sliding = [i for i, kind in enumerate(layer_types or []) if kind == "sliding_attention"]
+    if sliding:
+        raise ExitAnswersError(
+            f"expected full-attention decoder layers for the exit table's answers, found sliding-window layers {sliding} "
+            f"in {adapter.model_type!r} (their cache keeps only the window); run `dyvte-exit eval --method static:K` instead"
         )
 
 

@@ -115,7 +115,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         from analysis.adapters import resolve_adapter
         from exit.answers import check_answerable
 
-        check_answerable(resolve_adapter(config.model_type))  # before the weights load
+        check_answerable(resolve_adapter(config.model_type), config)  # before the weights load
     questions = read_questions(args.questions, limit=args.limit)
     with distributed() as group:  # data-parallel under torchrun: each process sweeps every n-th question
         model, processor = load_model(args.model, dtype=args.dtype, device=local_device(args.device), attention=args.attn)

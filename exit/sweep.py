@@ -100,41 +100,56 @@ class SweepResult:
         return int(self.agreement.shape[1])
 
 
+PER_TOKEN_INPUTS: dict[str, str] = {
+    "input_ids": "the answer's ids",
+    "attention_mask": "1",
+    "token_type_ids": "0 (text)",
+    "mm_token_type_ids": "0 (text)",
+}
+"""Processor outputs with one entry per token, and what the appended answer tokens get; every other
+output (pixels, grids, image sizes, pixel masks) belongs to the images and is kept as it is."""
+
+
 def teacher_forced_inputs(
     processor: Any, prompts: list[str], images: list[list[Any]], answers: list[str], append_eos: bool = True
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Prompt + reference answer per row, left-padded, and the (batch, seq) bool mask of answer tokens.
 
-    Each prompt is tokenized by the processor (which expands its image placeholders); the answer is
-    tokenized on its own (no special tokens) and appended, with the tokenizer's eos if asked, so the
-    answer tokens are exactly known.
+    The prompts go through the processor as one batch, each with its own images (so the image
+    placeholders, their expansion and every image-side input are the processor's, as in
+    ``analysis.data.encode_questions``); the answer is tokenized on its own (no special tokens) and
+    appended to each row's real tokens, with the tokenizer's eos if asked, so the answer tokens are
+    exactly known. The per-token outputs (:data:`PER_TOKEN_INPUTS`) are padded on the left again.
     """
     if not len(prompts) == len(images) == len(answers):
         raise SweepError(
             f"expected as many prompts, image lists and answers, found {len(prompts)}, {len(images)}, {len(answers)}"
         )
     tokenizer = processor.tokenizer
-    rows, pixels = [], []
-    for prompt, row_images, answer in zip(prompts, images, answers):
-        encoded = processor(images=row_images, text=prompt, return_tensors="pt")
+    encoded = processor(images=[list(row) for row in images], text=list(prompts), padding=True, padding_side="left",
+                        return_tensors="pt")
+    answer_rows = []
+    for answer in answers:
         answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
         if append_eos and tokenizer.eos_token_id is not None:
             answer_ids = [*answer_ids, tokenizer.eos_token_id]
         if not answer_ids:
             raise SweepError(f"expected a non-empty reference answer, found {answer!r}")
-        rows.append((encoded["input_ids"][0], torch.tensor(answer_ids, dtype=torch.long)))
-        pixels.append(encoded["pixel_values"])
-    length = max(len(p) + len(a) for p, a in rows)
+        answer_rows.append(torch.tensor(answer_ids, dtype=torch.long))
+    real = encoded["attention_mask"].bool()
+    length = max(int(real[row].sum()) + len(ids) for row, ids in enumerate(answer_rows))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
-    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
-    answer_mask = torch.zeros(len(rows), length, dtype=torch.bool)
-    for row, (prompt_ids, answer_ids) in enumerate(rows):
-        ids = torch.cat([prompt_ids, answer_ids])
-        input_ids[row, length - len(ids) :] = ids
-        attention_mask[row, length - len(ids) :] = 1
+    inputs = {key: value for key, value in encoded.items() if key not in PER_TOKEN_INPUTS}
+    for key in (k for k in PER_TOKEN_INPUTS if k in encoded):
+        padded = torch.full((len(answer_rows), length), pad if key == "input_ids" else 0, dtype=encoded[key].dtype)
+        for row, answer_ids in enumerate(answer_rows):
+            tail = {"input_ids": answer_ids, "attention_mask": torch.ones_like(answer_ids)}.get(key, torch.zeros_like(answer_ids))
+            ids = torch.cat([encoded[key][row][real[row]], tail.to(padded.dtype)])
+            padded[row, length - len(ids) :] = ids
+        inputs[key] = padded
+    answer_mask = torch.zeros(len(answer_rows), length, dtype=torch.bool)
+    for row, answer_ids in enumerate(answer_rows):
         answer_mask[row, length - len(answer_ids) :] = True
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": torch.cat(pixels)}
     return inputs, answer_mask
 
 
@@ -207,7 +222,7 @@ def exit_sweep(
     prompt = None if features is None else prompt_layout(layout, answer_mask)
     extra, branch_cache = None, None
     if answers > 0:
-        check_answerable(adapter)
+        check_answerable(adapter, model.config)
         extra = {"use_cache": True, "position_ids": generation_position_ids(layout.group != PADDING).to(device)}
         branch_cache = {}
     states, inputs_of, records, cache = _full_forward(model, inputs, compact, adapter, features, prompt, extra)

@@ -452,7 +452,8 @@ def uses_mrope(model_type: str) -> bool:
 
 
 def tiny_family_model(
-    model_type: str, *, num_kv_heads: int = 2, attn_implementation: str = "sdpa", seed: int = 0
+    model_type: str, *, num_kv_heads: int = 2, attn_implementation: str = "sdpa", seed: int = 0,
+    vocab_size: int = VOCAB_SIZE,
 ) -> nn.Module:
     """A randomly initialised stock model of the family, tiny sizes, in eval mode.
 
@@ -461,11 +462,14 @@ def tiny_family_model(
         num_kv_heads: KV heads of the text decoder (4 = MHA, 2 = GQA with 4 query heads).
         attn_implementation: the attention implementation of the whole model.
         seed: torch seed of the weights.
+        vocab_size: the text decoder's vocabulary (a tokenizer's, ``analysis.testing.processors``);
+            the special token ids stay the module's constants.
     """
     import transformers
 
     family = _family(model_type)
     config = family.config(num_kv_heads)
+    config.get_text_config().vocab_size = vocab_size
     torch.manual_seed(seed)
     model = getattr(transformers, family.model_class)(config)
     model.set_attn_implementation(attn_implementation)
