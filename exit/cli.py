@@ -39,6 +39,10 @@ SWEEP_EXAMPLES = [
     "    --image-folder .cache/shapesvqa/train --out runs/sweep --features hidden --limit 256",
     "torchrun --nproc-per-node 4 -m exit.cli sweep --model demo --questions q.jsonl --image-folder img/ --out runs/sweep",
 ]
+FEATURES_EXAMPLES = [
+    "dyvte-exit features --model demo --questions runs/exit-demo/test-questions.jsonl \\",
+    "    --image-folder .cache/shapesvqa/test --table runs/exit-demo/test-table --features both --batch-size 4 --resume",
+]
 TRAIN_EXAMPLES = [
     "dyvte-exit train --sweep runs/sweep --model demo --out runs/gates --hidden-width 2048 --epochs 1",
     "torchrun --nproc-per-node 2 -m exit.cli train --sweep runs/sweep --model demo --out runs/gates   # data-parallel",
@@ -66,8 +70,8 @@ GENERATE_EXAMPLES = [
     '    --question "What colour is the triangle? Answer with one word."',
 ]
 EPILOG = "examples:\n" + "\n".join(
-    f"  {line}" for lines in (SWEEP_EXAMPLES, TRAIN_EXAMPLES, EVAL_EXAMPLES, FIGURES_EXAMPLES, FRONTIER_EXAMPLES,
-                              GENERATE_EXAMPLES)
+    f"  {line}" for lines in (SWEEP_EXAMPLES, FEATURES_EXAMPLES, TRAIN_EXAMPLES, EVAL_EXAMPLES, FIGURES_EXAMPLES,
+                              FRONTIER_EXAMPLES, GENERATE_EXAMPLES)
     for line in lines
 )
 
@@ -152,6 +156,27 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     frame = read_sweep(run.out_dir)
     print("fraction of samples whose exit after the layer is safe (label), by layer")
     print(frame.groupby("layer")["label"].mean().to_string(float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
+def _cmd_features(args: argparse.Namespace) -> int:
+    from analysis.data import read_questions
+    from analysis.loading import check_loadable, load_model
+    from exit.feature_pass import feature_pass_plan, run_feature_pass
+
+    questions = read_questions(args.questions, limit=args.limit)
+    plan = feature_pass_plan(args.table, questions, args.features, args.resume)  # before the weights load
+    if not plan.todo:
+        print(f"nothing left to do: every question of {args.table} has its {args.features} features (--resume)")
+        return 0
+    check_loadable(args.model, args.device)
+    model, processor = load_model(args.model, dtype=args.dtype, device=args.device, attention=args.attn)
+    run = run_feature_pass(model, processor, questions, args.image_folder, args.table, features=args.features,
+                           batch_size=args.batch_size, progress=not args.no_progress, resume=args.resume)
+    print(f"wrote the {args.features} features of {run.samples} questions to {len(run.files)} shards in {args.table}")
+    if run.errors:
+        print(f"{run.errors} question(s) could not be loaded and were left out; their reasons are in "
+              f"{args.table}/_errors-*.jsonl", file=sys.stderr)
     return 0
 
 
@@ -392,6 +417,22 @@ def _add_sweep(commands: Any) -> None:
     sweep.set_defaults(run=_cmd_sweep)
 
 
+def _add_features(commands: Any) -> None:
+    features = subcommand(
+        commands, "features",
+        "the gate features of an exit table's questions (one forward each), for a table swept or committed without them",
+        FEATURES_EXAMPLES,
+        parents=[model_options(), question_options(answers=True), batch_options(1), progress_option()],
+    )
+    features.add_argument("--table", required=True, type=Path,
+                          help="folder of `dyvte-exit sweep` holding these questions: features-pass-*.safetensors go there")
+    features.add_argument("--features", choices=GATE_INPUT_CHOICES, default="hidden",
+                          help="gate features to compute (default: hidden, the paper's; 'both' serves every gate kind)")
+    features.add_argument("--resume", action="store_true",
+                          help="skip the questions that have features in --table already")
+    features.set_defaults(run=_cmd_features)
+
+
 def _add_train(commands: Any) -> None:
     train = subcommand(
         commands, "train", "train one gate per layer on a sweep's cached features (model frozen)", TRAIN_EXAMPLES,
@@ -530,7 +571,7 @@ def _add_frontier(commands: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``dyvte-exit`` parser: one subcommand per job, each with its own examples."""
     return command_line("dyvte-exit", "DyVTE visual-token exit: label exit layers, train the gates, answer with them.", EPILOG,
-                        (_add_sweep, _add_train, _add_generate, _add_eval, _add_figures, _add_frontier))
+                        (_add_sweep, _add_features, _add_train, _add_generate, _add_eval, _add_figures, _add_frontier))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

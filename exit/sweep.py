@@ -27,6 +27,7 @@ writer caches them (with the labels) as safetensors shards for ``exit.train``.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -616,11 +617,7 @@ class SweepWriter:
         assert result.features is not None
         tag = f"{self.tag}-" if self.tag else ""
         path = self.out_dir / f"{FEATURES_PREFIX}-{tag}{self.shard:05d}-{self.batches:05d}.safetensors"
-        tensors = {"features": result.features.float().contiguous(), "label": result.label.to(torch.uint8).contiguous()}
-        metadata = {"sample_ids": json.dumps(list(sample_ids)), "features_kind": str(result.features_kind)}
-        with AtomicFile(path) as file:  # never a half-written feature file under its final name
-            save_file(tensors, str(file.partial), metadata=metadata)
-        return file.path
+        return write_feature_file(path, result.features, result.label, sample_ids, str(result.features_kind))
 
     def close(self) -> None:
         """Commit the parquet shard under its final name (idempotent; nothing if nothing was written)."""
@@ -634,6 +631,17 @@ class SweepWriter:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
+
+
+def write_feature_file(path: Path, features: torch.Tensor, labels: torch.Tensor, sample_ids: Sequence[str],
+                       kind: str) -> Path:
+    """One batch's feature shard: (batch, layers, F) features, (batch, layers) labels, the sample
+    ids and the features' kind; written atomically (never half a file under its final name)."""
+    tensors = {"features": features.float().contiguous(), "label": labels.to(torch.uint8).contiguous()}
+    metadata = {"sample_ids": json.dumps(list(sample_ids)), "features_kind": kind}
+    with AtomicFile(path) as file:
+        save_file(tensors, str(file.partial), metadata=metadata)
+    return file.path
 
 
 def read_sweep(path: str | Path) -> pd.DataFrame:
@@ -794,7 +802,8 @@ def _finished_samples(out_dir: Path, shard: Any, resume: bool, answers: bool) ->
     committed = {parsed[2] for _, parsed in found if parsed[1] == shard.tag}
     tag = f"{shard.tag}-" if shard.tag else ""
     for path in out_dir.glob(f"{FEATURES_PREFIX}-{tag}*.safetensors"):
-        if int(path.stem.split("-")[-2]) not in committed:
+        owned = re.fullmatch(rf"{FEATURES_PREFIX}-{re.escape(tag)}(\d{{5}})-\d{{5}}", path.stem)
+        if owned and int(owned.group(1)) not in committed:
             path.unlink()  # the features of a shard whose table never committed
     done = set(read_sweep(out_dir)["sample_id"]) if committed else set()
     if answers and done:  # a question counts as done only with its answers too

@@ -1,0 +1,177 @@
+"""Gate features for an exit table whose labels were computed (and committed) without them.
+
+An exit table's labels cost the full forward plus every exit branch (and its answers the decoding
+of every branch); its gate features cost the full forward alone, but at 4-byte floats per layer
+and feature they are far bigger than the labels (on the demo model about 150 KB per question
+against about 2 KB). So the labels of a long sweep can be committed and the features recomputed
+where the gates are trained: :func:`run_feature_pass` runs the sweep's own teacher-forced forward
+(prompt + reference answer, the features over the prompt only) for every question of the table
+and writes ``features-pass-NNNNN.safetensors`` shards into the table's folder, each holding the
+table's own labels, which every reader of a sweep's feature shards (``exit.train``,
+``exit.frontier.gate_probabilities``) takes as it takes the sweep's.
+
+The forward is the one ``exit.sweep.exit_sweep`` runs with ``answers``: the position ids that
+generate() gives the left-padded prompts (families with 1-D positions), so the features equal
+that sweep's exactly; a labels-only sweep's default positions differ only in padded rows, by a
+constant RoPE phase (the same scores up to rounding).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from analysis.adapters import ModelAdapter, resolve_adapter
+from analysis.layout import PADDING, token_layout
+from exit.answers import generation_position_ids
+from exit.gates import GATE_INPUTS, GateFeatureBuilder, ModelSignature, gate_recording
+from exit.sweep import (
+    FEATURES_PREFIX,
+    SweepError,
+    _checked_answer_mask,
+    _SweepErrors,
+    prompt_layout,
+    read_sweep,
+    teacher_forced_inputs,
+    write_feature_file,
+)
+
+FEATURE_PASS_PREFIX = f"{FEATURES_PREFIX}-pass"
+
+
+def sweep_features(model: nn.Module, inputs: dict[str, torch.Tensor], answer_mask: torch.Tensor, features: str,
+                   adapter: ModelAdapter | None = None) -> torch.Tensor:
+    """(batch, layers, F) float32 gate features of ``features`` kind for every row of ``inputs``
+    (prompt + teacher-forced answer, ``answer_mask`` marking the answer), over the prompt only:
+    what ``exit.sweep.exit_sweep(..., features=features, answers=N)`` returns, from one forward.
+
+    Raises:
+        SweepError: an unknown feature kind, or an answer mask that does not mark each row's tail.
+    """
+    if features not in GATE_INPUTS:
+        raise SweepError(f"expected features to be one of {list(GATE_INPUTS)}, found {features!r}")
+    adapter = adapter or resolve_adapter(model)
+    device = next(model.parameters()).device
+    layout = token_layout(inputs["input_ids"], inputs.get("attention_mask"), adapter.image_token_id(model))
+    answer_mask = _checked_answer_mask(layout, answer_mask)
+    extra: dict[str, Any] = {"use_cache": True}
+    if adapter.positions == "1d":
+        extra["position_ids"] = generation_position_ids(layout.group != PADDING).to(device)
+    with torch.no_grad(), gate_recording(model, prompt_layout(layout, answer_mask), features, adapter=adapter) as recording:
+        model(**inputs, **extra, logits_to_keep=1)
+    builder = GateFeatureBuilder(features, ModelSignature.of(model))
+    return torch.stack([builder(record) for record in recording.records], dim=1).float().cpu()
+
+
+@dataclass(frozen=True)
+class FeaturePassPlan:
+    """What a features pass over a table folder has left to do (:func:`feature_pass_plan`).
+
+    Attributes:
+        todo: the questions without features yet, in their order.
+        labels: per sample id of the table, its (layers,) int64 labels (the sweep's ``label``).
+        next_file: the number of the next ``features-pass-NNNNN`` file.
+    """
+
+    todo: list[Any]
+    labels: dict[str, torch.Tensor]
+    next_file: int
+
+
+def _feature_files(table_dir: Path) -> list[tuple[Path, list[str], str]]:
+    """(path, sample ids, kind) of every feature shard of the folder, read from the metadata only."""
+    found = []
+    for path in sorted(table_dir.glob(f"{FEATURES_PREFIX}-*.safetensors")):
+        with safe_open(str(path), "pt") as shard:
+            metadata = shard.metadata() or {}
+        found.append((path, json.loads(metadata.get("sample_ids", "[]")), metadata.get("features_kind", "")))
+    return found
+
+
+def feature_pass_plan(table_dir: str | Path, questions: Sequence[Any], features: str, resume: bool = False) -> FeaturePassPlan:
+    """Check a features pass before any model loads and say what it has left to do.
+
+    Raises:
+        SweepError: the folder holds no exit table; a question is neither in the table nor among
+            the questions the sweep failed; the folder holds features of another kind; or it
+            holds features of these questions already and ``resume`` is off.
+    """
+    table_dir = Path(table_dir)
+    if features not in GATE_INPUTS:
+        raise SweepError(f"expected features to be one of {list(GATE_INPUTS)}, found {features!r}")
+    try:
+        sweep = read_sweep(table_dir)
+    except (FileNotFoundError, ValueError) as error:
+        raise SweepError(f"expected an exit table (dyvte-exit sweep) in {table_dir}, found none ({error})") from None
+    table = sweep.pivot(index="sample_id", columns="layer", values="label").sort_index(axis=1)
+    labels = {str(sample): torch.tensor(row.to_numpy(dtype="int64")) for sample, row in table.iterrows()}
+    failed = {json.loads(line)["sample_id"] for path in table_dir.glob("_errors*.jsonl")
+              for line in path.read_text().splitlines() if line.strip()}  # questions the sweep left out
+    missing = [q.question_id for q in questions if q.question_id not in labels and q.question_id not in failed]
+    if missing:
+        raise SweepError(f"expected every question in the exit table of {table_dir}, found {len(missing)} that are not "
+                         f"(first: {missing[:3]}); sweep them first (dyvte-exit sweep --resume)")
+    files = _feature_files(table_dir)
+    kinds = {kind for _, _, kind in files}
+    if kinds - {features}:
+        raise SweepError(f"expected the features in {table_dir} to be of kind {features!r} like this pass, "
+                         f"found {sorted(kinds)}")
+    have = {sample for _, ids, _ in files for sample in ids}
+    todo = [q for q in questions if q.question_id in labels and q.question_id not in have]
+    if not resume and any(q.question_id in have for q in questions):
+        raise SweepError(f"expected a table without features of these questions, found them in {table_dir} for "
+                         f"{sum(q.question_id in have for q in questions)} of them; add --resume to fill in the rest")
+    numbers = [int(path.stem.rsplit("-", 1)[1]) for path, _, _ in files if path.stem.startswith(FEATURE_PASS_PREFIX + "-")]
+    return FeaturePassPlan(todo, labels, max(numbers, default=-1) + 1)
+
+
+@dataclass(frozen=True)
+class FeaturePassRun:
+    """What :func:`run_feature_pass` wrote: the feature shards, the samples in them, the questions left out."""
+
+    files: list[Path]
+    samples: int
+    errors: int
+
+
+def run_feature_pass(model: nn.Module, processor: Any, questions: Sequence[Any], image_folder: str | Path,
+                     table_dir: str | Path, *, features: str = "hidden", batch_size: int = 1, progress: bool = True,
+                     resume: bool = False) -> FeaturePassRun:
+    """Write the gate features of every question of the exit table in ``table_dir`` that has none
+    yet (:func:`feature_pass_plan`), one feature shard per batch, so a stopped pass loses at most
+    the batch it was in and ``resume`` continues it. Questions that cannot be loaded are listed
+    in the folder's errors file, as the sweep lists them."""
+    from tqdm import tqdm
+
+    table_dir = Path(table_dir)
+    plan = feature_pass_plan(table_dir, questions, features, resume)
+    adapter = resolve_adapter(model)
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    errors = _SweepErrors(table_dir, "")
+    files, samples, number = [], 0, plan.next_file
+    batches = [plan.todo[i : i + batch_size] for i in range(0, len(plan.todo), batch_size)]
+    for batch in tqdm(batches, desc="features", unit="batch", disable=not progress):
+        good = errors.loadable(processor, batch, image_folder)
+        if not good:
+            continue
+        inputs, answer_mask = teacher_forced_inputs(processor, [prompt for _, prompt, _ in good],
+                                                    [images for _, _, images in good], [str(q.answer) for q, _, _ in good])
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        found = sweep_features(model, inputs, answer_mask, features, adapter)
+        ids = [q.question_id for q, _, _ in good]
+        path = table_dir / f"{FEATURE_PASS_PREFIX}-{number:05d}.safetensors"
+        files.append(write_feature_file(path, found, torch.stack([plan.labels[i] for i in ids]), ids, features))
+        samples, number = samples + len(ids), number + 1
+    return FeaturePassRun(files, samples, errors.new_entries)
+
+
+__all__ = ["FEATURE_PASS_PREFIX", "FeaturePassPlan", "FeaturePassRun", "feature_pass_plan", "run_feature_pass",
+           "sweep_features"]
