@@ -43,6 +43,12 @@ FEATURES_EXAMPLES = [
     "dyvte-exit features --model demo --questions runs/exit-demo/test-questions.jsonl \\",
     "    --image-folder .cache/shapesvqa/test --table runs/exit-demo/test-table --features both --batch-size 4 --resume",
 ]
+JOIN_STATS_EXAMPLES = [
+    "dyvte-stats dump --model demo --questions runs/exit-demo/train-questions.jsonl --image-folder .cache/shapesvqa/train \\",
+    "    --out runs/train-stats --heads all --batch-size 4",
+    "dyvte-exit join-stats --stats runs/train-stats --table runs/exit-demo/train-table",
+    "dyvte-exit train --sweep runs/exit-demo/train-table --model demo --features history --out runs/gates-history",
+]
 TRAIN_EXAMPLES = [
     "dyvte-exit train --sweep runs/sweep --model demo --out runs/gates --hidden-width 2048 --epochs 1",
     "torchrun --nproc-per-node 2 -m exit.cli train --sweep runs/sweep --model demo --out runs/gates   # data-parallel",
@@ -70,8 +76,8 @@ GENERATE_EXAMPLES = [
     '    --question "What colour is the triangle? Answer with one word."',
 ]
 EPILOG = "examples:\n" + "\n".join(
-    f"  {line}" for lines in (SWEEP_EXAMPLES, FEATURES_EXAMPLES, TRAIN_EXAMPLES, EVAL_EXAMPLES, FIGURES_EXAMPLES,
-                              FRONTIER_EXAMPLES, GENERATE_EXAMPLES)
+    f"  {line}" for lines in (SWEEP_EXAMPLES, FEATURES_EXAMPLES, JOIN_STATS_EXAMPLES, TRAIN_EXAMPLES, EVAL_EXAMPLES,
+                              FIGURES_EXAMPLES, FRONTIER_EXAMPLES, GENERATE_EXAMPLES)
     for line in lines
 )
 
@@ -177,6 +183,19 @@ def _cmd_features(args: argparse.Namespace) -> int:
     if run.errors:
         print(f"{run.errors} question(s) could not be loaded and were left out; their reasons are in "
               f"{args.table}/_errors-*.jsonl", file=sys.stderr)
+    return 0
+
+
+def _cmd_join_stats(args: argparse.Namespace) -> int:
+    from exit.feature_pass import join_statistics
+    from exit.sweep import read_shard
+
+    files = join_statistics(args.stats, args.table)
+    kind = read_shard(files[0])[3]
+    samples = sum(len(read_shard(path)[2]) for path in files)
+    serves = "attention and history" if kind == "attention" else kind
+    print(f"wrote the {kind} features of {samples} samples of {args.stats} to {len(files)} shards in {args.table}; "
+          f"`dyvte-exit train --sweep {args.table}` trains {serves} gates on them")
     return 0
 
 
@@ -433,6 +452,19 @@ def _add_features(commands: Any) -> None:
     features.set_defaults(run=_cmd_features)
 
 
+def _add_join_stats(commands: Any) -> None:
+    join = subcommand(
+        commands, "join-stats",
+        "gate features from a `dyvte-stats dump` folder, joined by sample id with an exit table's labels (no model runs)",
+        JOIN_STATS_EXAMPLES,
+    )
+    join.add_argument("--stats", required=True, type=Path,
+                      help="folder of `dyvte-stats dump` (--heads all: attention and history gates; mean: history)")
+    join.add_argument("--table", required=True, type=Path,
+                      help="folder of `dyvte-exit sweep` whose labels the features join: features-stats-*.safetensors go there")
+    join.set_defaults(run=_cmd_join_stats)
+
+
 def _add_train(commands: Any) -> None:
     train = subcommand(
         commands, "train", "train one gate per layer on a sweep's cached features (model frozen)", TRAIN_EXAMPLES,
@@ -571,7 +603,8 @@ def _add_frontier(commands: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``dyvte-exit`` parser: one subcommand per job, each with its own examples."""
     return command_line("dyvte-exit", "DyVTE visual-token exit: label exit layers, train the gates, answer with them.", EPILOG,
-                        (_add_sweep, _add_features, _add_train, _add_generate, _add_eval, _add_figures, _add_frontier))
+                        (_add_sweep, _add_features, _add_join_stats, _add_train, _add_generate, _add_eval, _add_figures,
+                         _add_frontier))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

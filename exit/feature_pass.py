@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import torch
 from safetensors import safe_open
 from torch import nn
@@ -173,5 +175,87 @@ def run_feature_pass(model: nn.Module, processor: Any, questions: Sequence[Any],
     return FeaturePassRun(files, samples, errors.new_entries)
 
 
-__all__ = ["FEATURE_PASS_PREFIX", "FeaturePassPlan", "FeaturePassRun", "feature_pass_plan", "run_feature_pass",
-           "sweep_features"]
+# the analysis half's statistics as gate inputs --------------------------------------------------
+
+STATISTICS_FEATURES_PREFIX = f"{FEATURES_PREFIX}-stats"
+SAMPLES_PER_FILE = 256
+
+
+def statistics_features(statistics: pd.DataFrame) -> tuple[list[str], torch.Tensor, str]:
+    """The gate inputs held in a ``dyvte-stats dump`` statistics table (its prompt rows):
+    (sample ids, (samples, layers, F) float32 features, their kind).
+
+    With every head's rows (``dump --heads all``) the kind is "attention": per head, the text and
+    last queries' masses over system, image and text keys, then their entropies, in the order of
+    ``exit.gates.gate_features`` (which also serves the history kinds, ``exit.gates.select_features``).
+    With the head-mean rows alone (``--heads mean``, the default) it is "history": the same eight
+    statistics averaged over heads, layer after layer (``exit.gates.history_of``). An empty query
+    group (no rows, or NaN) gives 0, as the gates' own features do.
+
+    Raises:
+        SweepError: the table has neither every head's rows nor head-mean rows of the prompt.
+    """
+    from analysis.vocabulary import HEAD_MEAN, PROMPT_STEP
+    from exit.gates import ATTENTION_KEYS, ATTENTION_QUERIES, history_of
+
+    rows = statistics[(statistics["step"] == PROMPT_STEP) & statistics["query_group"].isin(ATTENTION_QUERIES)
+                      & statistics["key_group"].isin(ATTENTION_KEYS)]
+    heads = sorted(h for h in rows["head"].unique() if h >= 0)
+    per_head = bool(heads) and heads == list(range(len(heads)))
+    rows = rows[rows["head"] >= 0] if per_head else rows[rows["head"] == HEAD_MEAN]
+    if rows.empty:
+        raise SweepError("expected the prompt rows of every head (dump --heads all) or of the head mean (--heads mean) "
+                         "in the statistics, found neither")
+    samples = sorted(rows["sample_id"].unique())
+    layers = int(rows["layer"].max()) + 1
+    index = {name: {value: i for i, value in enumerate(values)} for name, values in
+             (("sample_id", samples), ("query_group", ATTENTION_QUERIES), ("key_group", ATTENTION_KEYS))}
+    s, q, k = (rows[name].map(index[name]).to_numpy() for name in ("sample_id", "query_group", "key_group"))
+    layer, head = rows["layer"].to_numpy(), (rows["head"].to_numpy() if per_head else np.zeros(len(rows), dtype=int))
+    width = len(heads) if per_head else 1
+    mass = np.zeros((len(samples), layers, width, len(ATTENTION_QUERIES), len(ATTENTION_KEYS)), dtype=np.float32)
+    entropy = np.zeros((len(samples), layers, width, len(ATTENTION_QUERIES)), dtype=np.float32)
+    mass[s, layer, head, q, k] = rows["mass"].to_numpy()
+    entropy[s, layer, head, q] = rows["entropy"].to_numpy()  # the same for every key group of the row
+    features = torch.from_numpy(np.concatenate([mass.reshape(len(samples), layers, -1),
+                                                entropy.reshape(len(samples), layers, -1)], axis=-1))
+    features = torch.nan_to_num(features, nan=0.0)
+    return samples, (features if per_head else history_of(features)), ("attention" if per_head else "history")
+
+
+def join_statistics(statistics_dir: str | Path, table_dir: str | Path) -> list[Path]:
+    """Gate features out of a ``dyvte-stats dump`` folder (:func:`statistics_features`) joined by
+    sample id with the labels of the exit table in ``table_dir``, written there as
+    ``features-stats-NNNNN.safetensors`` shards for ``exit.train`` and ``exit.frontier`` (the
+    exit module consuming the analysis half's parquet). Samples of the dump outside the table are
+    left out; returns the files written.
+
+    Raises:
+        SweepError: no table in ``table_dir``; no dump sample in the table; the table folder holds
+            features of another kind, or statistics features already.
+    """
+    from analysis.io import read_statistics
+
+    table_dir = Path(table_dir)
+    samples, features, kind = statistics_features(read_statistics(statistics_dir))
+    plan = feature_pass_plan(table_dir, [], kind)
+    files = _feature_files(table_dir)
+    if any(path.name.startswith(STATISTICS_FEATURES_PREFIX) for path, _, _ in files):
+        raise SweepError(f"expected a table without statistics features, found {STATISTICS_FEATURES_PREFIX}-* files in "
+                         f"{table_dir}; remove them to join another dump")
+    have = {sample for _, ids, _ in files for sample in ids}
+    keep = [i for i, sample in enumerate(samples) if sample in plan.labels and sample not in have]
+    if not keep:
+        raise SweepError(f"expected samples of the statistics in the exit table of {table_dir} without features, "
+                         f"found none of {len(samples)} (the sample ids are the question ids of both)")
+    written = []
+    for number, start in enumerate(range(0, len(keep), SAMPLES_PER_FILE)):
+        part = keep[start : start + SAMPLES_PER_FILE]
+        ids = [samples[i] for i in part]
+        path = table_dir / f"{STATISTICS_FEATURES_PREFIX}-{number:05d}.safetensors"
+        written.append(write_feature_file(path, features[part], torch.stack([plan.labels[i] for i in ids]), ids, kind))
+    return written
+
+
+__all__ = ["FEATURE_PASS_PREFIX", "STATISTICS_FEATURES_PREFIX", "FeaturePassPlan", "FeaturePassRun", "feature_pass_plan",
+           "join_statistics", "run_feature_pass", "statistics_features", "sweep_features"]

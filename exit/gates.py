@@ -41,7 +41,7 @@ from torch import nn
 from analysis.adapters import ModelAdapter, resolve_adapter
 from analysis.attention import path_of_model
 from analysis.errors import DyVTEError, UsageError
-from analysis.layout import QUERY_GROUPS, TokenLayout, token_layout
+from analysis.layout import KEY_GROUPS, QUERY_GROUPS, TokenLayout, token_layout
 from analysis.recorder import AttentionRecorder, LayerRecord, record_attention
 from exit.surgery import VisualExit, visual_token_exit
 
@@ -52,7 +52,10 @@ HISTORY_INPUTS: tuple[str, ...] = ("history", "hidden+history")
 WEIGHTS_FILE = "gates.safetensors"
 CONFIG_FILE = "gate_config.json"
 FORMAT_VERSION = 1
-_ATTENTION_QUERIES = [QUERY_GROUPS.index("text"), QUERY_GROUPS.index("last")]
+ATTENTION_QUERIES: tuple[str, ...] = ("text", "last")
+"""The query groups whose statistics are gate inputs (the key groups: every group, ``KEY_GROUPS``)."""
+ATTENTION_KEYS: tuple[str, ...] = tuple(KEY_GROUPS)
+_ATTENTION_QUERIES = [QUERY_GROUPS.index(group) for group in ATTENTION_QUERIES]
 _STATISTICS = len(_ATTENTION_QUERIES) * 4  # per head and layer and query group: 3 key-group masses + 1 entropy
 
 

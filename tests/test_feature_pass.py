@@ -108,3 +108,49 @@ def test_a_pass_is_refused_before_the_model_loads(tmp_path, tiny, shapes_split, 
     run_feature_pass(model, processor, questions[:2], shapes_split, tmp_path / "table", features="hidden", progress=False)
     with pytest.raises(SweepError, match="kind 'both'"):
         feature_pass_plan(tmp_path / "table", questions[:2], "both", resume=True)
+
+
+def test_gates_learn_from_the_analysis_halfs_statistics_joined_with_the_labels(tmp_path, shapes_split, capsys):
+    """dyvte-stats dump -> dyvte-exit join-stats -> dyvte-exit train: the dump's statistics are the
+    attention (every head) or history (head mean) features the sweep caches for the same questions."""
+    from analysis.cli import main as stats_main
+    from analysis.testing.processors import save_tiny_family
+    from exit.cli import main as exit_main
+    from exit.gates import ModelSignature, select_features
+
+    checkpoint = save_tiny_family(tmp_path / "model", "llava")
+    data = ["--questions", str(shapes_split / "questions.jsonl"), "--image-folder", str(shapes_split), "--no-progress"]
+    for heads in ("all", "mean"):
+        assert stats_main(["dump", "--model", str(checkpoint), *data, "--out", str(tmp_path / f"stats-{heads}"),
+                           "--heads", heads, "--batch-size", "2", "--quiet"]) == 0
+    for table, features in (("swept", "attention"), ("joined", "none"), ("joined-mean", "none")):
+        assert exit_main(["sweep", "--model", str(checkpoint), *data, "--out", str(tmp_path / table), "--features", features,
+                          "--batch-size", "2"]) == 0
+    assert exit_main(["join-stats", "--stats", str(tmp_path / "stats-all"), "--table", str(tmp_path / "joined")]) == 0
+    assert exit_main(["join-stats", "--stats", str(tmp_path / "stats-mean"), "--table", str(tmp_path / "joined-mean")]) == 0
+    assert "trains attention and history gates" in capsys.readouterr().out
+    swept = {}
+    for path in feature_shards(tmp_path / "swept"):
+        features, labels, ids, kind = read_shard(path)
+        swept.update({sample: (features[i], labels[i]) for i, sample in enumerate(ids)})
+    from analysis.loading import load_model
+
+    signature = ModelSignature.of(load_model(checkpoint)[0])
+    for folder, kind in (("joined", "attention"), ("joined-mean", "history")):
+        seen = set()
+        for path in feature_shards(tmp_path / folder):
+            features, labels, ids, found_kind = read_shard(path)
+            assert found_kind == kind and path.name.startswith("features-stats-")
+            for i, sample in enumerate(ids):
+                expected = select_features(swept[sample][0], "attention", kind, signature)
+                assert expected.abs().sum() > 0
+                assert torch.allclose(features[i], expected, atol=1e-5, rtol=1e-5), (folder, sample)
+                assert torch.equal(labels[i], swept[sample][1])
+                seen.add(sample)
+        assert seen == set(swept)
+    assert exit_main(["join-stats", "--stats", str(tmp_path / "stats-all"), "--table", str(tmp_path / "joined")]) == 2
+    assert "features-stats-* files" in capsys.readouterr().err
+    status = exit_main(["train", "--sweep", str(tmp_path / "joined-mean"), "--model", str(checkpoint), "--features", "history",
+                        "--out", str(tmp_path / "gates"), "--epochs", "2", "--batch-size", "4", "--hidden-width", "8",
+                        "--no-progress"])
+    assert status == 0 and (tmp_path / "gates" / "gates.safetensors").is_file()
