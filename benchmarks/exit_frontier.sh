@@ -94,10 +94,12 @@ rm -rf "$OUT/frontier"
 "$BIN/dyvte-exit" frontier --table "$OUT/test-table" --tau-table "$OUT/val-table" --vtw-layer "$VTW" "${GATES[@]}" \
     --out "$OUT/frontier" --figures "$FIGURES"
 
-if [ "$TIMED_QUESTIONS" -gt 0 ]; then  # wall times, FastV and DyVTE + FastV: real runs
+if [ "$TIMED_QUESTIONS" -gt 0 ]; then  # wall times, FastV and DyVTE + FastV: real runs, at the tau validation chose
+    TAU=$("$BIN/python" -c "import sys; from analysis.io import read_provenance; \
+print(read_provenance(sys.argv[1])['chosen_tau']['hidden-agreement'])" "$OUT/frontier/summary.parquet")
     "$BIN/dyvte-exit" eval --model demo --questions "$OUT/test-questions.jsonl" --image-folder "$SHAPES/test" \
         --limit "$TIMED_QUESTIONS" --gates "$OUT/gates-hidden-agreement" --out "$OUT/timed" --resume \
-        --method none,static:23,vtw:"$VTW",fastv:2:0.5,fastv:2:0.75,dyvte,dyvte+fastv:2:0.5 --no-progress
+        --method none,static:23,vtw:"$VTW",fastv:2:0.5,fastv:2:0.75,dyvte:"$TAU",dyvte+fastv:2:0.5:"$TAU" --no-progress
 fi
 
 "$BIN/python" benchmarks/exit_table_report.py "$OUT/test-table" "$OUT/frontier" "$FIGURES/exit_table_results.md"

@@ -15,8 +15,8 @@ kind             forms                 needs      what happens to the image toke
                                                   ceil((1 - R) n_image) of them
 ``dyvte``        dyvte, dyvte:TAU      gates      the gates decide per row during the prefill
                                                   (TAU replaces the gates' saved threshold)
-``dyvte+fastv``  dyvte+fastv:K:R       gates      FastV after layer K, and all that are left go
-                                                  when the gate fires
+``dyvte+fastv``  dyvte+fastv:K:R,      gates      FastV after layer K, and all that are left go
+                 dyvte+fastv:K:R:TAU              when the gate fires (TAU as for dyvte)
 ===============  ====================  =========  ===============================================
 
 Settings: ``K`` an integer layer (0 <= K < decoder layers), ``R`` a pruning ratio in [0, 1],
@@ -313,8 +313,8 @@ METHODS: dict[str, MethodKind] = {entry.kind: entry for entry in (
     _kind("dyvte", ("dyvte", "dyvte:TAU"), "DyVTE",
           "the gates decide per row during the prefill (TAU replaces their saved threshold)",
           _attach_dyvte, _flops_exit, label=_gated_label, needs=_needs_gates, bind=_bind_gated),
-    _kind("dyvte+fastv", ("dyvte+fastv:K:R",), "DyVTE + FastV",
-          "FastV after layer K, and every image token left goes when the gate fires",
+    _kind("dyvte+fastv", ("dyvte+fastv:K:R", "dyvte+fastv:K:R:TAU"), "DyVTE + FastV",
+          "FastV after layer K, and every image token left goes when the gate fires (TAU replaces their threshold)",
           _attach_dyvte_fastv, _flops_fastv, label=_gated_fastv_label, needs=_needs_gates, bind=_bind_gated_hidden),
 )}
 """Every kind of exit method, by kind (the order of ``--help`` and of the documentation)."""

@@ -296,7 +296,7 @@ def test_exit_subcommand_help_shows_its_own_examples(capsys, command, example, o
     if command == "eval":  # every continued example line ends with a backslash
         lines = out[out.index("examples:"):].splitlines()[1:]
         assert all(line.endswith("\\") for line, following in zip(lines, lines[1:]) if following.startswith("      "))
-        assert "none | static:K | vtw | vtw:K | fastv:K:R | dyvte | dyvte:TAU | dyvte+fastv:K:R" in " ".join(out.split())
+        assert "none | static:K | vtw | vtw:K | fastv:K:R | dyvte | dyvte:TAU | dyvte+fastv:K:R | dyvte+fastv:K:R:TAU" in " ".join(out.split())
 
 
 @pytest.mark.parametrize("tau", ["1", "1.5", "-0.1", "x"])

@@ -191,12 +191,13 @@ def test_every_kind_of_the_table_parses_names_and_labels_its_forms():
 
     examples = {"K": "2", "R": "0.5", "TAU": "0.7"}
     written = [":".join([form.split(":")[0], *(examples[p] for p in form.split(":")[1:])]) for form in METHOD_FORMS]
-    assert written == ["none", "static:2", "vtw", "vtw:2", "fastv:2:0.5", "dyvte", "dyvte:0.7", "dyvte+fastv:2:0.5"]
+    assert written == ["none", "static:2", "vtw", "vtw:2", "fastv:2:0.5", "dyvte", "dyvte:0.7", "dyvte+fastv:2:0.5",
+                       "dyvte+fastv:2:0.5:0.7"]
     specs = [parse_method_spec(text) for text in written]
     assert [spec.name for spec in specs] == written
     assert [spec.label for spec in specs] == ["full model", "K=2", "", "K=2", "K=2 R=0.5", "gates' tau", "tau=0.7",
-                                              "gates+K=2 R=0.5"]
-    assert [sorted(spec.needs) for spec in specs] == [[], [], [CALIBRATION], [], [], [GATES], [GATES], [GATES]]
+                                              "gates+K=2 R=0.5", "gates+K=2 R=0.5 tau=0.7"]
+    assert [sorted(spec.needs) for spec in specs] == [[], [], [CALIBRATION], [], [], [GATES], [GATES], [GATES], [GATES]]
     assert {spec.kind for spec in specs} == set(METHODS)
     assert parse_method_spec(" fastv:2:0.50 ").name == "fastv:2:0.5"  # canonical names (file names)
 
@@ -231,6 +232,9 @@ def test_binding_checks_the_needs_and_the_gates(tiny):
         parse_method("dyvte+fastv:1:0.5", SPEC.num_layers, attention)
     tuned = parse_method("dyvte:0.25", SPEC.num_layers, attention)
     assert tuned.gates.config.tau == 0.25 and attention.config.tau == 0.5 and tuned.gates.gates is attention.gates
+    hidden = DyVTEGates.for_model(model, GateConfig(inputs="hidden", hidden_width=4))
+    paired = parse_method("dyvte+fastv:1:0.5:0.9", SPEC.num_layers, hidden)
+    assert (paired.gates.config.tau, paired.layer, paired.ratio, hidden.config.tau) == (0.9, 1, 0.5, 0.5)
     far = VTWCalibration(layer=7, eta=0.1, kl=(0.0,) * 8, question_ids=("q",))
     with pytest.raises(UsageError, match="0..3"):
         parse_method("vtw", SPEC.num_layers, vtw=far)

@@ -222,6 +222,9 @@ def test_the_frontier_command_looks_up_every_method_of_an_exit_table(tmp_path, s
     for _, row in rows[rows["method"] == "static:1"].iterrows():  # a lookup reads the table's own answer
         assert row["prediction"] == answers.loc[(row["question_id"], 1), "prediction"]
     assert (tmp_path / "frontier" / "label_rules.md").read_text().count("oracle[") >= 8
+    from analysis.io import read_provenance  # what make frontier reads back to time DyVTE at the chosen tau
+
+    assert read_provenance(tmp_path / "frontier" / "summary.parquet")["chosen_tau"]["history"] in (0.3, 0.6)
     for name in ("frontier.png", "exit_histogram.png", "accuracy_by_exit_layer.png", "oracle_exit_layers.png"):
         assert (tmp_path / "figures" / name).stat().st_size > 0
     assert main(["frontier", "--table", str(tmp_path / "table"), "--out", str(tmp_path / "again"), "--gates", "x"]) == 2
