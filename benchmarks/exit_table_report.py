@@ -21,8 +21,44 @@ import pandas as pd
 
 from analysis.demo.model import DEMO_WEIGHTS_FILE, sha256_of_file
 from analysis.io import read_provenance
-from exit.frontier import FRONTIER_FILE, LABEL_STUDY_FILE
+from exit.frontier import FRONTIER_FILE, LABEL_STUDY_FILE, exit_table_layers, frontier_summary, paired_difference_interval
+from exit.plots import read_evaluation
 from exit.sweep import read_exit_answers
+
+
+def targets_markdown(rows: pd.DataFrame, chosen_tau: dict[str, float], num_layers: int,
+                     reference_gates: str = "hidden-agreement") -> list[str]:
+    """The issue's targets, per gate set at the tau the validation table chose: the accuracy change
+    against the full model (paired interval), the FLOPs cut, its share of the oracle's cut, the static
+    exit nearest in FLOPs, and each gate set's paired accuracy difference to ``reference_gates``."""
+    by_method = {method: frame for method, frame in rows.groupby("method", sort=False)}
+    summary = frontier_summary(by_method, num_layers).set_index("method")
+    statics = summary[summary.index.str.startswith("static:")]
+    lines = ["## The targets, at the tau chosen on the validation table", "",
+             "| gate set | tau | accuracy | vs none (paired 95 %) | prefill FLOPs | FLOPs cut | share of the oracle's cut "
+             f"| static exit nearest in FLOPs | vs {reference_gates} (paired 95 %) |", "|" + "---|" * 9]
+    reference = f"dyvte[{reference_gates}]:{chosen_tau[reference_gates]:g}" if reference_gates in chosen_tau else None
+    for name, tau in sorted(chosen_tau.items()):
+        method = f"dyvte[{name}]:{tau:g}"
+        if method not in summary.index:
+            continue
+        line = summary.loc[method]
+        nearest = statics.iloc[(statics["relative_prefill_flops"] - line["relative_prefill_flops"]).abs().argmin()]
+        versus = "-"
+        if reference is not None and method != reference:
+            a = by_method[method].set_index("question_id")["correct"].astype(float)
+            b = by_method[reference].set_index("question_id")["correct"].astype(float).reindex(a.index)
+            low, high = paired_difference_interval(a.to_numpy(), b.to_numpy())
+            versus = f"{100 * (a.mean() - b.mean()):+.1f} ({100 * low:+.1f} to {100 * high:+.1f})"
+        lines.append(
+            f"| {name} | {tau:g} | {100 * line['accuracy_overall']:.1f} % | {100 * line['difference']:+.1f} "
+            f"({100 * line['difference_low']:+.1f} to {100 * line['difference_high']:+.1f}) | "
+            f"{line['relative_prefill_flops']:.2f} | {100 * (1 - line['relative_prefill_flops']):.0f} % | "
+            f"{100 * line['share_of_oracle_saving']:.0f} % | {nearest.name}: {100 * nearest['accuracy_overall']:.1f} % at "
+            f"{nearest['relative_prefill_flops']:.2f} | {versus} |")
+    lines += ["", "Targets: a FLOPs cut of at least 45 % within 1 point of the full model, and at least 80 % of the "
+              "oracle's cut at that accuracy.", ""]
+    return lines
 
 
 def main() -> None:
@@ -35,6 +71,7 @@ def main() -> None:
     table_files = sorted(args.table.glob("exit_answers-*.parquet"))
     table = read_provenance(table_files[0])
     frontier = read_provenance(args.frontier / "summary.parquet")
+    rows, _ = read_evaluation(args.frontier)
     questions = int(pd.read_parquet(args.frontier / "summary.parquet")["questions"].max())
     lines = [
         "# The exit table's frontier on the demo model",
@@ -55,6 +92,8 @@ def main() -> None:
         "## Frontier",
         "",
         (args.frontier / FRONTIER_FILE).read_text(encoding="utf-8"),
+        *(targets_markdown(rows, frontier.get("chosen_tau", {}), exit_table_layers(answers))
+          if frontier.get("chosen_tau") else []),
         "## Label rules: the earliest layer each rule calls safe",
         "",
         (args.frontier / LABEL_STUDY_FILE).read_text(encoding="utf-8"),
