@@ -211,19 +211,27 @@ class SelectedQueries:
     index: torch.Tensor
     membership: torch.Tensor
 
-    def gather_query(self, query: torch.Tensor) -> torch.Tensor:
-        """(batch, head, n, dim) of (batch, head, q, dim)."""
-        return query.gather(2, self.index[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[3]))
+    def local_index(self, offset: int) -> torch.Tensor:
+        """The slots' rows in a forward whose queries start at position ``offset`` (the earlier
+        positions come from the KV cache); filler slots before it read row 0 (membership 0)."""
+        return (self.index - offset).clamp_min(0)
 
-    def gather_mask(self, mask: torch.Tensor | None, num_keys: int) -> torch.Tensor:
-        """The attention mask of the gathered rows, (batch, 1 or head, n, keys); None (plain
-        causal) becomes the explicit causal mask of the slots' positions."""
+    def gather_query(self, query: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """(batch, head, n, dim) of (batch, head, q, dim), whose queries are positions ``offset``.. ."""
+        index = self.local_index(offset)
+        return query.gather(2, index[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[3]))
+
+    def gather_mask(self, mask: torch.Tensor | None, num_keys: int, offset: int = 0) -> torch.Tensor:
+        """The attention mask of the gathered rows, (batch, 1 or head, n, keys) (the mask's query
+        rows are positions ``offset``..); None (plain causal) becomes the explicit causal mask of
+        the slots' positions."""
         batch = self.index.shape[0]
         if mask is None:
             keys = torch.arange(num_keys, device=self.index.device)
             return (keys[None, None, None, :] <= self.index[:, None, :, None])
         mask = mask.expand(batch, -1, -1, -1)
-        return mask.gather(2, self.index[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
+        index = self.local_index(offset)
+        return mask.gather(2, index[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
 
 
 def selected_query_rows(query_membership: torch.Tensor, columns: Sequence[int]) -> SelectedQueries:
@@ -241,12 +249,14 @@ def selected_query_rows(query_membership: torch.Tensor, columns: Sequence[int]) 
     return SelectedQueries(index, gathered)
 
 
-def _text_states(hidden: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
+def _text_states(hidden: torch.Tensor, layout: TokenLayout, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text mean, last) states of a layer output whose positions start at ``offset`` (the
+    layout's text tokens and last token all lie there; ``record_attention``'s ``cached_prefix``)."""
     hidden = hidden.detach().float()
-    text = layout.text_mask_excluding_last().to(hidden.dtype)
+    text = layout.text_mask_excluding_last()[:, offset:].to(hidden.dtype)
     counts = text.sum(dim=1, keepdim=True)
     text_mean = torch.einsum("bs,bsd->bd", text, hidden) / torch.where(counts > 0, counts, torch.nan)
-    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), layout.last_index]
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), layout.last_index - offset]
     return text_mean, last
 
 
@@ -308,8 +318,10 @@ class _LayerObserver:
         record_generated: bool = False,
         sliding_layers: Sequence[int] = (),
         query_groups: Sequence[str] | None = None,
+        cached_prefix: int = 0,
     ) -> None:
         self.recorder = recorder
+        self.cached_prefix = cached_prefix
         self.index_of_attention = index_of_attention
         self.layout = recorder.layout.to(device)
         self.prompt_groups = _LayerGroups.of(self.layout, False)
@@ -338,8 +350,10 @@ class _LayerObserver:
         return _LayerGroups.of(TokenLayout(group, is_last.int().argmax(dim=1), self.layout.image_token_id), True)
 
     def is_prefill(self, layer: int, num_queries: int, num_keys: int, batch: int) -> bool:
+        """A forward over the layout's whole sequence (its queries after the cached prefix, if any)."""
         length = self.groups_at(layer).layout.seq_len
-        return num_queries == num_keys == length and batch == self.recorder.layout.batch_size
+        queries = length - self.cached_prefix
+        return num_queries == queries and num_keys == length and batch == self.recorder.layout.batch_size
 
     def is_decoding(self, num_queries: int, batch: int) -> bool:
         """A decoding step of generate() (one new query per row) that the block records."""
@@ -399,9 +413,10 @@ class _LayerObserver:
         # The selected rows' (query x key) map is small (the text and last queries: tens of rows),
         # so it is formed directly: cheaper than a fused kernel's fixed cost per call.
         rows = groups.selected_rows(self.query_columns)
+        offset = self.cached_prefix
         with torch.no_grad():
-            sums = observed_group_sums(rows.gather_query(query), key, rows.gather_mask(mask, key.shape[2]), scaling,
-                                       rows.membership, groups.key_membership, rows.index.shape[1])
+            sums = observed_group_sums(rows.gather_query(query, offset), key, rows.gather_mask(mask, key.shape[2], offset),
+                                       scaling, rows.membership, groups.key_membership, rows.index.shape[1])
         self.recorder.kernel = RECOMPUTED
         mass, entropy = groups.means(sums, self.prompt_groups)
         others = [g for g in range(len(QUERY_GROUPS)) if g not in self.query_columns]
@@ -445,7 +460,7 @@ class _LayerObserver:
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             hidden = output[0] if isinstance(output, tuple) else output
-            if not self.is_prefill(layer, hidden.shape[1], hidden.shape[1], hidden.shape[0]):
+            if not self.is_prefill(layer, hidden.shape[1], hidden.shape[1] + self.cached_prefix, hidden.shape[0]):
                 if layer == 0:
                     self.recorder.forwards_skipped += 1
                 if self.record_attention and self.is_decoding(hidden.shape[1], hidden.shape[0]):
@@ -482,13 +497,30 @@ class _LayerObserver:
                 )
             record.mass, record.entropy = self.pending.pop(layer)
         if self.record_states:
-            record.text_mean, record.last = _text_states(hidden, groups.layout)
+            record.text_mean, record.last = _text_states(hidden, groups.layout, self.cached_prefix)
         if layer == 0:
             self.recorder.forwards_recorded += 1
         if self.keep:
             self.recorder.records.append(record)
         if self.on_layer is not None:
             self.on_layer(record)
+
+
+def _check_cached_prefix(layout: TokenLayout, cached_prefix: int, hook_kind: str, query_groups: Sequence[str] | None,
+                         generated: bool) -> None:
+    """Raise RecordingError unless a recording of the positions after ``cached_prefix`` can hold
+    everything it reads (see ``record_attention``)."""
+    if hook_kind != "attention_observer" or query_groups is None or generated:
+        raise RecordingError("expected the fast path (attention='sdpa') with query_groups and without generated=True "
+                             "for a recording after a cached prefix, found another setting")
+    if not 0 < cached_prefix < layout.seq_len:
+        raise RecordingError(f"expected a cached prefix shorter than the {layout.seq_len} positions, found {cached_prefix}")
+    columns = [QUERY_GROUPS.index(g) for g in query_groups]
+    prefix = slice(0, cached_prefix)
+    inside = layout.query_membership()[:, prefix, columns].sum() + layout.text_mask_excluding_last()[:, prefix].sum()
+    if bool(inside > 0) or bool((layout.last_index < cached_prefix).any()):
+        raise RecordingError(f"expected every recorded query ({list(query_groups)}, the text tokens and the last token) "
+                             f"after the cached prefix of {cached_prefix} positions, found some inside it")
 
 
 @contextmanager
@@ -506,6 +538,7 @@ def record_attention(
     fused: bool = True,
     generated: bool = False,
     query_groups: Sequence[str] | None = None,
+    cached_prefix: int = 0,
 ) -> Iterator[AttentionRecorder]:
     """Observe a model's decoder layer by layer for the duration of the block.
 
@@ -528,6 +561,10 @@ def record_attention(
         query_groups: on the fast path, compute the statistics of these query groups only (names
             of QUERY_GROUPS; the others are NaN): the attention call then runs over their rows
             alone, which is what makes the gates' statistics (text and last) cheap. None: all.
+        cached_prefix: the forwards in the block run only the layout's positions from this one on,
+            the earlier ones coming from the KV cache (a prefix shared by the rows, run once): their
+            tokens count as keys as usual. Needs the fast path with ``query_groups``, whose tokens
+            (and the text tokens and last token the states read) must all lie at or after it.
 
     Yields:
         The AttentionRecorder that fills up while the block runs.
@@ -539,6 +576,8 @@ def record_attention(
     if generated and not record_attention:
         raise RecordingError("expected record_attention=True with generated=True (decoding steps record attention), "
                              "found record_attention=False")
+    if cached_prefix:
+        _check_cached_prefix(layout, cached_prefix, path.hook_kind, query_groups, generated)
     adapter = adapter or resolve_adapter(model)
     layers = adapter.decoder_layers(model)
     recorder = AttentionRecorder(layout=layout, attention=path.name, num_layers=len(layers))
@@ -556,6 +595,7 @@ def record_attention(
         fused=fused,
         record_generated=generated,
         query_groups=query_groups,
+        cached_prefix=cached_prefix,
         sliding_layers=[i for i, kind in enumerate(getattr(adapter.text_config(model), "layer_types", None) or ())
                         if kind == "sliding_attention"],
     )

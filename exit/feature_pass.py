@@ -72,6 +72,86 @@ def sweep_features(model: nn.Module, inputs: dict[str, torch.Tensor], answer_mas
     return torch.stack([builder(record) for record in recording.records], dim=1).float().cpu()
 
 
+SUFFIX_ROWS = 16
+"""At most this many questions about one image share one run of its prefix (one suffix batch)."""
+
+
+def prefix_sharing_refusal(model: nn.Module, adapter: ModelAdapter | None = None) -> str | None:
+    """Why the questions about one image cannot share its prefix on this model, or None.
+
+    Sharing needs the SDPA fast path (the recorder reads the suffix's queries against the cached
+    keys), 1-D positions (the suffix continues the prefix's) and no sliding-window layer (whose
+    masks over a cache this pass does not rebuild)."""
+    from analysis.attention import path_of_model
+
+    adapter = adapter or resolve_adapter(model)
+    text = adapter.text_config(model)
+    refusals = {
+        "the eager path": path_of_model(model, adapter).hook_kind != "attention_observer",
+        f"{adapter.positions!r} positions": adapter.positions != "1d",
+        "sliding-window layers": "sliding_attention" in (getattr(text, "layer_types", None) or ())
+        or getattr(text, "sliding_window", None) is not None,
+    }
+    found = [reason for reason, applies in refusals.items() if applies]
+    return ", ".join(found) if found else None
+
+
+def shared_prefix_features(model: nn.Module, processor: Any, prompts: Sequence[str], images: Sequence[Any], features: str,
+                           adapter: ModelAdapter | None = None) -> torch.Tensor | None:
+    """(rows, layers, F) gate features of ``prompts`` about the same ``images``, with their common
+    prefix (every token up to the last image token) run once: the prefix alone with the KV cache,
+    then every prompt's rest as one right-padded batch over a copy of that cache per row, recorded
+    after the cached prefix (``record_attention(cached_prefix=...)``). The image tokens do not see
+    the question, so these are the features of :func:`sweep_features` up to rounding (the gates
+    read only the text and last queries and the text states, all after the prefix).
+
+    Returns None where the prompts do not share that prefix or the cache cannot be copied per row
+    (a cache other than transformers' ``DynamicCache``); the caller runs them in full instead.
+    """
+    from transformers import DynamicCache
+
+    from exit.sweep import PER_TOKEN_INPUTS
+
+    adapter = adapter or resolve_adapter(model)
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    image_token_id = adapter.image_token_id(model)
+    encoded = processor(images=[list(images) for _ in prompts], text=list(prompts), padding=True, padding_side="right",
+                        return_tensors="pt")
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    image_positions = (ids[0] == image_token_id).nonzero().flatten()
+    if image_positions.numel() == 0:
+        return None
+    prefix = int(image_positions[-1]) + 1
+    shared = bool((ids[:, :prefix] == ids[:1, :prefix]).all()) and bool(mask[:, :prefix].all())
+    if not shared or prefix >= int(mask.sum(1).min()):  # no common prefix, or a prompt that ends in it
+        return None
+    first = processor(images=[list(images)], text=[prompts[0]], return_tensors="pt")
+    head = {k: (v[:, :prefix] if k in PER_TOKEN_INPUTS else v).to(device) for k, v in first.items()}
+    if "pixel_values" in head:
+        head["pixel_values"] = head["pixel_values"].to(dtype)
+    with torch.no_grad():
+        cache = model(**head, use_cache=True, logits_to_keep=1).get("cache")
+    if type(cache) is not DynamicCache:
+        return None
+    cache.batch_repeat_interleave(len(prompts))
+    rows, length = ids.shape
+    tail = {k: encoded[k][:, prefix:].to(device) for k in PER_TOKEN_INPUTS if k in encoded and k != "attention_mask"}
+    positions = torch.arange(prefix, length, device=device).expand(rows, -1)
+    layout = token_layout(ids, mask, image_token_id)
+    with torch.no_grad(), gate_recording(model, layout, features, adapter=adapter, cached_prefix=prefix) as recording:
+        model(**tail, attention_mask=mask.to(device), position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+    builder = GateFeatureBuilder(features, ModelSignature.of(model))
+    return torch.stack([builder(record) for record in recording.records], dim=1).float().cpu()
+
+
+def _image_groups(questions: Sequence[Any], rows: int) -> list[list[Any]]:
+    """The questions grouped by their images (in order of first appearance), at most ``rows`` a group."""
+    by_images: dict[tuple[str, ...], list[Any]] = {}
+    for question in questions:
+        by_images.setdefault(tuple(question.images), []).append(question)
+    return [group[i : i + rows] for group in by_images.values() for i in range(0, len(group), rows)]
+
+
 @dataclass(frozen=True)
 class FeaturePassPlan:
     """What a features pass over a table folder has left to do (:func:`feature_pass_plan`).
@@ -145,11 +225,16 @@ class FeaturePassRun:
 
 def run_feature_pass(model: nn.Module, processor: Any, questions: Sequence[Any], image_folder: str | Path,
                      table_dir: str | Path, *, features: str = "hidden", batch_size: int = 1, progress: bool = True,
-                     resume: bool = False) -> FeaturePassRun:
+                     resume: bool = False, share_prefix: bool = True) -> FeaturePassRun:
     """Write the gate features of every question of the exit table in ``table_dir`` that has none
     yet (:func:`feature_pass_plan`), one feature shard per batch, so a stopped pass loses at most
     the batch it was in and ``resume`` continues it. Questions that cannot be loaded are listed
-    in the folder's errors file, as the sweep lists them."""
+    in the folder's errors file, as the sweep lists them.
+
+    ``share_prefix`` (where :func:`prefix_sharing_refusal` allows it): the questions about one
+    image make a batch (up to :data:`SUFFIX_ROWS`) whose image prefix runs once
+    (:func:`shared_prefix_features`), which on ShapesVQA (about 6 questions per image, the image
+    tokens most of each prompt) saves most of the cost; else batches of ``batch_size`` in full."""
     from tqdm import tqdm
 
     table_dir = Path(table_dir)
@@ -158,16 +243,22 @@ def run_feature_pass(model: nn.Module, processor: Any, questions: Sequence[Any],
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     errors = _SweepErrors(table_dir, "")
     files, samples, number = [], 0, plan.next_file
-    batches = [plan.todo[i : i + batch_size] for i in range(0, len(plan.todo), batch_size)]
+    share = share_prefix and prefix_sharing_refusal(model, adapter) is None
+    batches = (_image_groups(plan.todo, SUFFIX_ROWS) if share else
+               [plan.todo[i : i + batch_size] for i in range(0, len(plan.todo), batch_size)])
     for batch in tqdm(batches, desc="features", unit="batch", disable=not progress):
         good = errors.loadable(processor, batch, image_folder)
         if not good:
             continue
-        inputs, answer_mask = teacher_forced_inputs(processor, [prompt for _, prompt, _ in good],
-                                                    [images for _, _, images in good], [str(q.answer) for q, _, _ in good])
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        found = sweep_features(model, inputs, answer_mask, features, adapter)
+        found = shared_prefix_features(model, processor, [prompt for _, prompt, _ in good], good[0][2], features,
+                                       adapter) if share else None
+        if found is None:
+            inputs, answer_mask = teacher_forced_inputs(processor, [prompt for _, prompt, _ in good],
+                                                        [images for _, _, images in good],
+                                                        [str(q.answer) for q, _, _ in good])
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+            found = sweep_features(model, inputs, answer_mask, features, adapter)
         ids = [q.question_id for q, _, _ in good]
         path = table_dir / f"{FEATURE_PASS_PREFIX}-{number:05d}.safetensors"
         files.append(write_feature_file(path, found, torch.stack([plan.labels[i] for i in ids]), ids, features))
@@ -257,5 +348,6 @@ def join_statistics(statistics_dir: str | Path, table_dir: str | Path) -> list[P
     return written
 
 
-__all__ = ["FEATURE_PASS_PREFIX", "STATISTICS_FEATURES_PREFIX", "FeaturePassPlan", "FeaturePassRun", "feature_pass_plan",
-           "join_statistics", "run_feature_pass", "statistics_features", "sweep_features"]
+__all__ = ["FEATURE_PASS_PREFIX", "STATISTICS_FEATURES_PREFIX", "SUFFIX_ROWS", "FeaturePassPlan", "FeaturePassRun",
+           "feature_pass_plan", "join_statistics", "prefix_sharing_refusal", "run_feature_pass", "shared_prefix_features",
+           "statistics_features", "sweep_features"]

@@ -317,10 +317,12 @@ def gate_recording(
     keep: bool = True,
     on_layer: Callable[[LayerRecord], None] | None = None,
     adapter: ModelAdapter | None = None,
+    cached_prefix: int = 0,
 ) -> AbstractContextManager[AttentionRecorder]:
     """``record_attention`` set up for the gate input ``inputs``: states and/or attention statistics,
     observed the way the model already runs (eager weights under eager, else the SDPA fast path),
-    so the model's outputs are unchanged."""
+    so the model's outputs are unchanged. ``cached_prefix``: as ``record_attention``'s (the forward
+    runs the positions after a prefix its KV cache holds)."""
     adapter = adapter or resolve_adapter(model)
     return record_attention(
         model,
@@ -332,6 +334,7 @@ def gate_recording(
         keep=keep,
         on_layer=on_layer,
         adapter=adapter,
+        cached_prefix=cached_prefix,
     )
 
 

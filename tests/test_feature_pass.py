@@ -66,12 +66,12 @@ def test_a_labels_only_table_gets_the_sweeps_features_and_keeps_its_labels(tmp_p
     assert not list((tmp_path / "labels").glob("features-*"))
     # a stopped pass: the first four questions only, then resumed over all of them
     first = run_feature_pass(model, processor, questions[:4], shapes_split, tmp_path / "labels", features="both", batch_size=2,
-                             progress=False)
+                             progress=False, share_prefix=False)
     assert first.samples == 4 and len(first.files) == 2
     with pytest.raises(SweepError, match="--resume"):
         feature_pass_plan(tmp_path / "labels", questions, "both")
     rest = run_feature_pass(model, processor, questions, shapes_split, tmp_path / "labels", features="both", batch_size=2,
-                            progress=False, resume=True)
+                            progress=False, resume=True, share_prefix=False)
     assert rest.samples == len(questions) - 4
     assert all(path.name.startswith(FEATURE_PASS_PREFIX) for path in feature_shards(tmp_path / "labels"))
     swept, passed = features_by_sample(tmp_path / "table"), features_by_sample(tmp_path / "labels")
@@ -154,3 +154,49 @@ def test_gates_learn_from_the_analysis_halfs_statistics_joined_with_the_labels(t
                         "--out", str(tmp_path / "gates"), "--epochs", "2", "--batch-size", "4", "--hidden-width", "8",
                         "--no-progress"])
     assert status == 0 and (tmp_path / "gates" / "gates.safetensors").is_file()
+
+
+def test_questions_about_one_image_share_its_prefix_and_keep_their_features(tiny, shapes_split):
+    from analysis.data import load_question
+    from exit.feature_pass import prefix_sharing_refusal, shared_prefix_features
+
+    model, processor = tiny
+    assert prefix_sharing_refusal(model) is None
+    questions = read_questions(shapes_split / "questions.jsonl")
+    by_image = {}
+    for question in questions:
+        by_image.setdefault(question.images, []).append(question)
+    group = max(by_image.values(), key=len)
+    assert len(group) >= 3 and len({len(q.text) for q in group}) > 1  # prompts of several lengths: padded suffixes
+    loaded = [load_question(processor, q, shapes_split) for q in group]
+    shared = shared_prefix_features(model, processor, [p for _, p in loaded], loaded[0][0], "both")
+    inputs, answer_mask = teacher_forced_inputs(processor, [p for _, p in loaded], [i for i, _ in loaded],
+                                                [q.answer for q in group])
+    full = sweep_features(model, inputs, answer_mask, "both")
+    assert shared.shape == full.shape and full.abs().sum() > 0
+    assert torch.allclose(shared, full, atol=1e-5, rtol=1e-5), (shared - full).abs().max()
+    # prompts whose tokens before the image differ share no prefix: refused, so the caller runs them in full
+    differ = [loaded[0][1], "Look. " + loaded[1][1]]
+    assert shared_prefix_features(model, processor, differ, loaded[0][0], "both") is None
+    eager = tiny_llava(TinyLlavaSpec(num_kv_heads=2, seed=3), attn_implementation="eager").eval()
+    assert prefix_sharing_refusal(eager) == "the eager path"
+
+
+def test_a_shared_prefix_pass_writes_the_features_of_a_pass_in_full(tmp_path, tiny):
+    from analysis.demo.shapes import write_split
+
+    model, processor = tiny
+    split = write_split(tmp_path / "data", "val", 2, seed=4, image_size=56)
+    questions = read_questions(split / "questions.jsonl")
+    questions = questions[::2] + questions[1::2]  # the two images' questions interleaved: grouped by image again
+    assert len({q.images for q in questions}) == 2
+    for name, share in (("shared", True), ("full", False)):
+        run_sweep(model, processor, questions, split, tmp_path / name, features=None, provenance={"model": "tiny"},
+                  batch_size=2, progress=False)
+        run_feature_pass(model, processor, questions, split, tmp_path / name, features="both", batch_size=2,
+                         progress=False, share_prefix=share)
+    shared, full = (features_by_sample(tmp_path / name) for name in ("shared", "full"))
+    assert set(shared) == set(full) == {q.question_id for q in questions}
+    for sample, (features, labels) in shared.items():
+        assert torch.allclose(features, full[sample][0], atol=1e-5, rtol=1e-5) and torch.equal(labels, full[sample][1])
+    assert len(feature_shards(tmp_path / "shared")) == 2 < len(feature_shards(tmp_path / "full"))  # one file per image
