@@ -31,6 +31,7 @@ TEST_QUESTIONS=${TEST_QUESTIONS:-0}        # 0: the whole test split (1,146 ques
 VAL_QUESTIONS=${VAL_QUESTIONS:-300}
 TRAIN_QUESTIONS=${TRAIN_QUESTIONS:-2000}
 TIMED_QUESTIONS=${TIMED_QUESTIONS:-120}
+VTW_SAMPLES=${VTW_SAMPLES:-16}             # validation questions VTW's KL calibration reads (31 forwards each)
 BATCH=${BATCH:-4}
 export HF_HUB_OFFLINE=1 MPLBACKEND=Agg
 SHAPES=.cache/shapesvqa
@@ -84,9 +85,9 @@ for kind in hidden attention history hidden+history; do
     done
 done
 
-if [ ! -f "$OUT/vtw/summary.parquet" ]; then  # VTW's K: calibrated on 16 validation questions (KL <= eta)
+if [ ! -f "$OUT/vtw/summary.parquet" ]; then  # VTW's K: calibrated on validation questions (KL <= eta)
     "$BIN/dyvte-exit" eval --model demo --questions "$OUT/val-questions.jsonl" --image-folder "$SHAPES/val" --limit 1 \
-        --method vtw --calibration-questions "$SHAPES/val/questions.jsonl" --vtw-samples 16 --out "$OUT/vtw" --no-progress
+        --method vtw --calibration-questions "$SHAPES/val/questions.jsonl" --vtw-samples "$VTW_SAMPLES" --out "$OUT/vtw" --no-progress
 fi
 VTW=$("$BIN/python" -c "import pandas as pd, sys; print(pd.read_parquet(sys.argv[1])['method'][0].split(':')[1])" "$OUT/vtw/summary.parquet")
 
