@@ -101,6 +101,19 @@ print(read_provenance(sys.argv[1])['chosen_tau']['hidden-agreement'])" "$OUT/fro
     "$BIN/dyvte-exit" eval --model demo --questions "$OUT/test-questions.jsonl" --image-folder "$SHAPES/test" \
         --limit "$TIMED_QUESTIONS" --gates "$OUT/gates-hidden-agreement" --out "$OUT/timed" --resume \
         --method none,static:23,vtw:"$VTW",fastv:2:0.5,fastv:2:0.75,dyvte:"$TAU",dyvte+fastv:2:0.5:"$TAU" --no-progress
+    "$BIN/python" - "$OUT/timed" "$FIGURES/exit_timed_results.md" <<'PY'
+import sys
+from pathlib import Path
+from analysis.io import read_provenance
+from exit.plots import read_evaluation, results_markdown
+rows, summary = read_evaluation(sys.argv[1])
+made = read_provenance(Path(sys.argv[1]) / "summary.parquet")
+Path(sys.argv[2]).write_text(
+    f"# Timed runs on the first {rows['question_id'].nunique()} test questions (`dyvte-exit eval`, real runs)\n\n"
+    f"Weights sha256: {made.get('weights_sha256')}; git {made.get('git_revision')}; {made.get('device')}, "
+    f"{made.get('dtype')}, {made.get('attention_path')}.\n\n" + results_markdown(summary), encoding="utf-8")
+print(f"wrote {sys.argv[2]}")
+PY
 fi
 
 "$BIN/python" benchmarks/exit_table_report.py "$OUT/test-table" "$OUT/frontier" "$FIGURES/exit_table_results.md"
