@@ -19,16 +19,54 @@ Each adapter's ``image_token_groups`` says this for its family.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
 
 from analysis.errors import DyVTEError
+from analysis.hooks import Hook
 
 
 class UnsupportedModelError(DyVTEError, ValueError):
     """The model's family is not in the adapter table, or lacks a field the toolkit needs."""
+
+
+@dataclass(frozen=True)
+class KVSharing:
+    """Where a family's KV-sharing layers get their keys and values.
+
+    Attributes:
+        modes_field: text-config attribute with one entry per decoder layer: ``store_mode`` (the
+            layer hands its keys and values on), ``reuse_mode`` (it reads those of the latest
+            storing layer of its own type in ``layer_types`` and computes none), or anything else.
+        states_kwarg: the decoder layer's keyword argument holding the shared {layer type: (keys,
+            values)} mapping, (batch, kv_head, slots, dim) each, over the stream of the storing layer.
+    """
+
+    modes_field: str = "kv_sharing_modes"
+    states_kwarg: str = "shared_kv_states"
+    store_mode: str = "store"
+    reuse_mode: str = "reuse"
+
+
+@dataclass(frozen=True)
+class RecurrentLayers:
+    """Where a hybrid family's recurrent decoder layers are (Qwen3.5's Gated DeltaNet layers).
+
+    Such a layer mixes tokens through a state that decays at every token, not through an attention
+    map: it has no map to record, and masking a token is not removing it (the state still decays
+    over the masked slot), so the exit surgery removes tokens from its stream instead of masking them.
+
+    Attributes:
+        layer_type: the text config's ``layer_types`` entry of a recurrent layer.
+        mixer_attr: attribute of such a decoder layer holding its token mixer (in place of ``attention_attr``).
+    """
+
+    layer_type: str = "linear_attention"
+    mixer_attr: str = "linear_attn"
 
 
 @dataclass(frozen=True)
@@ -55,6 +93,19 @@ class ModelAdapter:
             After decoder layer i < len(that list) the model indexes the image positions of the
             full sequence, so the exit surgery keeps the stream at full length (removed keys
             masked) until those layers are done (:meth:`first_compactable_layer`).
+        layer_token_inputs: names of a decoder layer's forward parameters, besides the hidden
+            states, that hold one entry per token of the stream, (batch, seq, ...) (Gemma4's
+            per-layer embeddings ``per_layer_input``): the exit surgery gathers them at the kept
+            tokens, as it gathers cos/sin.
+        kv_sharing: how decoder layers read the keys and values of an earlier layer instead of
+            computing their own (Gemma4's KV-shared layers), or None.
+        query_slicing: (module path, keyword) of a module that, given a nonzero ``keyword``, runs
+            its later decoder layers on the last queries only (Gemma4's text model under
+            generate()'s ``logits_to_keep=1``: its KV-shared layers see one query); the recorder and
+            the exit surgery pass 0 during a prefill so every layer holds the whole stream (the
+            output head still keeps the logits it was asked for), or None.
+        recurrent: where the decoder's recurrent (linear-attention) layers are, or None for a decoder
+            of attention layers only; those layers have no attention map (:meth:`attention_layers`).
     """
 
     model_type: str
@@ -68,6 +119,10 @@ class ModelAdapter:
     head_fields: tuple[str, str] = ("num_attention_heads", "num_key_value_heads")
     positions: str = "1d"
     deepstack_field: str | None = None
+    layer_token_inputs: tuple[str, ...] = ()
+    kv_sharing: KVSharing | None = None
+    query_slicing: tuple[str, str] | None = None
+    recurrent: RecurrentLayers | None = None
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """The decoder's layers, found at ``layers_path``."""
@@ -100,8 +155,22 @@ class ModelAdapter:
         return [f"{self.layers_path}.{i}" for i in range(len(self.decoder_layers(model)))]
 
     def attention_paths(self, model: nn.Module) -> list[str]:
-        """Dotted module names of every decoder layer's self-attention module."""
+        """Dotted module names of every decoder layer's self-attention module (index = layer; a
+        recurrent layer's entry names no module: see :meth:`attention_layers`)."""
         return [f"{path}.{self.attention_attr}" for path in self.layer_paths(model)]
+
+    def recurrent_layers(self, model_or_config: Any) -> list[int]:
+        """The decoder layers that mix tokens through a recurrent state instead of attention (empty
+        for a decoder of attention layers only), read from the text config's ``layer_types``."""
+        if self.recurrent is None:
+            return []
+        layer_types = getattr(self.text_config(model_or_config), "layer_types", None) or ()
+        return [i for i, kind in enumerate(layer_types) if kind == self.recurrent.layer_type]
+
+    def attention_layers(self, model: nn.Module) -> list[int]:
+        """The decoder layers that have an attention map (every layer but the recurrent ones)."""
+        recurrent = set(self.recurrent_layers(model))
+        return [i for i in range(len(self.decoder_layers(model))) if i not in recurrent]
 
     def text_config(self, model_or_config: Any) -> Any:
         """The config that describes the text decoder (heads, hidden size, layers), from a model or
@@ -129,6 +198,63 @@ class ModelAdapter:
         for part in self.deepstack_field.split("."):
             value = getattr(value, part, None)
         return len(value or ())
+
+    def kv_sources(self, model_or_config: Any) -> dict[int, int]:
+        """{decoder layer: the earlier layer whose keys and values it reads} for every KV-reusing
+        layer (empty without KV sharing).
+
+        Raises:
+            UnsupportedModelError: a reusing layer has no storing layer of its type before it (its
+                keys and values would come from outside the model, as an assistant model's do).
+        """
+        if self.kv_sharing is None:
+            return {}
+        config = self.text_config(model_or_config)
+        modes = list(getattr(config, self.kv_sharing.modes_field, None) or ())
+        types = list(getattr(config, "layer_types", None) or [None] * len(modes))
+        sources: dict[int, int] = {}
+        stored: dict[Any, int] = {}
+        for layer, (mode, kind) in enumerate(zip(modes, types)):
+            if mode == self.kv_sharing.store_mode:
+                stored[kind] = layer
+            elif mode == self.kv_sharing.reuse_mode:
+                if kind not in stored:
+                    raise UnsupportedModelError(
+                        f"expected a {kind!r} layer storing keys and values before KV-reusing decoder layer {layer} of "
+                        f"this {self.model_type!r} model, found none (its keys and values come from outside the model)"
+                    )
+                sources[layer] = stored[kind]
+        return sources
+
+    def layer_token_positions(self, model: nn.Module) -> dict[str, int]:
+        """{name: position among the decoder layer forward's positional arguments} of each of
+        ``layer_token_inputs`` (the model may pass them by position or by name).
+
+        Raises:
+            UnsupportedModelError: a name is not a parameter of the decoder layer's forward.
+        """
+        layers = self.decoder_layers(model)
+        parameters = list(inspect.signature(layers[0].forward).parameters) if len(layers) else []
+        missing = [name for name in self.layer_token_inputs if name not in parameters]
+        if missing:
+            raise UnsupportedModelError(
+                f"expected the decoder-layer parameters {missing} of a {self.model_type!r} model, found {parameters}")
+        return {name: parameters.index(name) for name in self.layer_token_inputs}
+
+    def whole_stream_hooks(self, when: Callable[[], bool] = lambda: True) -> list[Hook]:
+        """Forward pre-hooks that make every decoder layer of a prefill hold the whole stream
+        (``query_slicing`` set to 0 in the forwards where ``when()`` says so; empty where the family
+        never slices); attach them with ``analysis.hooks.attached`` for a recording or a surgery."""
+        if self.query_slicing is None:
+            return []
+        path, keyword = self.query_slicing
+
+        def every_query(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            if not kwargs.get(keyword) or not when():
+                return None
+            return args, {**kwargs, keyword: 0}
+
+        return [Hook(path, every_query, kind="forward_pre", with_kwargs=True)]
 
     def head_counts(self, model: nn.Module) -> tuple[int, int]:
         """(query heads, key/value heads) of the text decoder's attention."""
@@ -176,6 +302,15 @@ _QWEN3_VL = replace(
     _QWEN2_VL, model_type="qwen3_vl", deepstack_field="vision_config.deepstack_visual_indexes",
     image_token_groups=_QWEN2_VL.image_token_groups + "; deepstack: vision features of some vision layers are added "
     "to the image positions after the first decoder layers (image tokens still)",
+)
+_QWEN3_5 = ModelAdapter(
+    model_type="qwen3_5",
+    layers_path=f"{_LANGUAGE_MODEL}.layers",
+    marker_token_fields=("vision_start_token_id", "vision_end_token_id"),
+    positions="mrope",
+    recurrent=RecurrentLayers(),
+    image_token_groups=_QWEN2_VL.image_token_groups + "; the linear-attention (Gated DeltaNet) layers have no "
+    "attention map: the statistics have no rows for them",
 )
 _GLM4V = ModelAdapter(
     model_type="glm4v",
@@ -226,6 +361,8 @@ _ADAPTERS: dict[str, ModelAdapter] = {
         replace(_QWEN2_VL, model_type="qwen2_5_vl"),  # same layout, processor tokens and M-RoPE
         _QWEN3_VL,
         replace(_QWEN3_VL, model_type="qwen3_vl_moe"),  # the same with a mixture-of-experts decoder (routed per token)
+        _QWEN3_5,
+        replace(_QWEN3_5, model_type="qwen3_5_moe"),  # the same with a mixture-of-experts decoder (routed per token)
         _GLM4V,
         replace(_GLM4V, model_type="glm4v_moe"),  # the same with a mixture-of-experts decoder (routed per token)
         ModelAdapter(
@@ -246,6 +383,20 @@ _ADAPTERS: dict[str, ModelAdapter] = {
                 "image: <image_soft_token> x mm_tokens_per_image (they attend to each other bidirectionally); "
                 "<start_of_image> is system before the first image (text before later images), "
                 f"<end_of_image> is text; {_POSITIONAL}"
+            ),
+        ),
+        ModelAdapter(
+            model_type="gemma4",
+            layers_path=f"{_LANGUAGE_MODEL}.layers",
+            marker_token_fields=("boi_token_id", "eoi_token_id"),
+            layer_token_inputs=("per_layer_input",),
+            kv_sharing=KVSharing(),
+            query_slicing=(_LANGUAGE_MODEL, "logits_to_keep"),
+            image_token_groups=(
+                "image: the image token x soft tokens per image (with use_bidirectional_attention='vision' they attend to "
+                "each other bidirectionally in the sliding layers); the begin-of-image token (boi_token_id) is system "
+                "before the first image (text before later images), the end-of-image token (eoi_token_id) is text; video "
+                f"and audio tokens are not image tokens; {_POSITIONAL}"
             ),
         ),
         ModelAdapter(
@@ -294,9 +445,17 @@ def adapter_problems(adapter: ModelAdapter, model: nn.Module) -> list[str]:
         except (UnsupportedModelError, AttributeError) as error:
             problems.append(f"{what}: {error}")
     if not problems:
-        missing = [path for path in adapter.attention_paths(model) if _no_module(model, path)]
+        paths = adapter.attention_paths(model)
+        missing = [paths[i] for i in adapter.attention_layers(model) if _no_module(model, paths[i])]
         if missing:
             problems.append(f"expected each decoder layer's attention at .{adapter.attention_attr}, found none at {missing[:3]}")
+        if adapter.recurrent is not None:
+            layer_paths = adapter.layer_paths(model)
+            mixers = [f"{layer_paths[i]}.{adapter.recurrent.mixer_attr}" for i in adapter.recurrent_layers(model)]
+            missing = [path for path in mixers if _no_module(model, path)]
+            if missing:
+                problems.append(f"expected each recurrent decoder layer's token mixer at .{adapter.recurrent.mixer_attr}, "
+                                f"found none at {missing[:3]}")
         if not callable(getattr(model, "get_output_embeddings", None)) or model.get_output_embeddings() is None:
             problems.append("expected model.get_output_embeddings() to return the output head, found none")
     return problems

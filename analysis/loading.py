@@ -323,7 +323,8 @@ def weights_sha256(model_id: str | Path) -> dict[str, str]:
 
 
 def provenance(model_id: str, model: Any, attention: str, heads: str, seed: int) -> dict[str, Any]:
-    """What produced a file: model, library versions, git revision, attention path, dtype, seed."""
+    """What produced a file: model, library versions, git revision, attention path, dtype, seed, and the
+    decoder layers that have no attention map (so no statistics rows: a hybrid decoder's recurrent layers)."""
     import pyarrow
     import transformers
 
@@ -336,6 +337,8 @@ def provenance(model_id: str, model: Any, attention: str, heads: str, seed: int)
         "attention_path": attention,
         "attention_path_description": attention_path(attention).description,
         "statistics_kernel": statistics_kernel(attention, next(model.parameters()).device),
+        # A hybrid decoder's recurrent layers have no attention map: the statistics have no rows for them.
+        "layers_without_attention": resolve_adapter(model).recurrent_layers(model),
         "heads": heads,
         "seed": seed,
         "dyvte_version": analysis.__version__,

@@ -90,6 +90,9 @@ class AttentionRecorder:
         forwards_recorded: prefills observed; forwards_skipped: other forwards (decoding steps).
         generated: with ``generated=True``, one LayerRecord per decoder layer and decoding step.
         steps_recorded: decoding steps recorded.
+        layers_without_attention: decoder layers with no attention map (a hybrid decoder's
+            recurrent layers, ``ModelAdapter.recurrent_layers``): their records carry states only
+            (mass and entropy None) and the statistics table has no rows for them.
     """
 
     layout: TokenLayout
@@ -101,6 +104,7 @@ class AttentionRecorder:
     forwards_skipped: int = 0
     generated: list[LayerRecord] = field(default_factory=list)
     steps_recorded: int = 0
+    layers_without_attention: list[int] = field(default_factory=list)
 
     def to_table(self, sample_ids: Sequence[str], heads: str = "mean", steps: Sequence[int] | None = None) -> pa.Table:
         """The recorded statistics as a long-format table following ``analysis.schema``: the
@@ -110,7 +114,8 @@ class AttentionRecorder:
             steps: per row, how many decoding steps to keep (its answer's tokens; a row that ended
                 before the batch did has fewer); default every recorded step for every row.
         """
-        if not self.records or self.records[0].mass is None:
+        mapped = [record for record in self.records if record.mass is not None]
+        if not mapped:
             raise RecordingError(
                 "expected recorded attention statistics, found none: run a forward over the layout's "
                 f"{self.layout.seq_len} tokens inside the recording block"
@@ -120,7 +125,7 @@ class AttentionRecorder:
                 f"expected one record per decoder layer ({self.num_layers}) from a single forward, "
                 f"found {len(self.records)}; record each forward in its own block"
             )
-        prompt = statistics_table(self.records, self.layout, sample_ids, heads)
+        prompt = statistics_table(mapped, self.layout, sample_ids, heads)  # no rows (not made-up ones) for unmapped layers
         if not self.generated:
             return prompt
         if steps is None:
@@ -335,6 +340,7 @@ class _LayerObserver:
         self.query_columns = None if query_groups is None else [QUERY_GROUPS.index(g) for g in query_groups]
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.pending_generated: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.mapped_layers = frozenset(index_of_attention.values())  # the layers with an attention map
 
     def groups_at(self, layer: int) -> _LayerGroups:
         """The token groups decoder layer ``layer`` holds: the prompt's, or, after a visual-token
@@ -471,16 +477,18 @@ class _LayerObserver:
         return hook
 
     def finish_generated(self, layer: int) -> None:
-        """Keep decoder layer ``layer``'s record of the running decoding step."""
-        if layer not in self.pending_generated:
+        """Keep decoder layer ``layer``'s record of the running decoding step (none for a layer without
+        an attention map)."""
+        if layer in self.mapped_layers and layer not in self.pending_generated:
             raise RecordingError(
                 f"expected attention statistics for decoder layer {layer} at decoding step "
                 f"{self.recorder.steps_recorded}, found none: its self-attention did not run "
                 f"{self.recorder.attention!r} attention as requested"
             )
-        mass, entropy, counts = self.pending_generated.pop(layer)
-        self.recorder.generated.append(
-            LayerRecord(layer=layer, mass=mass, entropy=entropy, key_counts=counts, step=self.recorder.steps_recorded))
+        if layer in self.mapped_layers:
+            mass, entropy, counts = self.pending_generated.pop(layer)
+            self.recorder.generated.append(
+                LayerRecord(layer=layer, mass=mass, entropy=entropy, key_counts=counts, step=self.recorder.steps_recorded))
         if layer == self.recorder.num_layers - 1:
             self.recorder.steps_recorded += 1
 
@@ -489,7 +497,7 @@ class _LayerObserver:
         groups = self.groups_at(layer)
         if groups.changed:
             record.query_counts, record.key_counts = groups.query_counts, groups.key_counts
-        if self.record_attention:
+        if self.record_attention and layer in self.mapped_layers:
             if layer not in self.pending:
                 raise RecordingError(
                     f"expected attention statistics for decoder layer {layer} before its output, found "
@@ -547,7 +555,8 @@ def record_attention(
         layout: token groups of the batch that will be run (``analysis.layout.token_layout``).
         attention: one of ``analysis.attention.ATTENTION_CHOICES``: "sdpa" (fast path, statistics
             on the side) or "eager" (weights from the hook).
-        record_attention: compute group masses and entropies.
+        record_attention: compute group masses and entropies (at the layers with an attention map:
+            a hybrid decoder's recurrent layers have none, ``recorder.layers_without_attention``).
         record_states: also compute the text-token states the exit gates consume.
         keep: keep every LayerRecord on the recorder; False hands them to ``on_layer`` only.
         on_layer: called with each LayerRecord right after its decoder layer ran.
@@ -580,10 +589,12 @@ def record_attention(
         _check_cached_prefix(layout, cached_prefix, path.hook_kind, query_groups, generated)
     adapter = adapter or resolve_adapter(model)
     layers = adapter.decoder_layers(model)
-    recorder = AttentionRecorder(layout=layout, attention=path.name, num_layers=len(layers))
+    mapped = adapter.attention_layers(model)  # a hybrid decoder's recurrent layers have no map to observe
+    recorder = AttentionRecorder(layout=layout, attention=path.name, num_layers=len(layers),
+                                 layers_without_attention=[i for i in range(len(layers)) if i not in mapped])
     observer = _LayerObserver(
         recorder,
-        {id(layers[i].get_submodule(adapter.attention_attr)): i for i in range(len(layers))},
+        {id(layers[i].get_submodule(adapter.attention_attr)): i for i in mapped},
         next(model.parameters()).device,
         record_attention=record_attention,
         record_states=record_states,
@@ -600,9 +611,11 @@ def record_attention(
                         if kind == "sliding_attention"],
     )
     hooks = [Hook(p, observer.after_layer(i)) for i, p in enumerate(adapter.layer_paths(model))]
+    hooks += adapter.whole_stream_hooks()  # every layer of a prefill sees every query (Gemma4's KV-shared layers)
     if record_attention:
         read = observer.observe_sdpa if path.hook_kind == "attention_observer" else observer.observe_eager
-        hooks += [Hook(p, read, kind=path.hook_kind) for p in adapter.attention_paths(model)]
+        paths = adapter.attention_paths(model)
+        hooks += [Hook(paths[i], read, kind=path.hook_kind) for i in mapped]
     implementation = path.record_implementation if record_attention else None
     with attached(model, hooks), running_attention(model, adapter, implementation):
         yield recorder

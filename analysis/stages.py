@@ -485,7 +485,8 @@ class DatasetStages:
         consensus: one row per stage (``sample_id`` = ``DATASET``), same columns.
         boundaries: the boundary distribution: sample_id, boundary (the stage it opens), layer;
             one row per sample that has that boundary.
-        n_layers: layers of the curves.
+        n_layers: decoder layers the curves span, 0 .. the last recorded layer (the layers of the
+            curves, unless the table has no rows for some: a hybrid decoder's recurrent layers).
         settings: the settings used.
     """
 
@@ -608,7 +609,8 @@ def detect_dataset_stages(statistics: pd.DataFrame, settings: StageSettings = St
     boundaries = pd.DataFrame(boundary_rows, columns=["sample_id", "boundary", "layer"]).astype({"layer": "int64"})
     dataset_curves = curves.groupby(level="layer").mean()
     consensus = _consensus(per_sample, boundaries, dataset_curves, settings)
-    return DatasetStages(per_sample, consensus, boundaries, len(dataset_curves), settings)
+    # The layers span 0..the last recorded one: a hybrid decoder's table has no rows for its recurrent layers.
+    return DatasetStages(per_sample, consensus, boundaries, int(dataset_curves.index.max()) + 1, settings)
 
 
 def write_stages(result: DatasetStages, path: str | Path, source: str | Path | None = None) -> Path:

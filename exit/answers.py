@@ -49,13 +49,30 @@ class ExitAnswersError(DyVTEError, ValueError):
 
 def check_answerable(adapter: ModelAdapter, config: Any = None) -> None:
     """Raise ExitAnswersError unless the family's positions are the 1-D ones generate() derives from
-    the attention mask (M-RoPE families compute theirs from the image grids) and, where ``config``
+    the attention mask (M-RoPE families compute theirs from the image grids), its layers share no
+    keys and values (a KV-reusing layer has no cache of its own to build), and, where ``config``
     (the model's) is given, no decoder layer is a sliding-window one (its cache keeps only the
-    window, and the table's decoding cache holds every column). Both are known before the weights load."""
+    window, and the table's decoding cache holds every column), nor a recurrent one (the table builds its
+    decoding cache by splicing each branch's keys and values into the full model's per column; a
+    recurrent layer's state summarises its whole stream and cannot be spliced per column). All are
+    known before the weights load."""
+    recurrent = adapter.recurrent_layers(config) if config is not None else []
+    if recurrent or (config is None and adapter.recurrent is not None):
+        raise ExitAnswersError(
+            f"expected attention decoder layers only for the exit table's answers, found recurrent (linear-attention) "
+            f"layers {recurrent} in {adapter.model_type!r} (their state cannot be spliced per column into the table's "
+            "decoding cache); run `dyvte-exit eval --method static:K` instead"
+        )
     if adapter.positions != "1d":
         raise ExitAnswersError(
             f"expected a family with 1-D position ids for the exit table's answers, found {adapter.model_type!r} "
             f"with {adapter.positions!r} positions; run `dyvte-exit eval --method static:K` instead"
+        )
+    if adapter.kv_sharing is not None:
+        raise ExitAnswersError(
+            f"expected decoder layers with caches of their own for the exit table's answers, found {adapter.model_type!r}, "
+            "whose KV-sharing layers read an earlier layer's keys and values (the table's decoding cache is built per "
+            "layer from the sweep's branches); run `dyvte-exit eval --method static:K` instead"
         )
     layer_types = getattr(adapter.text_config(config), "layer_types", None) if config is not None else None
     sliding = [i for i, kind in enumerate(layer_types or []) if kind == "sliding_attention"]

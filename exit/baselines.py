@@ -95,6 +95,12 @@ class FastV:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
             raise ExitSurgeryError(f"expected the FastV layer K in 0..{num_layers - 1} (prune after it), found {layer!r}")
         fastv_keep_count(0, ratio)  # checks the ratio
+        if layer in self.adapter.recurrent_layers(model):
+            raise ExitSurgeryError(
+                f"expected the FastV layer K to be an attention layer (its attention ranks the image tokens), found "
+                f"layer {layer}, a recurrent (linear-attention) layer of {self.adapter.model_type!r} with no attention map; "
+                f"attention layers: {self.adapter.attention_layers(model)}"
+            )
         self.model = model
         self.layer = layer
         self.ratio = float(ratio)

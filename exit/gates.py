@@ -322,8 +322,19 @@ def gate_recording(
     """``record_attention`` set up for the gate input ``inputs``: states and/or attention statistics,
     observed the way the model already runs (eager weights under eager, else the SDPA fast path),
     so the model's outputs are unchanged. ``cached_prefix``: as ``record_attention``'s (the forward
-    runs the positions after a prefix its KV cache holds)."""
+    runs the positions after a prefix its KV cache holds).
+
+    Raises:
+        UsageError: ``inputs`` needs attention statistics after every layer and some decoder layers
+            have no attention map (a hybrid decoder's recurrent layers; "hidden" gates work there).
+    """
     adapter = adapter or resolve_adapter(model)
+    unmapped = adapter.recurrent_layers(model)
+    if unmapped and recorded_kind(inputs) in ("attention", "both"):
+        raise UsageError(
+            f"expected gate inputs that every decoder layer has for {adapter.model_type!r}, found {inputs!r}: decoder layers "
+            f"{unmapped} are recurrent (linear-attention) layers with no attention map; use inputs='hidden'"
+        )
     return record_attention(
         model,
         layout,

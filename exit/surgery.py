@@ -31,6 +31,25 @@ How (per prefill, derived from input_ids and the attention mask; no fixed offset
   KV-cache layers, hold no removed keys and values. A later removal (a gate firing after FastV
   pruned) compacts again, by the same rule, from the compacted stream. For exits alone this is
   one compaction, once every row has exited.
+- Layer inputs with one entry per token besides the states (``ModelAdapter.layer_token_inputs``:
+  Gemma4's per-layer embeddings, which the model hands every layer at full length) are gathered at
+  the kept slots of every compacted layer, as cos/sin are.
+- KV sharing (``ModelAdapter.kv_sharing``: Gemma4's later layers read the keys and values of the
+  last earlier layer of their type): a reusing layer j reads what its source i computed over i's
+  stream. Where i ran at full length or on another compaction than j (i at or before the exit, or a
+  removal between them), those keys and values are gathered at j's slots, so j sees no key that has
+  left and every text key; where i ran on j's stream they are j's already. While decoding, j attends
+  to i's cache (which decoding reads) with the columns gone before j switched off. A copy of the
+  shared mapping carries the gathered keys, so the storing layers keep writing into the model's own.
+- A family whose text model runs its later layers on the last queries only under generate()'s
+  ``logits_to_keep`` (``ModelAdapter.query_slicing``: Gemma4's KV-shared layers) gets 0 there in a
+  prefill that removes, or may remove, tokens, so every layer holds the whole (kept) stream.
+- Recurrent layers (``ModelAdapter.recurrent``: Qwen3.5's Gated DeltaNet layers) carry a state that
+  decays at every token of their stream, so masking a token is not removing it: with such layers
+  the stream is compacted as soon as any row removes tokens (rows that removed nothing keep all of
+  theirs) and ``compact=False`` is refused. They get the 2-D padding mask of the compacted slots,
+  which zeroes the left padding's inputs so their states stay zero there, as in the stock model;
+  while decoding, their conv and recurrent states (built from the kept tokens) are left as they are.
 - Before the decoder's final norm the compacted states are scattered back to the original
   positions, so the model's outputs keep their shape (the decoder layers themselves, and anything
   observing them, see the compacted stream). Logits are valid at kept positions only: at
@@ -193,6 +212,25 @@ def attention_mask_for_keys(
     return mask
 
 
+def check_recurrent_removal(adapter: ModelAdapter, model: nn.Module, compact: bool) -> None:
+    """Raise ExitSurgeryError unless removing tokens from a decoder with recurrent layers can be exact:
+    those layers must get a compacted stream (masking a token still decays their state over its slot),
+    so ``compact`` must be on and the stream compactable after every layer (no deepstack)."""
+    recurrent = adapter.recurrent_layers(model)
+    if not recurrent:
+        return
+    if not compact:
+        raise ExitSurgeryError(
+            f"expected compact=True for {adapter.model_type!r}: its recurrent (linear-attention) layers {recurrent} decay "
+            "their state at every token of their stream, so masking removed tokens is not removing them"
+        )
+    if adapter.first_compactable_layer(model) > 0:
+        raise ExitSurgeryError(
+            f"expected a stream that may be compacted after every layer for {adapter.model_type!r}, found vision features "
+            f"added up to layer {adapter.first_compactable_layer(model)} besides recurrent layers {recurrent}"
+        )
+
+
 def _without_keys(mask: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
     """A 4-D mask (bool: True = attend, or additive float) with the ``removed`` (batch, key) keys masked."""
     removed = removed[:, None, None, :].to(mask.device)
@@ -225,10 +263,15 @@ class _Run:
     layout: TokenLayout
     drop_layer: torch.Tensor  # (batch, seq) int64: the layer after which each position leaves, NO_EXIT = stays
     decoding: bool = False
+    seen: int = 0  # tokens of the prompt and the decoding steps so far (the cache's columns)
     current_layer: int = -1  # the last decoder layer the prefill entered
     attention_mask: torch.Tensor | None = None  # (batch, seen + new) bool while decoding
     layer_keys: dict[int, torch.Tensor] = field(default_factory=dict)  # prefill key slots per layer
     layer_columns: dict[int, torch.Tensor] = field(default_factory=dict)  # their columns in the prompt
+    layer_held: dict[int, torch.Tensor] = field(default_factory=dict)  # slots holding a token (left or not)
+    # (columns, visible) of the prefill's cached keys a layer attends to while decoding: its own, or for
+    # a KV-reusing layer those of the layer it reads (with the tokens gone before it switched off)
+    decoding_slots: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     compact: CompactLayout | None = None
     compact_from: int | None = None  # the first layer that ran on a compacted stream
     snapshot: torch.Tensor | None = None  # full stream when it was last compacted
@@ -289,12 +332,21 @@ class VisualExit:
         self._first_compact = self.adapter.first_compactable_layer(model)
         self._config = self.adapter.text_config(model)
         self._image_token_id = self.adapter.image_token_id(model)
+        # Recurrent layers (a hybrid decoder's linear attention) carry a state that decays at every
+        # token of their stream, so a masked token is not a removed one: they only ever see the kept tokens.
+        self._recurrent = frozenset(self.adapter.recurrent_layers(model))
+        check_recurrent_removal(self.adapter, model, compact)
         check_attention_implementation(self.adapter.attention_implementation(model), "the exit surgery")
+        self._kv_sources = self.adapter.kv_sources(model)
+        self._token_inputs = self.adapter.layer_token_positions(model)
         self._run: _Run | None = None
         self._hooks = [Hook("", self._before_model, kind="forward_pre", with_kwargs=True)]
         self._hooks += [
             Hook(path, self._before_layer(i), kind="forward_pre", with_kwargs=True) for i, path in enumerate(layer_paths)
         ]
+        # A prefill that may remove tokens runs every query through every layer (Gemma4's KV-shared
+        # layers would otherwise see only the last one under generate()).
+        self._hooks += self.adapter.whole_stream_hooks(when=self._may_remove)
         # The decoder's layers keep the compacted stream; the final norm gets it back at full length.
         self._hooks.append(Hook(self.adapter.final_norm_path, self._before_final_norm, kind="forward_pre"))
         # Observers (the recorder) learn from it which tokens each layer of a prefill holds.
@@ -333,6 +385,13 @@ class VisualExit:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+    def _may_remove(self) -> bool:
+        """True while a prefill runs that removes tokens, or may (exits decided during it)."""
+        run = self._run
+        if run is None or run.decoding:
+            return False
+        return self._plan is None or bool((run.drop_layer != NO_EXIT).any())
 
     def _current(self) -> _Run:
         if self._run is None:
@@ -465,12 +524,14 @@ class VisualExit:
         if past == 0:
             self._run = self._start_prefill(input_ids, attention_mask)
         else:
-            self._start_decoding(input_ids, attention_mask, cache, past)
+            # The run counts what was seen: cache.get_seq_length() reads the first attention layer's cache,
+            # which after an exit holds fewer slots where recurrent layers come first (Qwen3.5).
+            self._start_decoding(input_ids, attention_mask, cache, past if self._run is None else self._run.seen)
 
     def _start_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> _Run:
         """The run of a new prefill, with the exits and removals planned up front."""
         layout = token_layout(input_ids, attention_mask, self._image_token_id)
-        run = _Run(layout=layout, drop_layer=torch.full_like(layout.group, NO_EXIT))
+        run = _Run(layout=layout, drop_layer=torch.full_like(layout.group, NO_EXIT), seen=layout.seq_len)
         exits = self._initial_exits(layout.batch_size, input_ids.device)
         image = layout.group == IMAGE
         for layer in sorted(set(exits.tolist()) - {NO_EXIT}):
@@ -490,8 +551,8 @@ class VisualExit:
                 "expected decoding steps to follow a prefill of the same batch under this surgery, "
                 f"found a cache of {past} tokens and {before}"
             )
-        for i in run.layer_keys:
-            layer_cache = cache.layers[i]
+        for i in sorted({self._kv_sources.get(layer, layer) for layer in run.decoding_slots}):
+            layer_cache = cache.layers[i]  # a KV-reusing layer's own is a placeholder: its source's is read
             sliding_ok = isinstance(layer_cache, DynamicSlidingWindowLayer) and not layer_cache.record_past
             if not isinstance(layer_cache, DynamicLayer) or (layer_cache.is_sliding and not sliding_ok):
                 raise ExitSurgeryError(
@@ -506,6 +567,7 @@ class VisualExit:
                 f"expected an attention mask over {total} tokens while decoding, found {attention_mask.shape[1]}"
             )
         run.decoding = True
+        run.seen = total
         run.attention_mask = attention_mask.bool()
 
     def _initial_exits(self, batch: int, device: torch.device) -> torch.Tensor:
@@ -536,23 +598,38 @@ class VisualExit:
         self, run: _Run, layer: int, hidden: torch.Tensor, args: tuple, kwargs: dict
     ) -> tuple[tuple, dict] | None:
         """A decoding step's mask at ``layer`` over the slots its cache layer kept from the prefill
-        plus the new tokens (None: the prefill removed nothing before this layer)."""
-        keys = run.layer_keys.get(layer)
-        if keys is None:
+        plus the new tokens (None: the prefill removed nothing before this layer). A KV-reusing layer
+        attends to the keys its source layer hands it: that layer's slots, minus the tokens gone
+        before this layer."""
+        slots = run.decoding_slots.get(layer)
+        if slots is None:
             return None
+        columns, keys = slots
         new_keys = run.attention_mask[:, run.layout.seq_len :].to(keys.device)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if cache is not None and cache.get_seq_length(layer) + hidden.shape[1] != keys.shape[1] + new_keys.shape[1]:
-            raise ExitSurgeryError(
-                f"expected decoder layer {layer}'s cache to hold {keys.shape[1] + new_keys.shape[1] - hidden.shape[1]} "
-                f"tokens, found {cache.get_seq_length(layer)}"
-            )
         valid = torch.cat([keys, new_keys], 1)
-        window = self._sliding_window(layer, cache)
+        source = self._kv_sources.get(layer)
+        if source is None:
+            if cache is not None and cache.get_seq_length(layer) + hidden.shape[1] != valid.shape[1]:
+                raise ExitSurgeryError(
+                    f"expected decoder layer {layer}'s cache to hold {valid.shape[1] - hidden.shape[1]} "
+                    f"tokens, found {cache.get_seq_length(layer)}"
+                )
+            visible = None
+        else:
+            visible = self._shared_keys(layer, kwargs)[0].shape[-2]
+        window = self._sliding_window(layer if source is None else source, cache)
         if window is None:
+            if visible is not None and visible != valid.shape[1]:
+                raise ExitSurgeryError(
+                    f"expected KV-reusing decoder layer {layer} to read the {valid.shape[1]} keys of layer {source}, "
+                    f"found {visible}"
+                )
             mask = attention_mask_for_keys(self._config, valid, hidden.shape[1], hidden.dtype)
         else:
-            mask = self._sliding_decoding_mask(run, layer, cache, valid, hidden, window)
+            if visible is None:
+                visible = self._sliding_visible(layer, cache, valid, hidden)
+            mask = self._sliding_decoding_mask(run, columns, valid, hidden, window, visible)
         return args, {**kwargs, "attention_mask": mask}
 
     def _prefill_inputs(
@@ -572,8 +649,11 @@ class VisualExit:
         else:
             held, columns = run.compact.valid, run.compact.index
         gone = held & removed.gather(1, columns)  # slots of the stream whose token has left
-        if self._compact and layer >= self._first_compact and bool(gone.any(dim=1).all()):
-            # Every row drops tokens the stream still holds: (re)compact to the remaining ones.
+        leaving = gone.any(dim=1)
+        # Masking equals removal in attention layers only: with recurrent layers any row's removal compacts.
+        ready = bool(leaving.any()) if self._recurrent else bool(leaving.all())
+        if self._compact and layer >= self._first_compact and ready:
+            # Every row (with recurrent layers: some row) drops tokens the stream still holds: (re)compact.
             hidden = self._recompact(run, layer, hidden, real & ~removed)
             args = (hidden, *args[1:]) if args else args
             if not args:
@@ -586,16 +666,89 @@ class VisualExit:
             raise ExitSurgeryError(
                 f"expected decoder layer {layer} to receive a 4-D attention mask tensor or None, found {type(own).__name__}"
             )
-        if run.compact is not None:
+        if layer in self._recurrent:
+            # The 2-D padding mask a recurrent layer takes: it zeroes the padding slots' inputs, so the
+            # compacted stream's left padding leaves its state at zero, as the stock model's does.
+            mask = keys.long()
+            if run.compact is not None:
+                kwargs = self._compacted_positions(run.compact, kwargs)
+        elif run.compact is not None:
             kwargs = self._compacted_positions(run.compact, kwargs)
             mask = self._compacted_mask(own, keys, held, columns, hidden)
         elif own is None:
             mask = attention_mask_for_keys(self._config, keys, hidden.shape[1], hidden.dtype)
         else:
             mask = _without_keys(own.expand(hidden.shape[0], *own.shape[1:]), ~keys)
+        if run.compact is not None:
+            args, kwargs = self._compacted_token_inputs(run.compact, args, kwargs)
         run.layer_keys[layer] = keys
         run.layer_columns[layer] = columns
+        run.layer_held[layer] = held
+        if layer not in self._recurrent:  # a recurrent layer decodes from its states, which hold the kept tokens only
+            run.decoding_slots[layer] = (columns, keys)
+        if layer in self._kv_sources:
+            kwargs = self._reused_keys(run, layer, removed, columns, kwargs)
         return args, {**kwargs, "attention_mask": mask}
+
+    def _slots_of(self, run: _Run, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(columns, held) of decoder layer ``layer``'s stream in the running prefill: the prompt
+        column of each slot and whether it holds a token (gone or not); the full prompt where
+        nothing had been removed before the layer."""
+        if layer in run.layer_columns:
+            return run.layer_columns[layer], run.layer_held[layer]
+        group = run.layout.group
+        return torch.arange(group.shape[1], device=group.device).expand_as(group), group != PADDING
+
+    def _shared_keys(self, layer: int, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (keys, values) KV-reusing decoder layer ``layer`` is handed (``KVSharing.states_kwarg``)."""
+        assert self.adapter.kv_sharing is not None
+        shared = kwargs.get(self.adapter.kv_sharing.states_kwarg)
+        kind = self._config.layer_types[layer]
+        if shared is None or kind not in shared:
+            raise ExitSurgeryError(
+                f"expected KV-reusing decoder layer {layer} to receive the {kind!r} keys and values in "
+                f"{self.adapter.kv_sharing.states_kwarg!r}, found none"
+            )
+        return shared[kind]
+
+    def _reused_keys(self, run: _Run, layer: int, removed: torch.Tensor, columns: torch.Tensor, kwargs: dict) -> dict:
+        """A KV-reusing layer's prefill inputs: the keys and values of its source layer, computed over
+        the source's stream, gathered at this layer's slots where the streams differ (the source ran
+        before a compaction: at full length, image keys included); its decoding slots are the
+        source's (the source's cache is what decoding reads), minus the tokens gone before it."""
+        source = self._kv_sources[layer]
+        source_columns, source_held = (t.to(columns.device) for t in self._slots_of(run, source))
+        run.decoding_slots[layer] = (source_columns, source_held & ~removed.gather(1, source_columns))
+        if source_columns.shape == columns.shape and torch.equal(source_columns, columns):
+            return kwargs  # the same stream: the source's keys are this layer's slots already
+        slot_of = torch.zeros_like(run.layout.group, device=columns.device)
+        rows, slots = source_held.nonzero(as_tuple=True)
+        slot_of[rows, source_columns[rows, slots]] = slots
+        index = slot_of.gather(1, columns)  # (batch, slots of this layer): the source's slot of each
+
+        def gather(states: torch.Tensor) -> torch.Tensor:  # (batch, kv_head, source slots, dim)
+            return states.gather(2, index[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3]))
+
+        assert self.adapter.kv_sharing is not None
+        name = self.adapter.kv_sharing.states_kwarg
+        shared = kwargs[name]
+        keys, values = self._shared_keys(layer, kwargs)
+        # A copy for this layer alone: the storing layers keep writing into the model's own mapping.
+        mine = type(shared)(dict(shared))
+        mine[self._config.layer_types[layer]] = (gather(keys), gather(values))
+        return {**kwargs, name: mine}
+
+    def _compacted_token_inputs(self, compact: CompactLayout, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The layer's per-token inputs (``ModelAdapter.layer_token_inputs``, Gemma4's per-layer
+        embeddings), which the model hands every layer at full length, gathered at the compacted slots."""
+        args = list(args)
+        for name, position in self._token_inputs.items():
+            if position < len(args):
+                if args[position] is not None:
+                    args[position] = compact.gather(args[position])
+            elif kwargs.get(name) is not None:
+                kwargs = {**kwargs, name: compact.gather(kwargs[name])}
+        return tuple(args), kwargs
 
     def _recompact(self, run: _Run, layer: int, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Compact the stream (``hidden``, full or compacted) to the ``keep`` (batch, seq) positions
@@ -645,10 +798,22 @@ class VisualExit:
             return None
         return int(window)
 
+    def _sliding_visible(self, layer: int, cache: Any, valid: torch.Tensor, hidden: torch.Tensor) -> int:
+        """Key slots a sliding-window layer's attention gets while decoding: what its cache layer
+        stored plus the new tokens."""
+        layer_cache = cache.layers[layer] if cache is not None else None
+        if isinstance(layer_cache, DynamicSlidingWindowLayer):
+            stored = layer_cache.keys.shape[-2] if layer_cache.is_initialized else 0
+        else:  # a full cache layer under a sliding mask keeps every slot
+            stored = valid.shape[1] - hidden.shape[1]
+        return stored + hidden.shape[1]
+
     def _sliding_decoding_mask(
-        self, run: _Run, layer: int, cache: Any, valid: torch.Tensor, hidden: torch.Tensor, window: int
+        self, run: _Run, prefill_columns: torch.Tensor, valid: torch.Tensor, hidden: torch.Tensor, window: int,
+        visible: int,
     ) -> torch.Tensor:
-        """Mask of a decoding step at a sliding-window layer after an exit.
+        """Mask of a decoding step at a sliding-window layer after an exit, over its last ``visible``
+        key slots (``prefill_columns``: the prompt columns of the prefill's slots, then the new tokens).
 
         The window counts prompt columns (as the stock mask does), not the slots the layer keeps;
         the cache layer holds the last ``window - 1`` slots it was given, which always include every
@@ -656,13 +821,7 @@ class VisualExit:
         """
         seen = run.attention_mask.shape[1]
         new_columns = torch.arange(run.layout.seq_len, seen, device=valid.device).expand(valid.shape[0], -1)
-        columns = torch.cat([run.layer_columns[layer].to(valid.device), new_columns], 1)
-        layer_cache = cache.layers[layer] if cache is not None else None
-        if isinstance(layer_cache, DynamicSlidingWindowLayer):
-            stored = layer_cache.keys.shape[-2] if layer_cache.is_initialized else 0
-        else:  # a full cache layer under a sliding mask keeps every slot
-            stored = valid.shape[1] - hidden.shape[1]
-        visible = stored + hidden.shape[1]
+        columns = torch.cat([prefill_columns.to(valid.device), new_columns], 1)
         columns, valid = columns[:, -visible:], valid[:, -visible:]
         query = columns[:, -hidden.shape[1] :]
         allowed = valid[:, None, :] & (columns[:, None, :] <= query[:, :, None])
@@ -724,6 +883,7 @@ __all__ = [
     "attention_mask_for_keys",
     "check_attention_implementation",
     "check_module_paths",
+    "check_recurrent_removal",
     "compact_layout",
     "visual_token_exit",
 ]

@@ -15,7 +15,13 @@ layer after the exit gets its own inputs of the full forward gathered at the kep
 4-D mask (padding, causal, and what the family adds: Gemma3's sliding window counted in prompt
 columns) and its cos/sin (Gemma3's local RoPE base on sliding layers, M-RoPE folded in), and
 removing the image tokens after k is exactly masking them (tests/test_exit_surgery.py,
-tests/test_families.py).
+tests/test_families.py). A recurrent layer (Qwen3.5's Gated DeltaNet) gets the 2-D padding mask of
+the kept slots, as in the surgery: the branch is the removal itself, which masking is not for it
+(tests/test_recurrent_families.py). Per-token layer inputs (Gemma4's per-layer embeddings) are gathered at
+the kept tokens too, and a KV-reusing layer (Gemma4) reads in branch k what the surgery gives it:
+its source layer's keys and values of the full forward at the kept tokens where the source is at or
+before k, the branch's own where it is after k (``_SharedKeys``). Logits follow the model's own head,
+final soft-capping included.
 
 The sweep is also an analysis result: ``sweep_table`` follows the conventions of
 ``analysis.schema`` (columns with dtypes and units, ``dyvte.table`` = "exit_sweep", a schema
@@ -311,12 +317,22 @@ def _full_forward(
     (more forward arguments) asks for one (``use_cache=True``), else None."""
     paths = adapter.layer_paths(model)
     states: list[torch.Tensor | None] = [None] * len(paths)
-    inputs_of = _KeptLayerInputs(compact, adapter.text_config(model))
+    inputs_of = _KeptLayerInputs(compact, adapter.text_config(model), frozenset(adapter.recurrent_layers(model)))
+    token_inputs = adapter.layer_token_positions(model)
+    shared = _SharedKeys(adapter, model, compact)
 
     def keep_inputs(layer: int) -> Any:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]
             inputs_of.keep(layer, kwargs, hidden.dtype)
+            inputs_of.keep_tokens(layer, {name: args[i] if i < len(args) else kwargs.get(name)
+                                          for name, i in token_inputs.items()})
+
+        return hook
+
+    def keep_shared(layer: int) -> Any:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            shared.keep_full(layer, kwargs)
 
         return hook
 
@@ -330,6 +346,8 @@ def _full_forward(
     # Layer 0 never runs a branch: every branch starts after it.
     hooks = [Hook(path, keep_inputs(i), kind="forward_pre", with_kwargs=True) for i, path in enumerate(paths) if i > 0]
     hooks += [Hook(path, keep_state(i)) for i, path in enumerate(paths)]
+    hooks += [Hook(paths[i], keep_shared(i), with_kwargs=True) for i in sorted(set(shared.sources.values()))]
+    hooks += adapter.whole_stream_hooks()  # logits_to_keep=1 must not cut the KV-shared layers to one query
     records: list[Any] = []
     extra = extra or {"use_cache": False}
     with torch.no_grad(), attached(model, hooks):
@@ -340,6 +358,7 @@ def _full_forward(
                 output = model(**inputs, **extra, logits_to_keep=1)
             records = recording.records
     inputs_of.forward_done()
+    inputs_of.shared = shared
     return states, inputs_of, records, output.get("cache") if extra.get("use_cache") else None
 
 
@@ -364,9 +383,14 @@ def _exit_logits(
     layers = adapter.decoder_layers(model)
     num_layers = len(layers)
     norm, head = adapter.final_norm(model), model.get_output_embeddings()
+    # Gemma-style heads squash the logits: cap * tanh(logits / cap), as the model's forward does.
+    cap = getattr(adapter.text_config(model), "final_logit_softcapping", None)
 
     def answer_logits(hidden: torch.Tensor) -> torch.Tensor:
-        return head(norm(hidden[answer.rows, answer.predict_slots])).float()  # (n_answer_tokens, vocab)
+        logits = head(norm(hidden[answer.rows, answer.predict_slots]))
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()  # (n_answer_tokens, vocab)
 
     full_logits = answer_logits(states[-1])
     exit_logits: list[torch.Tensor] = [torch.empty(0)] * num_layers
@@ -374,7 +398,9 @@ def _exit_logits(
     for layer in range(1, num_layers):
         branches.append(states[layer - 1])  # the branch that exits after layer - 1 starts here
         capture = None if branch_cache is None else _KeyValueCapture()
-        branches = _run_branches(layers[layer], branches, *inputs_of.layers.pop(layer), batch, capture)
+        extra = inputs_of.branch_kwargs(layer, len(branches))
+        branches = _run_branches(layers[layer], branches, *inputs_of.layers.pop(layer), batch, capture, extra)
+        inputs_of.shared.keep_branches(layer, extra)
         if capture is not None and branch_cache is not None:
             branch_cache[layer] = list(zip(capture.keys.split(batch), capture.values.split(batch)))
         states[layer - 1] = None  # no longer needed
@@ -404,13 +430,16 @@ def _run_branches(
     position_ids: torch.Tensor | None,
     batch: int,
     capture: _KeyValueCapture | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> list[torch.Tensor]:
     """Every active branch (``batch`` rows each) through one decoder layer, as one batch, with the
-    layer's own inputs of the full forward (``_KeptLayerInputs``) repeated per branch."""
+    layer's own inputs of the full forward (``_KeptLayerInputs``) repeated per branch, and ``extra``
+    keyword arguments (per-token inputs and shared keys, already one block per branch)."""
     count = len(branches)
     cos, sin = position_embeddings
     hidden = layer(
         torch.cat(branches),
+        **(extra or {}),
         attention_mask=_repeat_rows(mask, count, 0),
         position_embeddings=(_repeat_rows(cos, count, 0), _repeat_rows(sin, count, 0)),
         position_ids=None if position_ids is None else _repeat_rows(position_ids, count, -2),
@@ -433,10 +462,13 @@ class _KeptLayerInputs:
     tensors are released after the forward.
     """
 
-    def __init__(self, compact: CompactLayout, config: Any) -> None:
+    def __init__(self, compact: CompactLayout, config: Any, recurrent: frozenset[int] = frozenset()) -> None:
         self.compact = compact
         self.config = config
+        self.recurrent = recurrent  # recurrent layers take the 2-D padding mask of the kept slots (as in the surgery)
         self.layers: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]] = {}
+        self.tokens: dict[int, dict[str, torch.Tensor]] = {}  # per-token inputs (Gemma4's per-layer embeddings)
+        self.shared: _SharedKeys | None = None  # keys and values of the storing layers (KV sharing)
         self._gathered: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(tensor) -> (tensor, gathered copy)
         self._plain: torch.Tensor | None = None
 
@@ -451,11 +483,27 @@ class _KeptLayerInputs:
             raise SweepError(f"expected decoder layer {layer} to receive position_embeddings (cos, sin), found none")
         cos, sin = kwargs["position_embeddings"]
         position_ids = kwargs.get("position_ids")
+        if layer in self.recurrent:
+            mask = self._once(self.compact.valid, lambda: self.compact.valid.long())
+        else:
+            mask = self._plain_mask(dtype) if own is None else self._once(own, lambda: self._mask(own, dtype))
         self.layers[layer] = (
-            self._plain_mask(dtype) if own is None else self._once(own, lambda: self._mask(own, dtype)),
+            mask,
             (self._once(cos, lambda: self.compact.gather(cos)), self._once(sin, lambda: self.compact.gather(sin))),
             None if position_ids is None else self._once(position_ids, lambda: self.compact.gather_positions(position_ids)),
         )
+
+    def keep_tokens(self, layer: int, inputs: dict[str, torch.Tensor | None]) -> None:
+        """Record decoder layer ``layer``'s per-token inputs (``ModelAdapter.layer_token_inputs``), gathered."""
+        self.tokens[layer] = {name: self.compact.gather(value) for name, value in inputs.items() if value is not None}
+
+    def branch_kwargs(self, layer: int, count: int) -> dict[str, Any]:
+        """The extra keyword arguments of decoder layer ``layer`` for ``count`` branches: its per-token
+        inputs repeated per branch, and the keys and values it reads where it reuses another layer's."""
+        extra: dict[str, Any] = {name: _repeat_rows(value, count, 0) for name, value in self.tokens.pop(layer, {}).items()}
+        if self.shared is not None:
+            extra.update(self.shared.branch_kwargs(layer, count))
+        return extra
 
     def forward_done(self) -> None:
         """Release the full-length tensors (the gathered copies stay in ``layers``)."""
@@ -487,6 +535,62 @@ class _KeptLayerInputs:
             gathered = gathered.masked_fill(no_key, torch.finfo(gathered.dtype).min)
         plain = self._plain_mask(dtype).to(device=gathered.device, dtype=gathered.dtype)
         return torch.where(valid[:, None, :, None], gathered, plain)
+
+
+class _SharedKeys:
+    """Keys and values of KV sharing (``ModelAdapter.kv_sharing``, Gemma4) for the exit branches.
+
+    A layer j that reuses the keys and values of an earlier layer i reads, in the branch that exited
+    after k, what the surgery gives it: the full forward's keys and values of layer i gathered at the
+    kept tokens where i <= k (layer i ran before the exit), the branch's own of layer i where i > k.
+    Branches are k-major (k = 0, 1, ...), so at layer j the first i branches' come from their run of
+    layer i and the others' from the full forward.
+    """
+
+    def __init__(self, adapter: ModelAdapter, model: nn.Module, compact: CompactLayout) -> None:
+        self.sources = adapter.kv_sources(model)
+        self.sharing = adapter.kv_sharing
+        self.layer_types = list(getattr(adapter.text_config(model), "layer_types", None) or ())
+        self.compact = compact
+        self.full: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # storing layer -> gathered at the kept slots
+        self.branches: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # storing layer -> its branches' own
+        self._mapping: Any = None  # the model's own mapping type, for the branches' copies
+
+    def _gather(self, states: torch.Tensor) -> torch.Tensor:  # (batch, kv_head, seq, dim) -> kept slots
+        index = self.compact.index
+        return states.gather(2, index[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3]))
+
+    def keep_full(self, layer: int, kwargs: dict) -> None:
+        """After storing layer ``layer`` of the full forward: keep what it stored, at the kept slots."""
+        assert self.sharing is not None
+        mapping = kwargs[self.sharing.states_kwarg]
+        keys, values = mapping[self.layer_types[layer]]
+        self._mapping = type(mapping)
+        self.full[layer] = (self._gather(keys), self._gather(values))
+
+    def branch_kwargs(self, layer: int, count: int) -> dict[str, Any]:
+        """The shared-keys argument of ``layer`` for its ``count`` branches: a fresh mapping for a
+        storing layer (its branches' keys and values are read from it after the call), the keys and
+        values it reads for a reusing one, nothing for the others."""
+        if self.sharing is None or self._mapping is None:
+            return {}
+        if layer in self.full:
+            return {self.sharing.states_kwarg: self._mapping()}
+        if layer not in self.sources:
+            return {}
+        source = self.sources[layer]
+        # branches k < source ran layer ``source`` themselves (none where it is layer 0); k >= source read the full forward's
+        own = self.branches.get(source)
+        parts = [(own, 1)] if own is not None else []
+        parts.append((self.full[source], count - (source if own is not None else 0)))
+        keys = torch.cat([_repeat_rows(states[0], n, 0) for states, n in parts])
+        values = torch.cat([_repeat_rows(states[1], n, 0) for states, n in parts])
+        return {self.sharing.states_kwarg: self._mapping({self.layer_types[layer]: (keys, values)})}
+
+    def keep_branches(self, layer: int, kwargs: dict[str, Any]) -> None:
+        """After storing layer ``layer`` ran its branches: keep what they stored."""
+        if self.sharing is not None and layer in self.full and self.sharing.states_kwarg in kwargs:
+            self.branches[layer] = kwargs[self.sharing.states_kwarg][self.layer_types[layer]]
 
 
 def _repeat_rows(tensor: torch.Tensor, count: int, dim: int) -> torch.Tensor:

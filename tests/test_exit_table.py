@@ -75,7 +75,7 @@ def test_answers_leave_the_labels_as_they_were(image_dependent_llava):
     assert (plain.ce_exit - with_answers.ce_exit).abs().max() <= 1e-4
 
 
-ONE_D = [t for t in tiny_family_types() if resolve_adapter(t).positions == "1d" and t != "gemma3"]
+ONE_D = [t for t in tiny_family_types() if resolve_adapter(t).positions == "1d" and t not in ("gemma3", "gemma4")]
 
 
 @pytest.mark.parametrize("model_type", ONE_D)
@@ -94,7 +94,7 @@ def test_every_family_with_1d_positions_answers_like_its_static_exits(model_type
     assert torch.equal(result.answer_ids, expected)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_vl", "gemma3"])
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "gemma3", "gemma4"])
 def test_families_the_table_cannot_decode_are_refused_with_the_reason(model_type):
     model = tiny_family_model(model_type, num_kv_heads=2)
     prompt_inputs = tiny_family_batch(model, (RowSpec(),))
@@ -107,7 +107,7 @@ def test_families_the_table_cannot_decode_are_refused_with_the_reason(model_type
         inputs["token_type_ids"] = torch.cat([inputs["token_type_ids"], torch.zeros_like(answer)], 1)
     answer_mask = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
     answer_mask[:, -2:] = True
-    reason = "1-D position ids" if model_type == "qwen2_vl" else "sliding-window layer"
+    reason = {"qwen2_vl": "1-D position ids", "gemma4": "KV-sharing layers"}.get(model_type, "sliding-window layer")
     with pytest.raises(ExitAnswersError, match=reason):
         exit_sweep(model, inputs, answer_mask, answers=NEW_TOKENS)
 

@@ -3,7 +3,9 @@
 One parametrised set of tests runs over ``supported_model_types()``; the models come from
 ``analysis.testing.families`` (stock transformers classes, tiny configs, random weights) and the
 batch has two left-padded rows, the second with two images, so padding and several images are
-covered for every family.
+covered for every family. Gemma4's tests at the end add exits before, at and after its first
+KV-sharing layer, a recompaction between a storing and a reusing layer, and generate()'s one-query
+slicing of its KV-shared layers.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from exit.sweep import exit_sweep
 from tests.test_recorder import assert_relative_close, reference_statistics
 
 FAMILIES = supported_model_types()
+MASKABLE = [family for family in FAMILIES if resolve_adapter(family).recurrent is None]
+"""Families whose decoder layers all attend, so removing a token equals masking its key; a hybrid
+decoder's recurrent layers are tested against deleting the tokens instead (tests/test_recurrent_families.py)."""
 ROWS = (RowSpec(system=3, images=1, text=5), RowSpec(system=2, images=2, text=3))
 PLANS = [[1, 2], [0, None]]
 TOLERANCE = 1e-5
@@ -101,18 +106,22 @@ def test_recorder_equals_stock_output_attentions(family_case, model_type):
     with running(model, "eager"):
         expected = reference_statistics(model, inputs, layout)
     num_layers = len(resolve_adapter(model).decoder_layers(model))
-    assert len(expected) == num_layers
+    mapped = resolve_adapter(model).attention_layers(model)  # a hybrid decoder's recurrent layers have no map
+    assert len(expected) == len(mapped)
     for path, fused in (("sdpa", True), ("sdpa", False), ("eager", True)):  # fused kernel, recomputed, eager
         with torch.no_grad(), record_attention(model, layout, attention=path, query_chunk=7, fused=fused) as recording:
             model(**inputs)
         assert (recording.kernel or "eager").startswith({("sdpa", True): "cpu:flash", ("sdpa", False): "recomputed",
                                                          ("eager", True): "eager"}[path, fused])
         assert [r.layer for r in recording.records] == list(range(num_layers))
-        for record, (mass, entropy) in zip(recording.records, expected):
+        assert recording.layers_without_attention == [i for i in range(num_layers) if i not in mapped]
+        assert all(r.mass is None and r.entropy is None for r in recording.records if r.layer not in mapped)
+        for record, (mass, entropy) in zip([r for r in recording.records if r.layer in mapped], expected):
             assert record.mass.shape == (2, 4, len(QUERY_GROUPS), len(KEY_GROUPS))
             assert_relative_close(record.mass, mass)
             assert_relative_close(record.entropy, entropy)
     frame = recording.to_frame(sample_ids=["a", "b"])
+    assert sorted(set(frame["layer"])) == mapped  # no rows, rather than made-up ones, for layers without a map
     stages = detect_dataset_stages(frame)
     assert len(stages.per_sample) > 0
 
@@ -162,7 +171,7 @@ def masked_image_reference(model, inputs, plan):
         return model(**inputs).logits
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
+@pytest.mark.parametrize("model_type", MASKABLE)
 @pytest.mark.parametrize("path", ["sdpa", "eager"])
 def test_exit_removal_equals_masking(family_case, model_type, path):
     model, inputs = family_case(model_type)
@@ -250,7 +259,9 @@ def test_generated_tokens_statistics_equal_an_eager_recomputation(family_case, m
     recompute = recompute_inputs(model, inputs, sequences)
     with running(model, "eager"):
         expected = step_by_step_reference(model, recompute, layout, sequences)
-    assert recording.steps_recorded == 2 and len(expected) == 2 * len(recording.records)
+    mapped = resolve_adapter(model).attention_layers(model)
+    expected = {(step, mapped[i]): value for (step, i), value in expected.items()}  # output_attentions: mapped layers only
+    assert recording.steps_recorded == 2 and len(expected) == 2 * len(mapped) == len(recording.generated)
     for record in recording.generated:
         mass, entropy = expected[record.step, record.layer]
         assert record.mass.shape[-1] == len(GENERATED_KEY_GROUPS)
@@ -261,7 +272,9 @@ def test_generated_tokens_statistics_equal_an_eager_recomputation(family_case, m
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_gates_that_fire_equal_an_exit_after_the_first_layer(family_case, model_type):
     model, inputs = family_case(model_type)
-    gates = DyVTEGates.for_model(model, GateConfig(inputs="both", hidden_width=8, tau=0.0))
+    # Attention inputs need a map after every layer; a hybrid decoder's recurrent layers have none.
+    inputs_kind = "both" if resolve_adapter(model).recurrent is None else "hidden"
+    gates = DyVTEGates.for_model(model, GateConfig(inputs=inputs_kind, hidden_width=8, tau=0.0))
     settings = dict(max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
         with visual_token_exit(model, 0):
@@ -338,3 +351,109 @@ def test_deepstack_exits_before_its_last_addition_stay_exact(family_case, model_
             with torch.no_grad(), visual_token_exit(model, [0, 0]):
                 logits = model(**grown).logits[:, -1]
             assert torch.equal(logits.argmax(-1), generated.sequences[:, prompt + step])
+
+
+GEMMA4_PLANS = [[0, 0], [1, 1], [2, 2], [3, 3], [1, 3], [2, None], [0, 2]]
+"""Exits of the tiny Gemma4 (layers 2..4 reuse the keys and values of layer 0, sliding, and layer 1,
+full): before the first KV-sharing layer (0: layer 0's keys gathered at the kept tokens, layer 1's
+already compacted; 1: both gathered), at it (2) and after it (3: layer 4 reads layer 1's), mixed per row."""
+
+
+@pytest.mark.parametrize("path", ["sdpa", "eager"])
+def test_gemma4_exits_around_kv_sharing_equal_masking_and_cached_generate(family_case, path):
+    """Removal after layer k equals masking the image keys for every text query in the layers after
+    k, including the KV-reusing layers, whose keys come from a layer before or after k; the per-layer
+    embeddings follow the kept tokens; generate() with the cache equals recomputation."""
+    from analysis.testing.families import GEMMA4_KV_SHARED, GEMMA4_LAYER_TYPES
+
+    model, inputs = family_case("gemma4")
+    adapter = resolve_adapter(model)
+    assert adapter.kv_sources(model) == {2: 0, 3: 0, 4: 1}
+    assert len(GEMMA4_LAYER_TYPES) - GEMMA4_KV_SHARED == 2
+    assert adapter.layer_token_positions(model) == {"per_layer_input": 1}
+    inputs = with_positions(model, inputs)
+    layout = layout_of(model, inputs)
+    kept = (layout.group != PADDING) & (layout.group != IMAGE)
+    prompt = inputs["input_ids"].shape[1]
+    with running(model, path):
+        for plan in GEMMA4_PLANS:
+            expected = masked_image_reference(model, inputs, plan)
+            for compact in (True, False):
+                with torch.no_grad(), visual_token_exit(model, plan, compact=compact) as surgery:
+                    found = model(**inputs).logits
+                assert surgery.exit_layers == plan
+                assert (found - expected)[kept].abs().max().item() <= TOLERANCE, (plan, compact)
+            with torch.no_grad(), visual_token_exit(model, plan):
+                generated = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                                           suppress_tokens=[IMAGE_ID], output_logits=True, return_dict_in_generate=True)
+            for step in range(3):
+                grown = recompute_inputs(model, inputs, generated.sequences[:, : prompt + step])
+                with torch.no_grad(), visual_token_exit(model, plan):
+                    logits = model(**grown).logits[:, -1]
+                assert (logits - generated.logits[step]).abs().max().item() <= TOLERANCE, (plan, step)
+
+
+def test_gemma4_generate_prefill_runs_every_query_through_the_kv_shared_layers(family_case):
+    """Under generate() (logits_to_keep=1) the stock Gemma4 runs its KV-shared layers on the last
+    query only; inside a recording block and an exit surgery every layer of the prefill holds the
+    whole prompt, so each layer has a record and its token stream."""
+    model, inputs = family_case("gemma4")
+    layout = layout_of(model, inputs)
+    lengths = {}
+
+    def length_of(layer):
+        def hook(module, args, output):
+            lengths.setdefault(layer, (output[0] if isinstance(output, tuple) else output).shape[1])
+
+        return hook
+
+    paths = resolve_adapter(model).layer_paths(model)
+    hooks = [Hook(path, length_of(i)) for i, path in enumerate(paths)]
+    settings = dict(max_new_tokens=1, do_sample=False)
+    with torch.no_grad(), attached(model, hooks):
+        model.generate(**inputs, **settings)
+    assert [lengths[i] for i in range(len(paths))] == [layout.seq_len] * 2 + [1] * 3  # the stock slicing
+    lengths.clear()
+    with torch.no_grad(), attached(model, hooks), record_attention(model, layout) as recording:
+        model.generate(**inputs, **settings)
+    assert [lengths[i] for i in range(len(paths))] == [layout.seq_len] * len(paths)
+    assert [record.layer for record in recording.records] == list(range(len(paths)))
+    lengths.clear()
+    with torch.no_grad(), attached(model, hooks), visual_token_exit(model, [1, 2]):
+        model.generate(**inputs, **settings)
+    # every row has exited after layer 2: layers 3 and 4 hold the kept tokens, not the last one alone
+    kept = int(((layout.group != PADDING) & (layout.group != IMAGE)).sum(1).max())
+    assert [lengths[i] for i in range(len(paths))] == [layout.seq_len] * 3 + [kept] * 2
+
+
+@pytest.mark.parametrize("path", ["sdpa", "eager"])
+def test_gemma4_recompaction_between_a_storing_and_a_reusing_layer_is_exact(family_case, path):
+    """Half of each row's image tokens leave after layer 0 (as FastV prunes), the rest after layer 2:
+    layer 1 (the full-attention keys' source) runs on the first compaction, layer 4 (which reuses
+    them) on the second, so its keys are gathered from one compacted stream into the other; the
+    result equals masking the removed keys (compact=False), prefill and cached generate()."""
+    model, inputs = family_case("gemma4")
+    inputs = with_positions(model, inputs)
+    layout = layout_of(model, inputs)
+    image = layout.group == IMAGE
+    half = image & (image.long().cumsum(1) % 2 == 1)
+    kept = (layout.group != PADDING) & (layout.group != IMAGE)
+    prompt = inputs["input_ids"].shape[1]
+    with running(model, path):
+        with torch.no_grad(), visual_token_exit(model, removals={0: half}, compact=False):
+            expected = model(**inputs).logits
+        with torch.no_grad(), visual_token_exit(model, 2, removals={0: half}, compact=False):
+            expected_exit = model(**inputs).logits
+        with torch.no_grad(), visual_token_exit(model, 2, removals={0: half}) as surgery:
+            found = model(**inputs).logits
+            generated = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                                       suppress_tokens=[IMAGE_ID], output_logits=True, return_dict_in_generate=True)
+        assert surgery.exit_layers == [2, 2]
+        assert surgery.tokens_per_layer()[:, 1].tolist() == (layout.group != PADDING).sum(1).sub(half.sum(1)).tolist()
+        assert (found - expected_exit)[kept].abs().max().item() <= TOLERANCE
+        assert (found - expected)[kept].abs().max().item() > 1e-3  # the exit after layer 2 changes the answer
+        for step in range(3):
+            grown = recompute_inputs(model, inputs, generated.sequences[:, : prompt + step])
+            with torch.no_grad(), visual_token_exit(model, 2, removals={0: half}, compact=False):
+                logits = model(**grown).logits[:, -1]
+            assert (logits - generated.logits[step]).abs().max().item() <= TOLERANCE, step

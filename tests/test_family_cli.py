@@ -78,8 +78,12 @@ def test_statistics_dump_and_summary_from_the_command_line(checkpoint, dataset, 
     assert min(expected.values()) > 0  # (LLaVA-OneVision writes fewer tokens per image for several images)
     stats = read_statistics(out)
     model, _ = load_model(checkpoint)
-    layers = len(resolve_adapter(model).decoder_layers(model))
-    assert set(stats["layer"]) == set(range(layers)) and set(stats["sample_id"]) == set(expected)
+    mapped = resolve_adapter(model).attention_layers(model)  # a hybrid decoder's recurrent layers have no rows
+    assert set(stats["layer"]) == set(mapped) and set(stats["sample_id"]) == set(expected)
+    from analysis.io import read_provenance
+
+    file = next(out.glob("statistics-*.parquet"))
+    assert read_provenance(file)["layers_without_attention"] == resolve_adapter(model).recurrent_layers(model)
     image_mass = stats[(stats["query_group"] == "text") & (stats["key_group"] == "image")]["mass"]
     assert image_mass.notna().all() and ((image_mass > 0) & (image_mass < 1)).all()
     capsys.readouterr()
@@ -99,7 +103,8 @@ def test_exit_sweep_and_eval_from_the_command_line(checkpoint, dataset, tmp_path
         answerable = False
     common = ["--model", str(checkpoint), "--questions", str(questions), "--image-folder", str(images), "--batch-size", "1"]
     table = tmp_path / "table"
-    assert exit_main(["sweep", *common, "--out", str(table), "--features", "both", "--no-progress",
+    features = "both" if adapter.recurrent is None else "hidden"  # recurrent layers have no attention statistics
+    assert exit_main(["sweep", *common, "--out", str(table), "--features", features, "--no-progress",
                       *(["--answers", "3"] if answerable else [])]) == 0
     sweep = read_sweep(table)
     assert len(sweep) == len(QUESTIONS) * layers and sweep["agreement"].between(0, 1).all()

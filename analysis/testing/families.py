@@ -15,10 +15,13 @@ vision tower yields, and the markers are the tokens the family's processor write
 
     llava, llava_next, llava_onevision   none
     qwen2_vl, qwen2_5_vl   <|vision_start|> ... <|vision_end|>   (config.vision_start/end_token_id)
+    qwen3_5, qwen3_5_moe   the same (4 layers: linear attention, full, full, linear attention)
     internvl               <img> ... </img>
     idefics3, smolvlm      <fake_token_around_image><global-img> ... <fake_token_around_image>
                            (one image without splitting into sub-images)
     gemma3                 <start_of_image> ... <end_of_image>   (config.boi/eoi_token_index)
+    gemma4                 boi ... eoi   (config.boi/eoi_token_id; 5 layers, sliding and full, 3 KV-shared,
+                           per-layer embeddings; images of 4 x 4 and 8 x 4 patches, pooled 2 x 2)
     mistral3               [IMG] x w then [IMG_BREAK], per row of merged patches; the last row ends
                            in [IMG_END] instead
 
@@ -225,6 +228,35 @@ def _qwen3_vl_config(kv: int, model_type: str = "qwen3_vl", moe: dict | None = N
                         vision_start_token_id=MARKER_A, vision_end_token_id=MARKER_B)
 
 
+QWEN3_5_LAYER_TYPES = ["linear_attention", "full_attention", "full_attention", "linear_attention"]
+"""Qwen3.5's tiny decoder: Gated DeltaNet layers first and last, so exits after 0 and after 1 or 2 reach a
+linear-attention layer on the compacted stream, and the last layer has no attention map."""
+_QWEN3_5_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=INTERMEDIATE // 2,
+                    shared_expert_intermediate_size=INTERMEDIATE // 2)
+"""Qwen3.5-MoE's decoder: 4 routed experts (2 per token) and a shared one in every layer."""
+
+
+def _qwen3_5_config(kv: int, model_type: str = "qwen3_5", moe: dict | None = None) -> object:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config_class = CONFIG_MAPPING[model_type]
+    vision = config_class.sub_configs["vision_config"](
+        depth=1, hidden_size=VISION_HIDDEN, intermediate_size=2 * VISION_HIDDEN, num_heads=2, patch_size=2,
+        spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=HIDDEN, num_position_embeddings=64,
+    )
+    text_kwargs = _text_kwargs(kv)
+    if moe:
+        text_kwargs.pop("intermediate_size")  # every layer's feed-forward is the experts'
+    # head_dim 32 with half of it rotated: 8 M-RoPE frequencies, split [2, 3, 3] and interleaved.
+    text = config_class.sub_configs["text_config"](
+        **text_kwargs, head_dim=2 * HIDDEN // HEADS, layer_types=QWEN3_5_LAYER_TYPES,
+        linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+        linear_num_value_heads=4, rope_parameters={**_INTERLEAVED_MROPE, "partial_rotary_factor": 0.5}, **(moe or {}),
+    )
+    return config_class(vision_config=vision, text_config=text, image_token_id=IMAGE, video_token_id=MARKER_C,
+                        vision_start_token_id=MARKER_A, vision_end_token_id=MARKER_B)
+
+
 def _glm4v_config(kv: int, model_type: str = "glm4v", moe: dict | None = None) -> object:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -291,6 +323,50 @@ def _gemma3_config(kv: int) -> object:
         boi_token_index=MARKER_A,
         eoi_token_index=MARKER_B,
     )
+
+
+GEMMA4_LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+GEMMA4_KV_SHARED = 3
+"""Gemma4's tiny decoder: 5 layers; layers 2..4 reuse the keys and values of layer 0 (sliding: layers
+2, 3) and layer 1 (full: layer 4), so exits before, at and after the first KV-sharing layer differ."""
+
+
+def _gemma4_config(kv: int) -> object:
+    from transformers import Gemma4Config
+    from transformers.models.gemma4.configuration_gemma4 import Gemma4TextConfig, Gemma4VisionConfig
+
+    text = Gemma4TextConfig(
+        **{**_text_kwargs(kv), "num_hidden_layers": len(GEMMA4_LAYER_TYPES)},
+        head_dim=HIDDEN // HEADS,
+        global_head_dim=2 * HIDDEN // HEADS,  # full-attention layers have their own head size
+        sliding_window=8,  # shorter than the prompts, so the window matters in the tests
+        layer_types=GEMMA4_LAYER_TYPES,
+        num_kv_shared_layers=GEMMA4_KV_SHARED,
+        hidden_size_per_layer_input=8,  # per-layer embeddings added in every layer
+        vocab_size_per_layer_input=VOCAB_SIZE,
+        use_bidirectional_attention="vision",  # image blocks bidirectional in the sliding layers
+        attention_k_eq_v=True,  # full-attention layers use their keys as values
+        final_logit_softcapping=30.0,
+    )
+    vision = Gemma4VisionConfig(
+        hidden_size=VISION_HIDDEN, intermediate_size=2 * VISION_HIDDEN, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=VISION_HIDDEN // 2, pooling_kernel_size=2, patch_size=4, position_embedding_size=64,
+    )
+    return Gemma4Config(
+        text_config=text, vision_config=vision, audio_config=None, image_token_id=IMAGE, boi_token_id=MARKER_A,
+        eoi_token_id=MARKER_B, video_token_id=MARKER_C, audio_token_id=MARKER_C + 1, boa_token_id=MARKER_C + 2,
+        eoa_token_index=MARKER_C + 3,
+    )
+
+
+def _gemma4_query_scale(model: nn.Module) -> None:
+    """Gemma4 scales attention logits by 1 (queries and keys RMS-normed, the norms' scales learned):
+    with the initial scales of 1, random tiny rows are so peaky (entropies of 1e-4 nats) that float32
+    rounding alone exceeds the tests' tolerances. The query norms' scales are set to head_dim ** -0.5,
+    the scaled dot product of the other families (trained checkpoints learn their own)."""
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_norm.weight.fill_(layer.self_attn.head_dim**-0.5)
 
 
 def _mistral3_config(kv: int) -> object:
@@ -363,6 +439,22 @@ def _pixels_mistral3(model: nn.Module, per_row: list[int], generator: torch.Gene
     return {"pixel_values": _images(n, (size, size), generator), "image_sizes": torch.tensor([[size, size]] * n)}
 
 
+def _pixels_gemma4(model: nn.Module, per_row: list[int], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Patch rows and (x, y) patch positions as Gemma4's image processor gives them: images of 4 x 4
+    and 8 x 4 patches alternately, padded to the longest with position (-1, -1)."""
+    vision = model.config.vision_config
+    n = sum(per_row)
+    widths = [4 if i % 2 == 0 else 8 for i in range(n)]
+    longest = 4 * max(widths)
+    pixel_values = torch.zeros(n, longest, 3 * vision.patch_size**2)
+    positions = torch.full((n, longest, 2), -1, dtype=torch.long)
+    for i, width in enumerate(widths):
+        grid = torch.stack(torch.meshgrid(torch.arange(width), torch.arange(4), indexing="xy"), -1).reshape(-1, 2)
+        pixel_values[i, : len(grid)] = torch.rand(len(grid), pixel_values.shape[-1], generator=generator)
+        positions[i, : len(grid)] = grid
+    return {"pixel_values": pixel_values, "image_position_ids": positions}
+
+
 def _features_per_image(model: nn.Module, image_kwargs: dict[str, torch.Tensor], per_row: list[int]) -> list[int]:
     """Rows of the family's image features per image, from the model itself (Idefics3 and SmolVLM
     return one block per prompt, split here evenly over its images, which all have one size)."""
@@ -389,6 +481,10 @@ class _Family:
     mrope: bool = False
     type_ids: str | None = None
     """Name of the input that marks image tokens with 1 for the model, where it takes one."""
+    vocab_fields: tuple[str, ...] = ("vocab_size",)
+    """Text-config fields sized by the vocabulary (Gemma4's per-layer embeddings have their own)."""
+    adjust: Callable[[nn.Module], None] | None = None
+    """Sets some of the random weights after initialisation, where the family's defaults make a poor test model."""
 
 
 AROUND = dict(open_markers=(MARKER_A,), close_markers=(MARKER_B,))
@@ -406,6 +502,11 @@ _FAMILIES: dict[str, _Family] = {
     "qwen3_vl": _Family(_qwen3_vl_config, "Qwen3VLForConditionalGeneration", _pixels_qwen, **AROUND, mrope=True, type_ids=MM),
     "qwen3_vl_moe": _Family(
         lambda kv: _qwen3_vl_config(kv, "qwen3_vl_moe", _QWEN3_VL_MOE), "Qwen3VLMoeForConditionalGeneration",
+        _pixels_qwen, **AROUND, mrope=True, type_ids=MM,
+    ),
+    "qwen3_5": _Family(_qwen3_5_config, "Qwen3_5ForConditionalGeneration", _pixels_qwen, **AROUND, mrope=True, type_ids=MM),
+    "qwen3_5_moe": _Family(
+        lambda kv: _qwen3_5_config(kv, "qwen3_5_moe", _QWEN3_5_MOE), "Qwen3_5MoeForConditionalGeneration",
         _pixels_qwen, **AROUND, mrope=True, type_ids=MM,
     ),
     "glm4v": _Family(_glm4v_config, "Glm4vForConditionalGeneration", _pixels_qwen, **AROUND, mrope=True, type_ids=MM),
@@ -430,6 +531,10 @@ _FAMILIES: dict[str, _Family] = {
     ),
     "gemma3": _Family(
         _gemma3_config, "Gemma3ForConditionalGeneration", _pixels_flat((28, 28)), **AROUND, type_ids="token_type_ids"
+    ),
+    "gemma4": _Family(
+        _gemma4_config, "Gemma4ForConditionalGeneration", _pixels_gemma4, **AROUND, type_ids=MM,
+        vocab_fields=("vocab_size", "vocab_size_per_layer_input"), adjust=_gemma4_query_scale,
     ),
     "mistral3": _Family(_mistral3_config, "Mistral3ForConditionalGeneration", _pixels_mistral3),  # breaks: _image_tokens
 }
@@ -469,9 +574,12 @@ def tiny_family_model(
 
     family = _family(model_type)
     config = family.config(num_kv_heads)
-    config.get_text_config().vocab_size = vocab_size
+    for vocab_field in family.vocab_fields:
+        setattr(config.get_text_config(), vocab_field, vocab_size)
     torch.manual_seed(seed)
     model = getattr(transformers, family.model_class)(config)
+    if family.adjust is not None:
+        family.adjust(model)
     model.set_attn_implementation(attn_implementation)
     return model.eval()
 

@@ -316,6 +316,10 @@ FAMILY_PROCESSORS: dict[str, FamilyProcessor] = {
     "qwen3_vl": FamilyProcessor(_QWEN, QWEN3_VL_TEMPLATE, _qwen_vl("qwen3_vl", image_mean=[0.5] * 3, image_std=[0.5] * 3)),
     "qwen3_vl_moe": FamilyProcessor(_QWEN, QWEN3_VL_TEMPLATE,
                                     _qwen_vl("qwen3_vl_moe", image_mean=[0.5] * 3, image_std=[0.5] * 3)),
+    # Qwen3.5 checkpoints pair Qwen3-VL's processor with Qwen2-VL's image processor (mean = std = 0.5)
+    "qwen3_5": FamilyProcessor(_QWEN, QWEN3_VL_TEMPLATE, _qwen_vl("qwen3_5", image_mean=[0.5] * 3, image_std=[0.5] * 3)),
+    "qwen3_5_moe": FamilyProcessor(_QWEN, QWEN3_VL_TEMPLATE,
+                                   _qwen_vl("qwen3_5_moe", image_mean=[0.5] * 3, image_std=[0.5] * 3)),
     "glm4v": FamilyProcessor(_GLM, GLM4V_TEMPLATE, _glm4v("glm4v")),
     "glm4v_moe": FamilyProcessor(_GLM, GLM4V_TEMPLATE, _glm4v("glm4v_moe")),
     "internvl": FamilyProcessor(
