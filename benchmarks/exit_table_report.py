@@ -80,7 +80,7 @@ def main() -> None:
         f"in {len(table_files)} committed shards).",
         f"- Committed demo weights (`{DEMO_WEIGHTS_FILE.name}`): sha256 {sha256_of_file(DEMO_WEIGHTS_FILE)}.",
         f"- Model folder weights: {json.dumps(table.get('weights_sha256', 'not recorded'))}.",
-        f"- Exit table: `dyvte-exit sweep --answers 4 --features {table.get('features', 'both')}` (git "
+        f"- Exit table: `dyvte-exit sweep --answers 4 --features {str(table.get('features', 'both')).lower()}` (git "
         f"{table.get('git_revision')}, {table.get('attention_path')}, {table.get('dtype')}, {table.get('device')}); "
         "gate features " + ("of the sweep itself." if table.get("features") not in (None, "None", "none") else
                             "recomputed by `dyvte-exit features --features both` (one forward per question)."),
