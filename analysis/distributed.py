@@ -72,7 +72,9 @@ def distributed(backend: str = "gloo") -> Iterator[Shard]:
     small reductions this toolkit does) and yield this process's shard; outside torchrun (no
     ``RANK`` / ``WORLD_SIZE``) yield the single shard 0/1 and start nothing.
 
-    The group is destroyed at the end of the block if this block created it.
+    The group is destroyed at the end of the block if this block created it, after a barrier when
+    the block ends normally: a process that tears its group down while its peers still talk to it
+    can be aborted by gloo ("terminate called without an active exception").
     """
     import torch.distributed as dist
 
@@ -85,9 +87,13 @@ def distributed(backend: str = "gloo") -> Iterator[Shard]:
         dist.init_process_group(backend, timeout=timedelta(hours=6))
     try:
         yield Shard(dist.get_rank(), dist.get_world_size())
-    finally:
+    except BaseException:
         if created and dist.is_initialized():
-            dist.destroy_process_group()
+            dist.destroy_process_group()  # no barrier: the other processes may never reach one
+        raise
+    if created and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def barrier() -> None:

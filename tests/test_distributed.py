@@ -107,6 +107,7 @@ assert main(["train", "--sweep", single_sweep, "--model", model, "--out", gates,
              "--batch-size", "3", "--lr", "0.01", "--holdout", "0.3", "--no-progress"]) == 0
 assert main(["train", "--online", "--model", model, "--questions", questions, "--image-folder", images, "--out", online,
              *ONLINE]) == 0
+dist.barrier()  # leave together: gloo may abort a process whose group is torn down while a peer still talks to it
 dist.destroy_process_group()
 """
 
