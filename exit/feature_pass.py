@@ -160,11 +160,13 @@ class FeaturePassPlan:
         todo: the questions without features yet, in their order.
         labels: per sample id of the table, its (layers,) int64 labels (the sweep's ``label``).
         next_file: the number of the next ``features-pass-NNNNN`` file.
+        shards: (path, sample ids, kind) of every feature shard already in the folder.
     """
 
     todo: list[Any]
     labels: dict[str, torch.Tensor]
     next_file: int
+    shards: list[tuple[Path, list[str], str]]
 
 
 def _feature_files(table_dir: Path) -> list[tuple[Path, list[str], str]]:
@@ -211,7 +213,7 @@ def feature_pass_plan(table_dir: str | Path, questions: Sequence[Any], features:
         raise SweepError(f"expected a table without features of these questions, found them in {table_dir} for "
                          f"{sum(q.question_id in have for q in questions)} of them; add --resume to fill in the rest")
     numbers = [int(path.stem.rsplit("-", 1)[1]) for path, _, _ in files if path.stem.startswith(FEATURE_PASS_PREFIX + "-")]
-    return FeaturePassPlan(todo, labels, max(numbers, default=-1) + 1)
+    return FeaturePassPlan(todo, labels, max(numbers, default=-1) + 1, files)
 
 
 @dataclass(frozen=True)
@@ -330,11 +332,10 @@ def join_statistics(statistics_dir: str | Path, table_dir: str | Path) -> list[P
     table_dir = Path(table_dir)
     samples, features, kind = statistics_features(read_statistics(statistics_dir))
     plan = feature_pass_plan(table_dir, [], kind)
-    files = _feature_files(table_dir)
-    if any(path.name.startswith(STATISTICS_FEATURES_PREFIX) for path, _, _ in files):
+    if any(path.name.startswith(STATISTICS_FEATURES_PREFIX) for path, _, _ in plan.shards):
         raise SweepError(f"expected a table without statistics features, found {STATISTICS_FEATURES_PREFIX}-* files in "
                          f"{table_dir}; remove them to join another dump")
-    have = {sample for _, ids, _ in files for sample in ids}
+    have = {sample for _, ids, _ in plan.shards for sample in ids}
     keep = [i for i, sample in enumerate(samples) if sample in plan.labels and sample not in have]
     if not keep:
         raise SweepError(f"expected samples of the statistics in the exit table of {table_dir} without features, "

@@ -14,6 +14,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from analysis.data import Question, build_prompt  # noqa: E402
+from analysis.testing.families import RowSpec, tiny_family_batch, tiny_family_model  # noqa: E402
 from analysis.testing.tiny import TinyLlavaSpec, tiny_llava, tiny_processor  # noqa: E402
 
 IMAGE_SIZE = 28  # 4 image tokens per image
@@ -83,5 +84,25 @@ def case_inputs(processor):
         if name not in cache:
             cache[name] = make_batch(processor, BATCH_CASES[name])
         return cache[name]
+
+    return get
+
+
+FAMILY_ROWS = (RowSpec(system=3, images=1, text=5), RowSpec(system=2, images=2, text=3))
+"""The rows every family test runs: one image after a 3-token system prompt, and two images after a
+shorter one (so the batch is left-padded and holds three images)."""
+
+
+@pytest.fixture(scope="module")
+def family_case():
+    """(model, batch of FAMILY_ROWS) per supported family, built once per test module; the model runs
+    SDPA unless a test switches it (and switches it back)."""
+    cache: dict[str, tuple[torch.nn.Module, dict[str, torch.Tensor]]] = {}
+
+    def get(model_type: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+        if model_type not in cache:
+            model = tiny_family_model(model_type, num_kv_heads=2)
+            cache[model_type] = (model, tiny_family_batch(model, FAMILY_ROWS))
+        return cache[model_type]
 
     return get

@@ -18,7 +18,6 @@ from analysis.data import Question, build_prompt
 from analysis.errors import DyVTEError
 from analysis.hooks import OBSERVED_SDPA, Hook, attached, attached_count
 from analysis.layout import IMAGE, PADDING
-from analysis.testing.families import RowSpec, tiny_family_batch, tiny_family_model
 from analysis.testing.tiny import TinyLlavaSpec, tiny_llava, tiny_processor
 from exit import (
     DyVTEGates,
@@ -525,22 +524,6 @@ def test_vtw_curve_has_a_known_answer_when_the_last_layers_do_nothing(inputs):
 
 
 # every supported family ---------------------------------------------------------------------------
-FAMILY_ROWS = (RowSpec(system=3, images=1, text=5), RowSpec(system=2, images=2, text=3))
-
-
-@pytest.fixture(scope="module")
-def family_case():
-    cache: dict[str, tuple[torch.nn.Module, dict[str, torch.Tensor]]] = {}
-
-    def get(model_type: str):
-        if model_type not in cache:
-            model = tiny_family_model(model_type, num_kv_heads=2)
-            cache[model_type] = (model, tiny_family_batch(model, FAMILY_ROWS))
-        return cache[model_type]
-
-    return get
-
-
 def family_positions(model, inputs):
     if resolve_adapter(model).positions == "mrope":
         return dict(inputs)  # the model computes its own 3-D positions

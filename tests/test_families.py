@@ -21,7 +21,7 @@ from analysis.hooks import Hook, attached, attached_count
 from analysis.layout import IMAGE, PADDING, SYSTEM, TEXT
 from analysis.stages import detect_dataset_stages
 from analysis.testing.families import IMAGE as IMAGE_ID
-from analysis.testing.families import MARKER_A, MARKER_B, RowSpec, tiny_family_batch, tiny_family_model, tiny_family_types
+from analysis.testing.families import MARKER_A, MARKER_B, tiny_family_types
 from exit import DyVTEGates, GateConfig, dyvte_exit, visual_token_exit
 from exit.sweep import exit_sweep
 from tests.test_recorder import assert_relative_close, reference_statistics
@@ -30,23 +30,8 @@ FAMILIES = supported_model_types()
 MASKABLE = [family for family in FAMILIES if resolve_adapter(family).recurrent is None]
 """Families whose decoder layers all attend, so removing a token equals masking its key; a hybrid
 decoder's recurrent layers are tested against deleting the tokens instead (tests/test_recurrent_families.py)."""
-ROWS = (RowSpec(system=3, images=1, text=5), RowSpec(system=2, images=2, text=3))
 PLANS = [[1, 2], [0, None]]
 TOLERANCE = 1e-5
-
-
-@pytest.fixture(scope="module")
-def family_case():
-    """(model, batch) per family, built once; the model runs SDPA unless a test switches it."""
-    cache: dict[str, tuple[torch.nn.Module, dict[str, torch.Tensor]]] = {}
-
-    def get(model_type: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-        if model_type not in cache:
-            model = tiny_family_model(model_type, num_kv_heads=2)
-            cache[model_type] = (model, tiny_family_batch(model, ROWS))
-        return cache[model_type]
-
-    return get
 
 
 def layout_of(model, inputs):

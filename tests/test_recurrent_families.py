@@ -29,23 +29,6 @@ RECURRENT_PLANS = [[0, 0], [1, 2], [0, None], [None, 2], [3, 0]]
 attention layer's cache is short, [1, 2] and [0, None] compact while a row still holds its image."""
 
 
-@pytest.fixture(scope="module")
-def case():
-    """(model, batch) per recurrent family, built once."""
-    from analysis.testing.families import tiny_family_batch, tiny_family_model
-    from tests.test_families import ROWS
-
-    cache: dict[str, tuple[torch.nn.Module, dict[str, torch.Tensor]]] = {}
-
-    def get(model_type: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-        if model_type not in cache:
-            model = tiny_family_model(model_type, num_kv_heads=2)
-            cache[model_type] = (model, tiny_family_batch(model, ROWS))
-        return cache[model_type]
-
-    return get
-
-
 def test_the_hybrid_families_are_tested():
     assert {"qwen3_5", "qwen3_5_moe"} <= set(RECURRENT)
 
@@ -106,10 +89,10 @@ def deleted_image_logits(model: torch.nn.Module, alone: dict[str, torch.Tensor],
 
 @pytest.mark.parametrize("model_type", RECURRENT)
 @pytest.mark.parametrize("path", ["sdpa", "eager"])
-def test_left_padding_is_exact_for_the_stock_hybrid_decoder(case, model_type, path):
+def test_left_padding_is_exact_for_the_stock_hybrid_decoder(family_case, model_type, path):
     """The stock model zeroes the padded slots' inputs of its recurrent layers (their conv and state
     stay zero there), so a left-padded row equals the row alone: what the compacted stream relies on."""
-    model, inputs = case(model_type)
+    model, inputs = family_case(model_type)
     real = inputs["attention_mask"].bool()
     with torch.no_grad(), running(model, path):
         together = model(**inputs).logits
@@ -121,8 +104,8 @@ def test_left_padding_is_exact_for_the_stock_hybrid_decoder(case, model_type, pa
 @pytest.mark.parametrize("model_type", RECURRENT)
 @pytest.mark.parametrize("path", ["sdpa", "eager"])
 @pytest.mark.parametrize("plan", RECURRENT_PLANS)
-def test_exit_equals_each_row_alone_with_its_image_deleted(case, model_type, path, plan):
-    model, inputs = case(model_type)
+def test_exit_equals_each_row_alone_with_its_image_deleted(family_case, model_type, path, plan):
+    model, inputs = family_case(model_type)
     layout = layout_of(model, inputs)
     kept = (layout.group != PADDING) & (layout.group != IMAGE)
     with torch.no_grad(), running(model, path):
@@ -139,10 +122,10 @@ def test_exit_equals_each_row_alone_with_its_image_deleted(case, model_type, pat
 
 @pytest.mark.parametrize("model_type", RECURRENT)
 @pytest.mark.parametrize("plan", RECURRENT_PLANS)
-def test_cached_generate_equals_each_row_alone_with_its_image_deleted(case, model_type, plan):
+def test_cached_generate_equals_each_row_alone_with_its_image_deleted(family_case, model_type, plan):
     """generate() with the recurrent, convolution and KV caches under the exit, batch 2 left-padded:
     each step's logits equal the row alone, prompt + answer so far, image deleted after its exit, no cache."""
-    model, inputs = case(model_type)
+    model, inputs = family_case(model_type)
     steps = 3
     with torch.no_grad(), visual_token_exit(model, plan):
         generated = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
@@ -158,20 +141,20 @@ def test_cached_generate_equals_each_row_alone_with_its_image_deleted(case, mode
 
 
 @pytest.mark.parametrize("model_type", RECURRENT)
-def test_masking_instead_of_removal_is_refused(case, model_type):
-    model, _ = case(model_type)
+def test_masking_instead_of_removal_is_refused(family_case, model_type):
+    model, _ = family_case(model_type)
     with pytest.raises(ExitSurgeryError, match=r"compact=True .*recurrent \(linear-attention\) layers \[0, 3\]"):
         visual_token_exit(model, 1, compact=False)
 
 
 @pytest.mark.parametrize("model_type", RECURRENT)
-def test_the_statistics_have_no_rows_for_layers_without_a_map(case, model_type, tmp_path):
+def test_the_statistics_have_no_rows_for_layers_without_a_map(family_case, model_type, tmp_path):
     """The recurrent layers get records with states only; the table leaves them out and says so
     (the provenance lists them), and stage finding runs over the recorded layers."""
     from analysis.loading import provenance
     from analysis.stages import detect_dataset_stages
 
-    model, inputs = case(model_type)
+    model, inputs = family_case(model_type)
     layout = layout_of(model, inputs)
     with torch.no_grad(), record_attention(model, layout, record_states=True) as recording:
         model(**inputs)
@@ -189,10 +172,10 @@ def test_the_statistics_have_no_rows_for_layers_without_a_map(case, model_type, 
 
 @pytest.mark.parametrize("model_type", RECURRENT)
 @pytest.mark.parametrize("inputs_kind", ["attention", "both", "history", "hidden+history"])
-def test_attention_gates_are_refused_naming_the_layers_without_a_map(case, model_type, inputs_kind):
+def test_attention_gates_are_refused_naming_the_layers_without_a_map(family_case, model_type, inputs_kind):
     from analysis.errors import UsageError
 
-    model, inputs = case(model_type)
+    model, inputs = family_case(model_type)
     gates = DyVTEGates.for_model(model, GateConfig(inputs=inputs_kind, hidden_width=8, tau=0.0))
     with pytest.raises(UsageError, match=r"layers \[0, 3\] .*no attention map"):
         with dyvte_exit(model, gates, inputs["input_ids"], inputs["attention_mask"]):
@@ -200,10 +183,10 @@ def test_attention_gates_are_refused_naming_the_layers_without_a_map(case, model
 
 
 @pytest.mark.parametrize("model_type", RECURRENT)
-def test_hidden_gates_that_fire_after_a_recurrent_layer_equal_the_static_exit(case, model_type):
+def test_hidden_gates_that_fire_after_a_recurrent_layer_equal_the_static_exit(family_case, model_type):
     """Hidden-state gates run after every layer, recurrent ones included: gates that always fire
     exit after layer 0 (a linear-attention layer), exactly the static exit there."""
-    model, inputs = case(model_type)
+    model, inputs = family_case(model_type)
     gates = DyVTEGates.for_model(model, GateConfig(inputs="hidden", hidden_width=8, tau=0.0))
     with torch.no_grad():
         with visual_token_exit(model, 0):
@@ -215,21 +198,21 @@ def test_hidden_gates_that_fire_after_a_recurrent_layer_equal_the_static_exit(ca
 
 
 @pytest.mark.parametrize("model_type", RECURRENT)
-def test_exit_table_answers_are_refused_with_the_reason(case, model_type):
-    model, _ = case(model_type)
+def test_exit_table_answers_are_refused_with_the_reason(family_case, model_type):
+    model, _ = family_case(model_type)
     with pytest.raises(ExitAnswersError, match="recurrent"):
         check_answerable(resolve_adapter(model), model.config)
 
 
 @pytest.mark.parametrize("model_type", RECURRENT)
-def test_exit_sweep_takes_hidden_features_and_refuses_attention_features_and_answers(case, model_type):
+def test_exit_sweep_takes_hidden_features_and_refuses_attention_features_and_answers(family_case, model_type):
     """The sweep's branches (layers k+1.. on the kept tokens) equal the surgery for every layer
     (tests/test_families.py); here: its hidden features are those of every layer, attention features
     and exit-table answers are refused with the reason rather than made up."""
     from analysis.errors import UsageError
     from exit.sweep import exit_sweep
 
-    model, inputs = case(model_type)
+    model, inputs = family_case(model_type)
     answer = torch.zeros_like(inputs["attention_mask"], dtype=torch.bool)
     answer[:, -2:] = True
     result = exit_sweep(model, inputs, answer, features="hidden")
@@ -242,7 +225,7 @@ def test_exit_sweep_takes_hidden_features_and_refuses_attention_features_and_ans
 
 
 @pytest.mark.parametrize("model_type", RECURRENT)
-def test_plots_of_a_table_without_rows_for_some_layers_span_the_decoder(case, model_type):
+def test_plots_of_a_table_without_rows_for_some_layers_span_the_decoder(family_case, model_type):
     """Stage finding and every figure read the recorded layers only; the layer axis spans the decoder
     up to the last recorded layer, so a recorded layer is drawn at its own number."""
     import matplotlib
@@ -251,7 +234,7 @@ def test_plots_of_a_table_without_rows_for_some_layers_span_the_decoder(case, mo
     from analysis.plots import plot_entropy, plot_stages
     from analysis.stages import detect_dataset_stages
 
-    model, inputs = case(model_type)
+    model, inputs = family_case(model_type)
     with torch.no_grad(), record_attention(model, layout_of(model, inputs)) as recording:
         model(**inputs)
     frame = recording.to_frame(["a", "b"])
@@ -264,12 +247,12 @@ def test_plots_of_a_table_without_rows_for_some_layers_span_the_decoder(case, mo
 
 
 @pytest.mark.parametrize("model_type", RECURRENT)
-def test_fastv_pruning_equals_each_row_alone_with_the_dropped_tokens_deleted(case, model_type):
+def test_fastv_pruning_equals_each_row_alone_with_the_dropped_tokens_deleted(family_case, model_type):
     """FastV ranks image tokens by the attention of full-attention layer 1 and drops half of them
     after it; the recurrent layers after it see only the kept tokens, in the prefill and while decoding."""
     from exit.baselines import fastv
 
-    model, inputs = case(model_type)
+    model, inputs = family_case(model_type)
     real = inputs["attention_mask"].bool()
     with torch.no_grad(), fastv(model, 1, 0.5) as pruning:
         generated = model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False,
