@@ -35,6 +35,21 @@ class UnsupportedModelError(DyVTEError, ValueError):
 
 
 @dataclass(frozen=True)
+class RefusedSetting:
+    """A value of a text-config field under which the family's model is not supported.
+
+    Attributes:
+        field: the text-config attribute.
+        value: the value refused.
+        reason: why, as the error message says it.
+    """
+
+    field: str
+    value: Any
+    reason: str
+
+
+@dataclass(frozen=True)
 class KVSharing:
     """Where a family's KV-sharing layers get their keys and values.
 
@@ -123,6 +138,21 @@ class ModelAdapter:
     kv_sharing: KVSharing | None = None
     query_slicing: tuple[str, str] | None = None
     recurrent: RecurrentLayers | None = None
+    refused_settings: tuple[RefusedSetting, ...] = ()
+
+    def check_settings(self, model_or_config: Any) -> None:
+        """Refuse a model (or a config) whose text config holds one of ``refused_settings``.
+
+        Raises:
+            UnsupportedModelError: naming the field, the value found and why it is refused.
+        """
+        text = self.text_config(model_or_config)
+        for refused in self.refused_settings:
+            if getattr(text, refused.field, None) == refused.value:
+                raise UnsupportedModelError(
+                    f"expected a {self.model_type!r} model without {refused.field}={refused.value!r}, found it set: "
+                    f"{refused.reason}"
+                )
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """The decoder's layers, found at ``layers_path``."""
@@ -392,6 +422,10 @@ _ADAPTERS: dict[str, ModelAdapter] = {
             layer_token_inputs=("per_layer_input",),
             kv_sharing=KVSharing(),
             query_slicing=(_LANGUAGE_MODEL, "logits_to_keep"),
+            refused_settings=(RefusedSetting(
+                "use_bidirectional_attention", "all",
+                "every token then attends to the tokens after it as well, while the recorder and the exits assume a causal "
+                "decoder (a text token's attention over later keys, and keys removed after an exit, would be wrong)"),),
             image_token_groups=(
                 "image: the image token x soft tokens per image (with use_bidirectional_attention='vision' they attend to "
                 "each other bidirectionally in the sliding layers); the begin-of-image token (boi_token_id) is system "
@@ -514,7 +548,8 @@ def resolve_adapter(model_or_type: nn.Module | str) -> ModelAdapter:
     """The adapter for a model (or a ``model_type`` string).
 
     Raises:
-        UnsupportedModelError: the family is not in the table; the message lists the supported ones.
+        UnsupportedModelError: the family is not in the table (the message lists the supported
+            ones), or the model's config holds a setting its adapter refuses (``refused_settings``).
     """
     if isinstance(model_or_type, str):
         model_type = model_or_type
@@ -527,4 +562,7 @@ def resolve_adapter(model_or_type: nn.Module | str) -> ModelAdapter:
             f"unsupported model type {model_type!r}: expected one of {supported_model_types()} "
             f"(image-text models with a decoder-only language model, tested on a tiny model each){reason}"
         )
-    return _ADAPTERS[model_type]
+    adapter = _ADAPTERS[model_type]
+    if not isinstance(model_or_type, str):
+        adapter.check_settings(model_or_type)
+    return adapter

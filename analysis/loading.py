@@ -120,11 +120,12 @@ def check_loadable(model_id: str | Path, device: str = "cpu") -> Any:
 
     Raises:
         UsageError: the device is not there, or there is no readable config at ``model_id``.
-        UnsupportedModelError: the checkpoint's family is not in the adapter table.
+        UnsupportedModelError: the checkpoint's family is not in the adapter table, or its config
+            holds a setting the family's adapter refuses.
     """
     check_device(device)
     config = read_config(model_id)
-    resolve_adapter(config.model_type)
+    resolve_adapter(config.model_type).check_settings(config)
     return config
 
 

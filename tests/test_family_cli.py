@@ -150,3 +150,29 @@ def test_a_processor_that_needs_a_missing_package_is_one_line_before_the_weights
                        "--out", str(tmp_path / "stats"), "--no-progress"]) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "torchvision" in error.lower() and "processor" in error
+
+
+def test_a_gemma4_config_with_bidirectional_attention_everywhere_is_one_line_before_the_weights(tmp_path, dataset, capsys,
+                                                                                                monkeypatch):
+    """use_bidirectional_attention="all" lets every token see later ones: refused from the config
+    (the command line, before any weights) and from a built model (the library)."""
+    from transformers import AutoModelForImageTextToText
+
+    from analysis.adapters import UnsupportedModelError
+    from analysis.testing.families import tiny_family_model
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were read")
+
+    model = tiny_family_model("gemma4")
+    resolve_adapter(model)  # the default (causal text, bidirectional image blocks in "vision" mode) is supported
+    model.config.text_config.use_bidirectional_attention = "all"
+    with pytest.raises(UnsupportedModelError, match="use_bidirectional_attention='all'"):
+        resolve_adapter(model)
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", no_weights)
+    model.config.save_pretrained(tmp_path)
+    questions, images = dataset
+    assert stats_main(["dump", "--model", str(tmp_path), "--questions", str(questions), "--image-folder", str(images),
+                       "--out", str(tmp_path / "stats"), "--no-progress"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "use_bidirectional_attention='all'" in error and "causal" in error
