@@ -136,7 +136,9 @@ FusedKernel = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], "tuple[torch.Tensor, torch.Tensor]"
 ]
 """kernel(query, key, value, additive_mask_or_None_for_causal, scale) -> (output, logsumexp): a fused
-attention kernel that also returns each row's log-normaliser."""
+attention kernel that also returns each row's log-normaliser. Key and value may have fewer heads than
+the query (grouped-query attention): query head h reads kv head h // (heads // kv_heads), as
+transformers' ``repeat_kv`` lays them out."""
 
 
 def _cpu_flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
@@ -172,8 +174,10 @@ def fused_group_sums(
     attention whose values are the key-group indicator columns. Its entropy is
     H_q = logsumexp_q - sum_k A_qk s_qk with sum_k A_qk s_qk = scaling * q . (A @ K)_q, so the
     keys themselves as extra values and the kernel's log-normaliser give it. The values are
-    [indicators | keys]; the kernel needs equal head widths, so q and k get zero columns, which
-    leave every score unchanged (the scale is passed explicitly). No (query, key) map is formed.
+    [keys | indicators]; the kernel needs equal head widths, so q gets zero columns and the keys
+    are the values (the zeros leave every score unchanged; the scale is passed explicitly). Keys
+    and values keep their KV heads (the kernel shares them across a group's query heads). No
+    (query, key) map is formed.
 
     Args:
         query: (batch, head, q, dim); key: (batch, kv_head, k, dim) with head = kv_head * groups.
@@ -181,25 +185,25 @@ def fused_group_sums(
             for a plain causal mask.
         query_membership: (batch, q, query_group); key_membership: (batch, k, key_group).
     """
-    batch, heads, _, dim = query.shape
-    groups = heads // key.shape[1]
-    key = key.float().repeat_interleave(groups, dim=1) if groups > 1 else key.float()
-    indicators = key_membership.float()[:, None].expand(batch, heads, -1, -1)
+    batch, heads, num_queries, dim = query.shape
+    key = key.float()
+    indicators = key_membership.float()[:, None].expand(batch, key.shape[1], -1, -1)
     width = indicators.shape[-1]
-    value = torch.cat([indicators, key], dim=-1)
-    zeros = key.new_zeros(())
-    padded_query = torch.cat([query.float(), zeros.expand(batch, heads, query.shape[2], width)], dim=-1)
-    padded_key = torch.cat([key, zeros.expand(batch, heads, key.shape[2], width)], dim=-1)
+    # Zero columns on the query make any extra key columns add exactly 0 to every score, so the keys
+    # widened to the values' width can be the values themselves: [K | indicators], once per KV head.
+    value = torch.cat([key, indicators], dim=-1)
+    padded_query = torch.cat([query.float(), key.new_zeros(()).expand(batch, heads, num_queries, width)], dim=-1)
     mask = None
     if attention_mask is not None:
         mask = (torch.zeros(attention_mask.shape, device=key.device).masked_fill_(~attention_mask, -math.inf)
                 if attention_mask.dtype == torch.bool else attention_mask.float())
-    output, logsumexp = FUSED_KERNELS[query.device.type](padded_query, padded_key, value, mask, scaling)
-    row_mass = output[..., :width]
-    row_entropy = logsumexp - scaling * (query.float() * output[..., width:]).sum(dim=-1)
+    output, logsumexp = FUSED_KERNELS[query.device.type](padded_query, value, value, mask, scaling)
+    row_mass = output[..., dim:]
+    row_entropy = logsumexp - scaling * torch.einsum("bhqd,bhqd->bhq", query.float(), output[..., :dim])
     member = query_membership.float()
-    real = (member.sum(dim=-1) > 0)[:, None, :]  # rows in no query group (padding) may be NaN: drop them
-    row_mass = torch.where(real[..., None], row_mass, 0.0)
-    row_entropy = torch.where(real, row_entropy, 0.0)
+    if attention_mask is not None:  # a padded row sees no key (NaN) and is in no query group: drop it
+        real = (member.sum(dim=-1) > 0)[:, None, :]
+        row_mass = torch.where(real[..., None], row_mass, 0.0)
+        row_entropy = torch.where(real, row_entropy, 0.0)
     return GroupSums(mass=torch.einsum("bhqk,bqg->bhgk", row_mass, member),
                      entropy=torch.einsum("bhq,bqg->bhg", row_entropy, member))
