@@ -33,6 +33,7 @@ TRAIN_QUESTIONS=${TRAIN_QUESTIONS:-2000}
 TIMED_QUESTIONS=${TIMED_QUESTIONS:-120}
 VTW_SAMPLES=${VTW_SAMPLES:-16}             # validation questions VTW's KL calibration reads (31 forwards each)
 BATCH=${BATCH:-4}
+TAUS=${TAUS:-0.5,0.8,0.9,0.95,0.98,0.99,0.995,0.999}  # DyVTE thresholds looked up; validation picks one per gate set
 export HF_HUB_OFFLINE=1 MPLBACKEND=Agg
 SHAPES=.cache/shapesvqa
 mkdir -p "$OUT"
@@ -92,7 +93,7 @@ fi
 VTW=$("$BIN/python" -c "import pandas as pd, sys; print(pd.read_parquet(sys.argv[1])['method'][0].split(':')[1])" "$OUT/vtw/summary.parquet")
 
 rm -rf "$OUT/frontier"
-"$BIN/dyvte-exit" frontier --table "$OUT/test-table" --tau-table "$OUT/val-table" --vtw-layer "$VTW" "${GATES[@]}" \
+"$BIN/dyvte-exit" frontier --table "$OUT/test-table" --tau-table "$OUT/val-table" --vtw-layer "$VTW" "${GATES[@]}" --taus "$TAUS" \
     --out "$OUT/frontier" --figures "$FIGURES"
 
 if [ "$TIMED_QUESTIONS" -gt 0 ]; then  # wall times, FastV and DyVTE + FastV: real runs, at the tau validation chose
