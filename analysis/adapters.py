@@ -146,6 +146,8 @@ class ModelAdapter:
         Raises:
             UnsupportedModelError: naming the field, the value found and why it is refused.
         """
+        if not self.refused_settings:
+            return
         text = self.text_config(model_or_config)
         for refused in self.refused_settings:
             if getattr(text, refused.field, None) == refused.value:
