@@ -550,7 +550,7 @@ def _add_figures(commands: Any) -> None:
 
 def _cmd_frontier(args: argparse.Namespace) -> int:
     from analysis.io import check_output_folder
-    from exit.frontier import write_frontier
+    from exit.frontier import DEFAULT_TAUS, write_frontier
     from exit.gates import DyVTEGates
 
     check_output_folder(args.out)
@@ -562,7 +562,7 @@ def _cmd_frontier(args: argparse.Namespace) -> int:
         folders[name] = folder
     gates = {name: DyVTEGates.load(folder) for name, folder in folders.items()}
     provenance = {"command": "dyvte-exit " + " ".join(sys.argv[1:]), "gates": folders}
-    paths = write_frontier(args.table, args.out, args.figures, provenance, gates=gates, taus=args.taus,
+    paths = write_frontier(args.table, args.out, args.figures, provenance, gates=gates, taus=args.taus or list(DEFAULT_TAUS),
                            tau_table=args.tau_table, vtw_layer=args.vtw_layer)
     for path in paths:
         print(f"wrote {path}")
@@ -592,8 +592,8 @@ def _add_frontier(commands: Any) -> None:
     frontier.add_argument("--figures", type=Path, default=None, help="also write the figures into this folder")
     frontier.add_argument("--gates", action="append", default=[], metavar="NAME=FOLDER",
                           help="a gate set (`dyvte-exit train --out`), looked up on the table's cached features; repeat")
-    frontier.add_argument("--taus", type=_taus, default=[0.5, 0.8, 0.9, 0.95, 0.98, 0.99],
-                          help="DyVTE thresholds to look up (default 0.5,0.8,0.9,0.95,0.98,0.99)")
+    frontier.add_argument("--taus", type=_taus, default=None,
+                          help="DyVTE thresholds to look up, comma-separated (default: exit.frontier.DEFAULT_TAUS, 0.5 to 0.99)")
     frontier.add_argument("--tau-table", type=Path, default=None,
                           help="a validation exit table: report the tau each gate set would choose there")
     frontier.add_argument("--vtw-layer", type=int, default=None, help="VTW's exit layer, calibrated on validation questions")

@@ -228,6 +228,12 @@ def test_the_frontier_command_looks_up_every_method_of_an_exit_table(tmp_path, s
     for name in ("frontier.png", "exit_histogram.png", "accuracy_by_exit_layer.png", "oracle_exit_layers.png"):
         assert (tmp_path / "figures" / name).stat().st_size > 0
     assert main(["frontier", "--table", str(tmp_path / "table"), "--out", str(tmp_path / "again"), "--gates", "x"]) == 2
+    from exit.frontier import DEFAULT_TAUS  # without --taus: the library's own grid, one list for both
+
+    assert main(["frontier", "--table", str(tmp_path / "table"), "--out", str(tmp_path / "defaults"),
+                 "--gates", f"history={tmp_path / 'gates'}"]) == 0
+    _, defaults = read_evaluation(tmp_path / "defaults")
+    assert {m for m in defaults["method"] if m.startswith("dyvte")} == {f"dyvte[history]:{tau:g}" for tau in DEFAULT_TAUS}
 
 
 def test_answers_of_a_family_the_table_cannot_decode_stop_before_the_model_loads(tmp_path, monkeypatch, capsys):
