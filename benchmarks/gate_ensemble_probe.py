@@ -1,0 +1,80 @@
+"""Probe (issue 16): do the seeds of one gate recipe, averaged, beat each seed alone?
+
+The gate-variant study (``benchmarks/gate_variants.sh``) found the training seed moving the test
+frontier as much as any setting. This averages p(exit) of several gate sets (a lookup on the exit
+tables' cached features, no model run), chooses tau on the validation table as every gate set's tau
+is chosen (fewest FLOPs within 1 point, ``exit.frontier.choose_tau``), and prints the test split's
+accuracy change (paired 95 % bootstrap interval) and prefill FLOPs at every tau, beside the same
+lookups for each set alone. A probe, not a method of the toolkit: ``dyvte-exit eval`` cannot run an
+averaged gate set.
+
+Run after ``bash benchmarks/gate_variants.sh``::
+
+    .venv/bin/python benchmarks/gate_ensemble_probe.py runs/exit-demo \\
+        runs/exit-demo/gates-hidden-agreement runs/exit-demo/variants/gates-seed1 runs/exit-demo/variants/gates-seed2 \\
+        > benchmarks/results/gate-variants/gate_ensemble_probe.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from exit.frontier import (
+    choose_tau,
+    dyvte_lookups,
+    exit_table_layers,
+    gate_probabilities,
+    lookup_rows,
+    paired_difference_interval,
+    static_exits,
+)
+from exit.gates import DyVTEGates
+from exit.methods import STOCK_MODEL
+from exit.sweep import read_exit_answers
+
+TAUS = (0.9, 0.95, 0.98, 0.99, 0.993, 0.995, 0.997, 0.998, 0.999, 0.9995)
+KEY = ["sample_id", "layer"]
+
+
+def mean_probabilities(table: Path, folders: list[Path], samples: list[str]) -> pd.DataFrame:
+    """p(exit) averaged over the gate sets in ``folders``, per (sample_id, layer) of ``table``."""
+    frames = [gate_probabilities(table, DyVTEGates.load(folder), samples).set_index(KEY)["p_exit"] for folder in folders]
+    return (sum(frames) / len(frames)).rename("p_exit").reset_index()
+
+
+def report(name: str, answers: pd.DataFrame, probabilities: pd.DataFrame, chosen: float) -> list[str]:
+    full = lookup_rows(answers, STOCK_MODEL, static_exits(answers, exit_table_layers(answers) - 1))
+    reference = full.set_index("question_id")["correct"].astype(float)
+    lines = []
+    for tau, frame in zip(TAUS, dyvte_lookups(answers, probabilities, TAUS, name).values()):
+        correct = frame.set_index("question_id")["correct"].astype(float).reindex(reference.index)
+        low, high = paired_difference_interval(correct.to_numpy(), reference.to_numpy())
+        mark = "  <- tau chosen on validation" if abs(tau - chosen) < 1e-12 else ""
+        lines.append(f"{name:>10} tau {tau:<7g} {100 * (correct.mean() - reference.mean()):+5.1f} points "
+                     f"({100 * low:+.1f} to {100 * high:+.1f})  FLOPs {frame['relative_prefill_flops'].mean():.3f}{mark}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", type=Path, help="the folder of make frontier (val-table, test-table)")
+    parser.add_argument("gates", type=Path, nargs="+", help="gate set folders (dyvte-exit train --out) to average")
+    args = parser.parse_args()
+    tables = {split: args.runs / f"{split}-table" for split in ("val", "test")}
+    answers = {split: read_exit_answers(path) for split, path in tables.items()}
+    samples = {split: sorted(frame["sample_id"].unique()) for split, frame in answers.items()}
+    sets = {"mean": args.gates, **{folder.name: [folder] for folder in args.gates}}
+    print(f"# {' '.join(sys.argv)}")
+    print(f"# test: {len(samples['test'])} questions; tau chosen on {len(samples['val'])} validation questions")
+    for name, folders in sets.items():
+        chosen = choose_tau(answers["val"], mean_probabilities(tables["val"], folders, samples["val"]), TAUS)
+        print("\n".join(report(name, answers["test"], mean_probabilities(tables["test"], folders, samples["test"]),
+                               chosen)))
+
+
+if __name__ == "__main__":
+    main()
