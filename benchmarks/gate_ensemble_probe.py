@@ -27,9 +27,9 @@ from exit.frontier import (
     choose_tau,
     dyvte_lookups,
     exit_table_layers,
+    frontier_summary,
     gate_probabilities,
     lookup_rows,
-    paired_difference_interval,
     static_exits,
 )
 from exit.gates import DyVTEGates
@@ -47,15 +47,18 @@ def mean_probabilities(table: Path, folders: list[Path], samples: list[str]) -> 
 
 
 def report(name: str, answers: pd.DataFrame, probabilities: pd.DataFrame, chosen: float) -> list[str]:
-    full = lookup_rows(answers, STOCK_MODEL, static_exits(answers, exit_table_layers(answers) - 1))
-    reference = full.set_index("question_id")["correct"].astype(float)
+    """One line per tau: the accuracy change against the full model (paired interval) and the FLOPs."""
+    num_layers = exit_table_layers(answers)
+    lookups = dyvte_lookups(answers, probabilities, TAUS, name)
+    rows = {STOCK_MODEL: lookup_rows(answers, STOCK_MODEL, static_exits(answers, num_layers - 1)), **lookups}
+    summary = frontier_summary(rows, num_layers).set_index("method")
     lines = []
-    for tau, frame in zip(TAUS, dyvte_lookups(answers, probabilities, TAUS, name).values()):
-        correct = frame.set_index("question_id")["correct"].astype(float).reindex(reference.index)
-        low, high = paired_difference_interval(correct.to_numpy(), reference.to_numpy())
+    for tau, method in zip(TAUS, lookups):
+        line = summary.loc[method]
         mark = "  <- tau chosen on validation" if abs(tau - chosen) < 1e-12 else ""
-        lines.append(f"{name:>10} tau {tau:<7g} {100 * (correct.mean() - reference.mean()):+5.1f} points "
-                     f"({100 * low:+.1f} to {100 * high:+.1f})  FLOPs {frame['relative_prefill_flops'].mean():.3f}{mark}")
+        lines.append(f"{name:>10} tau {tau:<7g} {100 * line['difference']:+5.1f} points "
+                     f"({100 * line['difference_low']:+.1f} to {100 * line['difference_high']:+.1f})  "
+                     f"FLOPs {line['relative_prefill_flops']:.3f}{mark}")
     return lines
 
 

@@ -51,13 +51,13 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="the markdown file to write")
     args = parser.parse_args()
     test = read_provenance(args.test / "summary.parquet")
+    test_summary = pd.read_parquet(args.test / "summary.parquet")
     chosen_tau = test.get("chosen_tau", {})
     validation_summary = pd.read_parquet(args.validation / "summary.parquet")
     choice = validation_choice(validation_summary, chosen_tau)
     within = choice[choice["change"] >= -MAX_DROP_POINTS]
     preferred = str(within.sort_values("flops").iloc[0]["gate set"]) if len(within) else None
     rows, _ = read_evaluation(args.test)
-    num_layers = int(pd.read_parquet(args.test / "summary.parquet")["num_layers"].max())
     lines = [
         "# Gate variants, chosen on validation, reported on the test split",
         "",
@@ -65,7 +65,7 @@ def main() -> None:
         f"- Gate sets: {json.dumps(test.get('gates', {}))}.",
         f"- Validation: `{read_provenance(args.validation / 'summary.parquet').get('command')}` "
         f"({int(validation_summary['questions'].max())} questions).",
-        f"- Test: `{test.get('command')}` ({int(pd.read_parquet(args.test / 'summary.parquet')['questions'].max())} "
+        f"- Test: `{test.get('command')}` ({int(test_summary['questions'].max())} "
         "questions).",
         "- Made by `bash benchmarks/gate_variants.sh` (base: hidden inputs, agreement,monotone labels, width 512, "
         "40 epochs, batch 32, lr 3e-4, seed 0; each variant changes one setting).",
@@ -79,7 +79,7 @@ def main() -> None:
         "",
         f"Validation prefers: {preferred or 'none (no gate set within 1 point)'}.",
         "",
-        *targets_markdown(rows, chosen_tau, num_layers, reference_gates="base"),
+        *targets_markdown(rows, chosen_tau, int(test_summary["num_layers"].max()), reference_gates="base"),
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines), encoding="utf-8")
