@@ -45,7 +45,9 @@ _EXPORTS: dict[str, str] = {
     "first_layer_within": "exit.baselines",
     "vtw_kl_curve": "exit.baselines",
     "GATE_INPUTS": "exit.gates",
+    "AveragedGates": "exit.gates",
     "DyVTEGates": "exit.gates",
+    "load_gate_set": "exit.gates",
     "GateConfig": "exit.gates",
     "GateMismatchError": "exit.gates",
     "ModelSignature": "exit.gates",
@@ -71,7 +73,9 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "AveragedGates",
     "DyVTEGates",
+    "load_gate_set",
     "ExitSurgeryError",
     "FastV",
     "GATE_INPUTS",

@@ -44,7 +44,7 @@ from analysis.errors import UsageError
 from analysis.hooks import Hook, attached
 from analysis.layout import IMAGE, token_layout
 from analysis.recorder import LayerRecord
-from exit.gates import DyVTEGates, GateMismatchError, gate_features
+from exit.gates import GateMismatchError, GateSet, gate_features
 from exit.surgery import ExitSurgeryError, VisualExit, check_attention_implementation, check_module_paths
 
 __all__ = ["FastV", "dyvte_fastv", "fastv", "fastv_keep_count", "first_layer_within", "top_slots", "vtw_kl_curve"]
@@ -293,7 +293,7 @@ def _stream_text_states(hidden: torch.Tensor, surgery: VisualExit, layer: int) -
 @contextmanager
 def dyvte_fastv(
     model: nn.Module,
-    gates: DyVTEGates,
+    gates: GateSet,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     layer: int,

@@ -70,11 +70,14 @@ FRONTIER_EXAMPLES = [
     "dyvte-exit frontier --table runs/test-table --out runs/frontier --figures figures",
     "dyvte-exit frontier --table runs/test-table --gates hidden=runs/gates-hidden --gates history=runs/gates-history \\",
     "    --tau-table runs/val-table --vtw-layer 20 --out runs/frontier",
+    "dyvte-exit frontier --table runs/test-table --gates seeds=runs/gates-s0,runs/gates-s1,runs/gates-s2 --out runs/f2",
 ]
 GENERATE_EXAMPLES = [
     "dyvte-exit generate --model demo --gates runs/gates --image .cache/shapesvqa/val/images/000000.png \\",
     '    --question "What colour is the triangle? Answer with one word."',
 ]
+GATES_HELP = ("a gate folder (the train command's --out), or comma-separated folders of one recipe (seeds, say): "
+              "their p(exit) averaged")
 EPILOG = "examples:\n" + "\n".join(
     f"  {line}" for lines in (SWEEP_EXAMPLES, FEATURES_EXAMPLES, JOIN_STATS_EXAMPLES, TRAIN_EXAMPLES, EVAL_EXAMPLES,
                               FIGURES_EXAMPLES, FRONTIER_EXAMPLES, GENERATE_EXAMPLES)
@@ -293,16 +296,15 @@ def _warn_about_the_plan(gates: Any, sweep: Path, settings: Any) -> None:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from analysis.data import load_image
     from analysis.loading import check_loadable, load_model
-    from exit.gates import DyVTEGates, answer_with_gates
+    from exit.gates import answer_with_gates, load_gate_set
 
-    gates_folder = Path(args.gates)
-    DyVTEGates.load(gates_folder)  # fail on a missing or broken gate folder before loading the model
+    load_gate_set(args.gates)  # fail on a missing or broken gate folder before loading the model
     check_loadable(args.model, args.device)
     for path in args.image:
         if not Path(path).is_file():
             raise UsageError(f"expected an image file at {path}, found no file")
     model, processor = load_model(args.model, dtype=args.dtype, device=args.device, attention=args.attn)
-    gates = DyVTEGates.load(gates_folder, model, tau=args.tau)
+    gates = load_gate_set(args.gates, model, tau=args.tau)
     images = [load_image(Path(path).parent, Path(path).name) for path in args.image]
     answer, layer = answer_with_gates(model, processor, gates, images, args.question, args.max_new_tokens)
     print(f"answer: {answer}")
@@ -330,10 +332,10 @@ def _check_eval(args: argparse.Namespace) -> tuple[list[MethodSpec], list[Questi
     from analysis.io import check_output_folder
     from analysis.loading import check_loadable, decoder_depth
     from exit.evaluate import EvaluationFolder, require_answers
-    from exit.gates import DyVTEGates
+    from exit.gates import load_gate_set
 
     if args.gates is not None:
-        DyVTEGates.load(args.gates)  # a broken gate folder fails before the model loads
+        load_gate_set(args.gates)  # a broken gate folder fails before the model loads
     if args.out is not None:
         check_output_folder(args.out)
         EvaluationFolder(args.out, _folder_mode(args)).check([spec.name for spec in specs])
@@ -352,10 +354,10 @@ def _bind_methods(args: argparse.Namespace, specs: Sequence[MethodSpec], model: 
     """The methods for the loaded model: its gates, and the VTW calibration when a method needs it."""
     from analysis.adapters import resolve_adapter
     from exit.evaluate import calibrate_vtw
-    from exit.gates import DyVTEGates
+    from exit.gates import load_gate_set
 
     num_layers = len(resolve_adapter(model).decoder_layers(model))
-    gates = DyVTEGates.load(args.gates, model) if args.gates is not None else None
+    gates = load_gate_set(args.gates, model) if args.gates is not None else None
     calibration = None
     if calibration_questions is not None:
         from tqdm import tqdm
@@ -498,7 +500,7 @@ def _add_generate(commands: Any) -> None:
         commands, "generate", "answer a question about an image with the gates; print the answer and the exit layer",
         GENERATE_EXAMPLES, parents=[model_options(), progress_option()],
     )
-    generate.add_argument("--gates", required=True, type=Path, help="folder written by `dyvte-exit train`")
+    generate.add_argument("--gates", required=True, help=GATES_HELP)
     generate.add_argument("--image", required=True, action="append", help="image file (repeat for several images)")
     generate.add_argument("--question", required=True, help="the question text (the image goes before it)")
     generate.add_argument("--max-new-tokens", type=positive_int, default=32, help="answer tokens at most (default 32)")
@@ -516,7 +518,7 @@ def _add_eval(commands: Any) -> None:
     evaluate.add_argument("--method", required=True, action="append",
                           help=" | ".join(METHOD_FORMS) + " (exit.methods; repeat, or separate with commas; all share "
                                "the loaded model; every method is checked before the model loads)")
-    evaluate.add_argument("--gates", type=Path, default=None, help="gate folder for the dyvte methods")
+    evaluate.add_argument("--gates", default=None, help=GATES_HELP + " (for the dyvte methods)")
     evaluate.add_argument("--calibration-questions", type=Path, default=None,
                           help="question file whose first --vtw-samples questions calibrate 'vtw'")
     evaluate.add_argument("--calibration-image-folder", type=Path, default=None,
@@ -551,7 +553,7 @@ def _add_figures(commands: Any) -> None:
 def _cmd_frontier(args: argparse.Namespace) -> int:
     from analysis.io import check_output_folder
     from exit.frontier import DEFAULT_TAUS, write_frontier
-    from exit.gates import DyVTEGates
+    from exit.gates import load_gate_set
 
     check_output_folder(args.out)
     folders = {}
@@ -560,7 +562,7 @@ def _cmd_frontier(args: argparse.Namespace) -> int:
         if not separator or not name or not folder:
             raise UsageError(f"expected --gates NAME=FOLDER, found {entry!r}")
         folders[name] = folder
-    gates = {name: DyVTEGates.load(folder) for name, folder in folders.items()}
+    gates = {name: load_gate_set(folder) for name, folder in folders.items()}
     provenance = {"command": "dyvte-exit " + " ".join(sys.argv[1:]), "gates": folders}
     paths = write_frontier(args.table, args.out, args.figures, provenance, gates=gates, taus=args.taus or list(DEFAULT_TAUS),
                            tau_table=args.tau_table, vtw_layer=args.vtw_layer)
@@ -591,7 +593,7 @@ def _add_frontier(commands: Any) -> None:
                           help="new folder: eval-*.parquet, summary.parquet, frontier.md, label_rules.md")
     frontier.add_argument("--figures", type=Path, default=None, help="also write the figures into this folder")
     frontier.add_argument("--gates", action="append", default=[], metavar="NAME=FOLDER",
-                          help="a gate set (`dyvte-exit train --out`), looked up on the table's cached features; repeat")
+                          help="a gate set looked up on the table's cached features, FOLDER as for eval's --gates; repeat")
     frontier.add_argument("--taus", type=_taus, default=None,
                           help="DyVTE thresholds to look up, comma-separated (default: exit.frontier.DEFAULT_TAUS, 0.5 to 0.99)")
     frontier.add_argument("--tau-table", type=Path, default=None,

@@ -28,9 +28,9 @@ hidden size, heads); ``DyVTEGates.load(folder, model)`` refuses gates made for a
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -309,6 +309,70 @@ class DyVTEGates(nn.Module):
         return gates.eval()
 
 
+class AveragedGates(nn.Module):
+    """Several gate sets trained by one recipe (seeds, say) used as one: p(exit) is the mean of the
+    members' p(exit), and a row exits when that mean passes tau.
+
+    Averaging removes most of the seed-to-seed spread of a single set (on the demo model the three
+    seeds of the hidden agreement gates land 0.7 points apart at one tau; benchmarks/gate_ensemble_probe.py).
+    It has the interface the exit methods use: ``config`` (inputs, tau), ``signature``, ``p_exit``,
+    ``fires`` and ``check_model``.
+
+    Raises:
+        GateMismatchError: no members, or members made for other models or other inputs, or (without
+            ``tau``) members saved with different thresholds.
+    """
+
+    def __init__(self, members: Sequence[DyVTEGates], *, tau: float | None = None) -> None:
+        super().__init__()
+        if not members:
+            raise GateMismatchError("expected at least one gate set to average, found none")
+        first = members[0]
+        for index, member in enumerate(members[1:], start=1):
+            if member.signature != first.signature or member.config.inputs != first.config.inputs:
+                raise GateMismatchError(
+                    f"expected gate sets of one model and one input kind to average, found member {index} made for "
+                    f"{asdict(member.signature)} with inputs {member.config.inputs!r}, member 0 for "
+                    f"{asdict(first.signature)} with inputs {first.config.inputs!r}")
+        taus = sorted({member.config.tau for member in members})
+        if tau is None and len(taus) > 1:
+            raise GateMismatchError(f"expected gate sets saved with one tau (or an explicit tau), found taus {taus}")
+        self.members = nn.ModuleList(members)
+        self.signature = first.signature
+        self.config = replace(first.config, tau=taus[0] if tau is None else tau)
+
+    def p_exit(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        """(batch,) the members' probabilities that exiting after ``layer`` is safe, averaged."""
+        return torch.stack([member.p_exit(layer, features) for member in self.members]).mean(dim=0)
+
+    def fires(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        """(batch,) bool: averaged p(exit) > tau."""
+        return self.p_exit(layer, features) > self.config.tau
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise GateMismatchError unless ``model`` is the kind of model these gates were made for."""
+        self.members[0].check_model(model)
+
+
+GateSet = DyVTEGates | AveragedGates
+
+
+def load_gate_set(spec: str | Path, model: nn.Module | None = None, *, tau: float | None = None) -> GateSet:
+    """The gates of a folder written by ``dyvte-exit train``, or, for comma-separated folders
+    (``gates-seed0,gates-seed1,gates-seed2``), those sets averaged (``AveragedGates``).
+
+    Raises:
+        FileNotFoundError: a folder lacks a gate file. GateMismatchError: the gates do not fit ``model``
+            or one another.
+    """
+    folders = [part for part in str(spec).split(",") if part]
+    if len(folders) == 1:
+        return DyVTEGates.load(folders[0], model, tau=tau)
+    members = [DyVTEGates.load(folder, model) for folder in folders]
+    gates = AveragedGates(members, tau=tau)
+    return gates.eval()
+
+
 def gate_recording(
     model: nn.Module,
     layout: TokenLayout,
@@ -352,7 +416,7 @@ def gate_recording(
 @contextmanager
 def dyvte_exit(
     model: nn.Module,
-    gates: DyVTEGates,
+    gates: GateSet,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
 ) -> Iterator[VisualExit]:
@@ -392,7 +456,7 @@ def dyvte_exit(
             yield surgery
 
 
-def gate_parameters(gates: DyVTEGates) -> int:
+def gate_parameters(gates: GateSet) -> int:
     """Number of parameters of all gates."""
     return sum(p.numel() for p in gates.parameters())
 
@@ -402,7 +466,7 @@ def gate_parameters(gates: DyVTEGates) -> int:
 def answer_with_gates(
     model: nn.Module,
     processor: object,
-    gates: DyVTEGates,
+    gates: GateSet,
     images: list[object],
     question: str,
     max_new_tokens: int = 32,
@@ -423,8 +487,11 @@ def answer_with_gates(
 
 
 __all__ = [
+    "AveragedGates",
     "DyVTEGates",
     "GATE_INPUTS",
+    "GateSet",
+    "load_gate_set",
     "GateConfig",
     "GateInput",
     "GateMismatchError",

@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from exit.gates import DyVTEGates
+    from exit.gates import GateSet
 
 __all__ = [
     "CALIBRATION",
@@ -277,12 +277,12 @@ def _bind_plain(spec: MethodSpec, gates: Any, calibration: Any) -> ExitMethod:
     return ExitMethod(spec.kind, layer=spec.layer, ratio=spec.ratio, tau=spec.tau)
 
 
-def _bind_gated(spec: MethodSpec, gates: DyVTEGates, calibration: Any) -> ExitMethod:
+def _bind_gated(spec: MethodSpec, gates: GateSet, calibration: Any) -> ExitMethod:
     gates = gates if spec.tau is None else gates_with_tau(gates, spec.tau)
     return ExitMethod(spec.kind, layer=spec.layer, gates=gates, ratio=spec.ratio, tau=spec.tau)
 
 
-def _bind_gated_hidden(spec: MethodSpec, gates: DyVTEGates, calibration: Any) -> ExitMethod:
+def _bind_gated_hidden(spec: MethodSpec, gates: GateSet, calibration: Any) -> ExitMethod:
     if gates.config.inputs != "hidden":
         raise UsageError(f"expected gates with inputs='hidden' for {spec.name!r}, found {gates.config.inputs!r}")
     return _bind_gated(spec, gates, calibration)
@@ -376,7 +376,7 @@ class MethodSpec:
                              f"{num_layers} decoder layers), found {self.layer}")
         return self
 
-    def bind(self, num_layers: int, gates: DyVTEGates | None = None, calibration: Any = None) -> ExitMethod:
+    def bind(self, num_layers: int, gates: GateSet | None = None, calibration: Any = None) -> ExitMethod:
         """The method for a loaded model with ``num_layers`` decoder layers.
 
         Args:
@@ -403,7 +403,7 @@ class ExitMethod:
 
     kind: str
     layer: int | None = None
-    gates: DyVTEGates | None = None
+    gates: GateSet | None = None
     ratio: float | None = None
     tau: float | None = None
     calibration: Any = field(default=None, compare=False, repr=False)
@@ -451,7 +451,7 @@ class ExitMethod:
         return found
 
 
-def gates_with_tau(gates: DyVTEGates, tau: float) -> DyVTEGates:
+def gates_with_tau(gates: GateSet, tau: float) -> GateSet:
     """The same gates (shared weights) with another threshold on p(exit)."""
     clone = copy.copy(gates)
     clone.config = replace(gates.config, tau=tau)
@@ -510,7 +510,7 @@ def parse_method_specs(values: Iterable[str]) -> list[MethodSpec]:
     return specs
 
 
-def parse_method(text: str, num_layers: int, gates: DyVTEGates | None = None, vtw: Any = None) -> ExitMethod:
+def parse_method(text: str, num_layers: int, gates: GateSet | None = None, vtw: Any = None) -> ExitMethod:
     """One of :data:`METHOD_FORMS` bound at once: :func:`parse_method_spec`, then
     :meth:`MethodSpec.bind` (``vtw`` is the VTW calibration).
 

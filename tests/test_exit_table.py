@@ -235,6 +235,21 @@ def test_the_frontier_command_looks_up_every_method_of_an_exit_table(tmp_path, s
     _, defaults = read_evaluation(tmp_path / "defaults")
     assert {m for m in defaults["method"] if m.startswith("dyvte")} == {f"dyvte[history]:{tau:g}" for tau in DEFAULT_TAUS}
 
+    # an averaged gate set (NAME=A,B): its lookups read the mean of the members' p(exit)
+    from exit.frontier import first_exit_over, gate_probabilities
+
+    members = [DyVTEGates.for_model(model, GateConfig(hidden_width=8, seed=seed)).save(tmp_path / f"seed{seed}") for seed in (1, 2)]
+    assert main(["frontier", "--table", str(tmp_path / "table"), "--out", str(tmp_path / "averaged"), "--taus", "0.5",
+                 "--gates", "seeds=" + ",".join(map(str, members))]) == 0
+    averaged_rows, _ = read_evaluation(tmp_path / "averaged")
+    probabilities = [gate_probabilities(tmp_path / "table", DyVTEGates.load(folder)).set_index(["sample_id", "layer"])["p_exit"]
+                     for folder in members]
+    mean = ((probabilities[0] + probabilities[1]) / 2).rename("p_exit").reset_index()
+    expected_exits = first_exit_over(mean, 0.5, layers)
+    found = averaged_rows[averaged_rows["method"] == "dyvte[seeds]:0.5"].set_index("question_id")["exit_layer"]
+    assert len(found) == len(expected_exits) > 0
+    assert {q: (layers - 1 if k < 0 else k) for q, k in found.items()} == {q: int(k) for q, k in expected_exits.items()}
+
 
 def test_answers_of_a_family_the_table_cannot_decode_stop_before_the_model_loads(tmp_path, monkeypatch, capsys):
     import analysis.loading

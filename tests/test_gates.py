@@ -193,14 +193,16 @@ def test_history_features_built_online_equal_those_taken_from_cached_features(ti
     assert torch.allclose(text_image, per_head[..., 1].mean(-1), atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["hidden", "history", "hidden+history"])
+@pytest.mark.parametrize("kind", ["hidden", "history", "hidden+history", "averaged hidden"])
 def test_gated_prefill_exits_where_the_cached_features_say(tiny_models, processor, kind):
     """DyVTE by lookup (first layer whose p(exit) on the cached features passes tau) exits where the
-    gated prefill does, for every input kind: what the frontier's lookups rely on."""
+    gated prefill does, for every input kind and for an averaged set (three seeds; its p(exit) is the
+    members' mean, test_averaged_gates_average_the_members_and_refuse_mixed_sets): what the frontier's
+    lookups rely on."""
     from conftest import BATCH_CASES, make_batch
 
     from exit.frontier import first_exit_over
-    from exit.gates import gate_recording, select_features
+    from exit.gates import AveragedGates, gate_recording, select_features
 
     model = tiny_models("gqa")
     inputs = make_batch(processor, BATCH_CASES["batch2_left_padding"])
@@ -208,13 +210,16 @@ def test_gated_prefill_exits_where_the_cached_features_say(tiny_models, processo
     with torch.no_grad(), gate_recording(model, layout, "both") as recording:
         model(**inputs)
     cached = torch.stack([gate_features(r, "both") for r in recording.records], dim=1)
-    gates = DyVTEGates.for_model(model, GateConfig(inputs=kind, hidden_width=16, seed=3))
+    averaged = kind.startswith("averaged ")
+    kind = kind.removeprefix("averaged ")
+    members = [DyVTEGates.for_model(model, GateConfig(inputs=kind, hidden_width=16, seed=seed)) for seed in (3, 4, 5)]
+    gates = AveragedGates(members) if averaged else members[0]
     features = select_features(cached, "both", kind, gates.signature)
     layers = gates.signature.num_layers
     with torch.no_grad():
         p = torch.stack([gates.p_exit(layer, features[:, layer]) for layer in range(layers)], dim=1)  # batch layer
     tau = float(p[:, : layers - 1].median())  # some rows fire somewhere, not all at layer 0
-    gates = DyVTEGates.load(gates.save(Path(tempfile.mkdtemp())), model, tau=tau)
+    gates = AveragedGates(members, tau=tau) if averaged else DyVTEGates.load(gates.save(Path(tempfile.mkdtemp())), model, tau=tau)
     frame = pd.DataFrame([{"sample_id": str(b), "layer": k, "p_exit": float(p[b, k])} for b in range(2) for k in range(layers)])
     expected = first_exit_over(frame, tau, layers)
     with torch.no_grad(), dyvte_exit(model, gates, inputs["input_ids"], inputs["attention_mask"]) as surgery:
@@ -222,3 +227,34 @@ def test_gated_prefill_exits_where_the_cached_features_say(tiny_models, processo
     found = [layers - 1 if k is None else k for k in surgery.exit_layers]
     assert found == [int(expected[str(b)]) for b in range(2)]
     assert min(found) < layers - 1  # some row exits: the comparison has teeth
+
+
+def test_averaged_gates_average_the_members_and_refuse_mixed_sets(tmp_path, tiny_models):
+    """load_gate_set("a,b") is the mean of the two sets' p(exit), thresholded at tau; sets of another
+    input kind or with other saved thresholds are refused."""
+    from exit.gates import AveragedGates, load_gate_set
+
+    model = tiny_models("gqa")
+    folders = [DyVTEGates.for_model(model, GateConfig(hidden_width=8, tau=0.6, seed=seed)).save(tmp_path / f"s{seed}")
+               for seed in (1, 2)]
+    members = [DyVTEGates.load(folder, model) for folder in folders]
+    gates = load_gate_set(",".join(map(str, folders)), model)
+    assert isinstance(gates, AveragedGates) and gates.config.tau == 0.6 and gates.signature == members[0].signature
+    features = torch.randn(5, feature_size(gates.config, gates.signature))
+    with torch.no_grad():
+        for layer in range(gates.signature.num_layers):
+            expected = (members[0].p_exit(layer, features) + members[1].p_exit(layer, features)) / 2
+            assert torch.allclose(gates.p_exit(layer, features), expected, atol=1e-7)
+            assert not torch.allclose(members[0].p_exit(layer, features), members[1].p_exit(layer, features))
+            assert torch.equal(gates.fires(layer, features), gates.p_exit(layer, features) > 0.6)
+    assert load_gate_set(f"{folders[0]},{folders[1]}", tau=0.3).config.tau == 0.3
+    assert isinstance(load_gate_set(str(folders[0])), DyVTEGates)
+    DyVTEGates.for_model(model, GateConfig(hidden_width=8, tau=0.9, seed=3)).save(tmp_path / "other-tau")
+    with pytest.raises(GateMismatchError, match="one tau"):
+        load_gate_set(f"{folders[0]},{tmp_path / 'other-tau'}")
+    DyVTEGates.for_model(model, GateConfig(inputs="both", hidden_width=8, tau=0.6)).save(tmp_path / "both")
+    with pytest.raises(GateMismatchError, match="one input kind"):
+        load_gate_set(f"{folders[0]},{tmp_path / 'both'}")
+    with pytest.raises(FileNotFoundError, match="gate_config.json"):
+        load_gate_set(f"{folders[0]},{tmp_path}")
+
