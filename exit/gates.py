@@ -265,6 +265,10 @@ class DyVTEGates(nn.Module):
                 + ", ".join(f"{k}: gates {a!r}, model {b!r}" for k, (a, b) in different.items()) + ")"
             )
 
+    def provenance(self) -> dict:
+        """The gates' settings and the model they were made for, for a results file's provenance."""
+        return {**asdict(self.config), "model": asdict(self.signature)}
+
     def save(self, folder: str | Path) -> Path:
         """Write ``gates.safetensors`` and ``gate_config.json`` into ``folder``; returns the folder."""
         folder = Path(folder)
@@ -352,6 +356,11 @@ class AveragedGates(nn.Module):
     def check_model(self, model: nn.Module) -> None:
         """Raise GateMismatchError unless ``model`` is the kind of model these gates were made for."""
         self.members[0].check_model(model)
+
+    def provenance(self) -> dict:
+        """The averaged sets' settings (one entry per member) and the model, for a results file's provenance."""
+        return {"inputs": self.config.inputs, "tau": self.config.tau, "averaged": [asdict(m.config) for m in self.members],
+                "model": asdict(self.signature)}
 
 
 GateSet = DyVTEGates | AveragedGates

@@ -47,7 +47,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from analysis.errors import UsageError
@@ -444,7 +444,7 @@ class ExitMethod:
         found: dict[str, Any] = {"method": self.name, "kind": self.kind,
                                  **{k: v for k, v in self.spec.values.items() if v is not None}}
         if self.gates is not None:
-            found["gates"] = {**asdict(self.gates.config), "model": asdict(self.gates.signature)}
+            found["gates"] = self.gates.provenance()
         if self.calibration is not None:
             found["vtw_calibration"] = {"layer": self.calibration.layer, "eta": self.calibration.eta,
                                         "samples": self.calibration.samples}

@@ -248,6 +248,7 @@ def test_averaged_gates_average_the_members_and_refuse_mixed_sets(tmp_path, tiny
             assert not torch.allclose(members[0].p_exit(layer, features), members[1].p_exit(layer, features))
             assert torch.equal(gates.fires(layer, features), gates.p_exit(layer, features) > 0.6)
     assert load_gate_set(f"{folders[0]},{folders[1]}", tau=0.3).config.tau == 0.3
+    assert [member["seed"] for member in gates.provenance()["averaged"]] == [1, 2]  # results files name every member
     assert isinstance(load_gate_set(str(folders[0])), DyVTEGates)
     DyVTEGates.for_model(model, GateConfig(hidden_width=8, tau=0.9, seed=3)).save(tmp_path / "other-tau")
     with pytest.raises(GateMismatchError, match="one tau"):
