@@ -377,9 +377,7 @@ def load_gate_set(spec: str | Path, model: nn.Module | None = None, *, tau: floa
     folders = [part for part in str(spec).split(",") if part]
     if len(folders) == 1:
         return DyVTEGates.load(folders[0], model, tau=tau)
-    members = [DyVTEGates.load(folder, model) for folder in folders]
-    gates = AveragedGates(members, tau=tau)
-    return gates.eval()
+    return AveragedGates([DyVTEGates.load(folder, model) for folder in folders], tau=tau).eval()
 
 
 def gate_recording(
