@@ -11,6 +11,14 @@ Decoder layer, ``n`` queries attending to ``m`` keys, hidden size ``d``, ``h`` q
     attention    4 n m h e                q k^T and the weighted sum of v, every query head
     FFN          6 n d f                  gate, up and down
 
+Where the layers differ (``DecoderShape.per_layer``, read from the config by
+``DecoderShape.from_config``), each layer is counted with its own sizes: Gemma 4's global layers
+have their own head width and key/value heads, its last layers reuse an earlier layer's keys and
+values (no k and v products: ``2g`` becomes 0) and may run a double-wide FFN, its full-attention
+layers may take the keys as values (``2g`` becomes ``g``), and each layer adds its per-layer input
+(``4 n d p``, ``p = hidden_size_per_layer_input``), after a projection of every position
+(``2 d L p``) before the first layer.
+
 Prefill, general form: decoder layer ``l`` processes the ``n_l`` tokens still present, so
 ``n = m = n_l`` there and the prefill costs ``sum over l of layer(n_l, n_l)``
 (:func:`prefill_flops_for_counts`; ``VisualExit.tokens_per_layer`` gives the ``n_l`` of a run).
@@ -49,6 +57,7 @@ from typing import Any
 
 __all__ = [
     "DecoderShape",
+    "LayerShape",
     "VisionShape",
     "decode_flops",
     "decode_flops_for_counts",
@@ -70,8 +79,36 @@ def _field(config: Any, *names: str) -> Any:
 
 
 @dataclass(frozen=True)
+class LayerShape:
+    """The sizes of one decoder layer that its FLOPs depend on.
+
+    Attributes:
+        heads: query heads (``h``).
+        key_value_projections: key and value heads the layer projects, counted together (``2 g``;
+            ``g`` where the values are the keys, Gemma 4's ``attention_k_eq_v``; 0 where the layer
+            reuses an earlier layer's keys and values).
+        head_dim: the width ``e`` of a head.
+        intermediate: the FFN width one token runs through (``f``).
+        other_per_token: FLOPs per token of the layer's further matrix products (Gemma 4's
+            per-layer input gate and projection, ``4 d p``).
+    """
+
+    heads: int
+    key_value_projections: int
+    head_dim: int
+    intermediate: int
+    other_per_token: int = 0
+
+
+@dataclass(frozen=True)
 class DecoderShape:
-    """The sizes of a decoder that its FLOPs depend on."""
+    """The sizes of a decoder that its FLOPs depend on.
+
+    ``heads``, ``kv_heads``, ``head_dim`` and ``intermediate`` describe every layer unless
+    ``per_layer`` is set (a decoder whose layers differ, such as Gemma 4's); ``per_token`` is the
+    FLOPs per position of matrix products outside the layers, logits apart (Gemma 4's per-layer
+    input projection, ``2 d L p``), paid by every position whatever exits.
+    """
 
     layers: int
     hidden: int
@@ -80,23 +117,75 @@ class DecoderShape:
     head_dim: int
     intermediate: int
     vocab: int
+    per_layer: tuple[LayerShape, ...] = ()
+    per_token: int = 0
+
+    def __post_init__(self) -> None:
+        if self.per_layer and len(self.per_layer) != self.layers:
+            raise ValueError(f"expected {self.layers} layer shapes (one per decoder layer), found {len(self.per_layer)}")
+
+    def layer(self, index: int) -> LayerShape:
+        """The shape of decoder layer ``index``."""
+        if self.per_layer:
+            return self.per_layer[index]
+        return LayerShape(self.heads, 2 * self.kv_heads, self.head_dim, self.intermediate)
 
     @classmethod
     def from_config(cls, config: Any) -> DecoderShape:
-        """From a model config (its ``text_config`` if it has one) or a text config."""
+        """From a model config (its ``text_config`` if it has one) or a text config.
+
+        A heterogeneous config (``per_layer_config``: Gemma 4's global layers have their own head
+        width and key/value heads) is read layer by layer, as are the layers that reuse an earlier
+        layer's keys and values (``kv_sharing_modes``), values that are the keys
+        (``attention_k_eq_v`` in the full-attention layers), double-wide FFNs in the reusing layers
+        (``use_double_wide_mlp``), an experts block beside the FFN (``enable_moe_block``) and
+        per-layer inputs (``hidden_size_per_layer_input``).
+        """
         text = getattr(config, "text_config", None) or config
-        heads = int(_field(text, "num_attention_heads"))
+        layers = int(_field(text, "num_hidden_layers"))
         hidden = int(_field(text, "hidden_size"))
-        head_dim = getattr(text, "head_dim", None) or hidden // heads
+        per_layer = tuple(_layer_shape(text, index, hidden) for index in range(layers))
+        first = per_layer[0]
+        extra_width = int(getattr(text, "hidden_size_per_layer_input", None) or 0)
         return cls(
-            layers=int(_field(text, "num_hidden_layers")),
+            layers=layers,
             hidden=hidden,
-            heads=heads,
-            kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
-            head_dim=int(head_dim),
-            intermediate=_active_ffn_width(text),
+            heads=first.heads,
+            kv_heads=int(_layer_config(text, 0).num_key_value_heads or first.heads),
+            head_dim=first.head_dim,
+            intermediate=first.intermediate,
             vocab=int(_field(text, "vocab_size")),
+            per_layer=() if len(set(per_layer)) == 1 and first.other_per_token == 0 else per_layer,
+            per_token=2 * hidden * layers * extra_width,
         )
+
+
+def _layer_config(text: Any, index: int) -> Any:
+    """Layer ``index``'s view of a text config (the config itself unless it is heterogeneous)."""
+    return text.per_layer_config[index] if getattr(text, "is_heterogeneous", False) else text
+
+
+def _layer_shape(text: Any, index: int, hidden: int) -> LayerShape:
+    layer = _layer_config(text, index)
+    heads = int(_field(layer, "num_attention_heads"))
+    head_dim = int(getattr(layer, "head_dim", None) or hidden // heads)
+    kv_heads = int(getattr(layer, "num_key_value_heads", None) or heads)
+    modes = getattr(text, "kv_sharing_modes", None)
+    reuses = modes is not None and modes[index] == "reuse"
+    layer_types = getattr(text, "layer_types", None)
+    values_are_keys = bool(getattr(text, "attention_k_eq_v", False)) and (
+        layer_types is not None and layer_types[index] != "sliding_attention")
+    width = _active_ffn_width(text) * (2 if reuses and getattr(text, "use_double_wide_mlp", False) else 1)
+    if getattr(text, "enable_moe_block", False):  # Gemma 4: routed experts beside the dense FFN
+        width += int(_field(text, "top_k_experts")) * int(_field(text, "moe_intermediate_size"))
+    extra_width = int(getattr(text, "hidden_size_per_layer_input", None) or 0)
+    return LayerShape(
+        heads=heads,
+        key_value_projections=0 if reuses else kv_heads * (1 if values_are_keys else 2),
+        head_dim=head_dim,
+        intermediate=width,
+        other_per_token=4 * hidden * extra_width,
+    )
 
 
 def _active_ffn_width(text: Any) -> int:
@@ -113,13 +202,14 @@ def _active_ffn_width(text: Any) -> int:
     return int(_field(text, "intermediate_size"))
 
 
-def layer_flops(shape: DecoderShape, queries: int, keys: int) -> int:
-    """FLOPs of one decoder layer for ``queries`` tokens attending to ``keys`` keys (batch 1)."""
-    d, e = shape.hidden, shape.head_dim
-    projections = 2 * queries * d * e * (2 * shape.heads + 2 * shape.kv_heads)
-    attention = 4 * queries * keys * shape.heads * e
-    ffn = 6 * queries * d * shape.intermediate
-    return projections + attention + ffn
+def layer_flops(shape: DecoderShape, queries: int, keys: int, layer: int = 0) -> int:
+    """FLOPs of decoder layer ``layer`` for ``queries`` tokens attending to ``keys`` keys (batch 1)."""
+    sizes = shape.layer(layer)
+    d, e = shape.hidden, sizes.head_dim
+    projections = 2 * queries * d * e * (2 * sizes.heads + sizes.key_value_projections)
+    attention = 4 * queries * keys * sizes.heads * e
+    ffn = 6 * queries * d * sizes.intermediate
+    return projections + attention + ffn + queries * sizes.other_per_token
 
 
 def _exit_after(shape: DecoderShape, exit_layer: int | None) -> int:
@@ -143,18 +233,15 @@ def prefill_flops(shape: DecoderShape, tokens: int, image_tokens: int, exit_laye
     if not 0 <= image_tokens <= tokens:
         raise ValueError(f"expected 0 <= image_tokens <= tokens, found {image_tokens} image tokens of {tokens}")
     last_full = _exit_after(shape, exit_layer)
-    full = (last_full + 1) * layer_flops(shape, tokens, tokens)
-    text = tokens - image_tokens
-    after = (shape.layers - 1 - last_full) * layer_flops(shape, text, text)
-    return full + after + 2 * logits_positions * shape.hidden * shape.vocab
+    counts = [tokens if index <= last_full else tokens - image_tokens for index in range(shape.layers)]
+    return prefill_flops_for_counts(shape, counts, logits_positions)
 
 
 def decode_flops(shape: DecoderShape, cached: int, image_tokens: int, exit_layer: int | None = None) -> int:
     """Decoder FLOPs of decoding one token with ``cached`` tokens before it, logits included."""
     last_full = _exit_after(shape, exit_layer)
-    full = (last_full + 1) * layer_flops(shape, 1, cached + 1)
-    after = (shape.layers - 1 - last_full) * layer_flops(shape, 1, cached + 1 - image_tokens)
-    return full + after + 2 * shape.hidden * shape.vocab
+    return decode_flops_for_counts(
+        shape, [cached if index <= last_full else cached - image_tokens for index in range(shape.layers)])
 
 
 def _counts(shape: DecoderShape, counts: Sequence[int], what: str) -> list[int]:
@@ -170,14 +257,17 @@ def prefill_flops_for_counts(shape: DecoderShape, tokens_per_layer: Sequence[int
     ``prefill_flops(shape, T, I, k)`` equals this with ``[T] * (k + 1) + [T - I] * (L - 1 - k)``.
     """
     counts = _counts(shape, tokens_per_layer, "token counts")
-    return sum(layer_flops(shape, n, n) for n in counts) + 2 * logits_positions * shape.hidden * shape.vocab
+    # every position enters the first layer, so counts[0] is the prompt's length
+    return (sum(layer_flops(shape, n, n, index) for index, n in enumerate(counts)) + counts[0] * shape.per_token
+            + 2 * logits_positions * shape.hidden * shape.vocab)
 
 
 def decode_flops_for_counts(shape: DecoderShape, cached_per_layer: Sequence[int]) -> int:
     """Decoder FLOPs of decoding one token when layer ``l`` holds ``cached_per_layer[l]`` tokens in its
     cache (after removals the layers differ), logits included."""
     counts = _counts(shape, cached_per_layer, "cache lengths")
-    return sum(layer_flops(shape, 1, c + 1) for c in counts) + 2 * shape.hidden * shape.vocab
+    return (sum(layer_flops(shape, 1, c + 1, index) for index, c in enumerate(counts)) + shape.per_token
+            + 2 * shape.hidden * shape.vocab)
 
 
 def fastv_tokens_per_layer(shape: DecoderShape, tokens: int, image_tokens: int, layer: int, ratio: float,

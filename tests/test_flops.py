@@ -148,3 +148,29 @@ def test_exit_saves_flops_in_proportion_to_the_layers_after_it():
         prefill_flops(shape, 10, 11)
     with pytest.raises(ValueError, match="exit layer"):
         prefill_flops(shape, 640, 576, -3)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("exit_layer", [None, 0, 1, 3])
+def test_gemma4_prefill_and_decode_flops_match_the_flop_counter_layer_by_layer(exit_layer):
+    # Gemma 4's layers differ: global layers with their own head width, keys as values there,
+    # layers reusing an earlier layer's keys and values, per-layer inputs
+    from analysis.testing.families import RowSpec, tiny_family_batch, tiny_family_model
+
+    model = tiny_family_model("gemma4", attn_implementation="eager")  # the counter sees eager attention's products
+    shape = DecoderShape.from_config(model.config)
+    assert len({layer.head_dim for layer in shape.per_layer}) == 2
+    assert {layer.key_value_projections for layer in shape.per_layer} == {0, 2, 4}
+    batch = tiny_family_batch(model, [RowSpec(system=3, images=1, text=6)])
+    image_tokens = int((batch["input_ids"] == model.config.image_token_id).sum())
+    tokens = batch["input_ids"].shape[1]
+    images = {key: value for key, value in batch.items() if key.startswith(("pixel", "image_position"))}
+    vision = _counted(lambda: model.model.get_image_features(**images))
+    with visual_token_exit(model, exit_layers=[exit_layer]):
+        counted = _counted(lambda: model(**batch, use_cache=False)) - vision
+        _close(prefill_flops(shape, tokens, image_tokens, exit_layer, logits_positions=tokens), counted)
+        prefill = model(**batch, use_cache=True)
+        mask = torch.ones(1, tokens + 1, dtype=torch.long)
+        next_token = prefill.logits[:, -1:].argmax(-1)
+        step = _counted(lambda: model(input_ids=next_token, attention_mask=mask, cache=prefill.past_key_values))
+    _close(decode_flops(shape, tokens, image_tokens, exit_layer), step)
