@@ -203,6 +203,15 @@ def images_only_processor_class(processor_class: type) -> type:
     if "video_processor" not in processor_class.get_attributes():
         return processor_class
 
+    from transformers.processing_utils import ProcessorMixin
+
+    class WithoutVideoProcessor(ProcessorMixin):
+        # Next after processor_class in the subclass's method order, so it also catches the classes
+        # whose __init__ hands video_processor on to ProcessorMixin by name (Gemma4Processor does).
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.pop("video_processor", None)
+            super().__init__(*args, **kwargs)
+
     def get_attributes(cls: type) -> list[str]:
         return [name for name in processor_class.get_attributes() if name != "video_processor"]
 
@@ -211,7 +220,7 @@ def images_only_processor_class(processor_class: type) -> type:
         # __init__ override: transformers reads the parameters from __init__'s code object.)
         return processor_class.from_args_and_dict.__func__(cls, args, processor_dict, **{"video_processor": None, **kwargs})
 
-    return type(processor_class.__name__, (processor_class,), {
+    return type(processor_class.__name__, (processor_class, WithoutVideoProcessor), {
         "get_attributes": classmethod(get_attributes),
         "from_args_and_dict": classmethod(from_args_and_dict),
         "__module__": processor_class.__module__,

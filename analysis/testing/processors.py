@@ -242,6 +242,17 @@ def _gemma3(tokenizer: PreTrainedTokenizerFast, chat_template: str) -> Any:
                       image_seq_length=4)
 
 
+def _gemma4(tokenizer: PreTrainedTokenizerFast, chat_template: str) -> Any:
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    # the tiny vision tower: 4-pixel patches pooled 2 x 2, at most 70 soft tokens per image (the
+    # checkpoints: 16-pixel patches pooled 3 x 3, 280); the processor writes one soft token per pooled cell
+    image_processor = Gemma4ImageProcessorPil(patch_size=4, pooling_kernel_size=2, max_soft_tokens=70)
+    return _processor("gemma4", tokenizer, chat_template, image_processor, _video("Gemma4VideoProcessor"),
+                      feature_extractor=Gemma4AudioFeatureExtractor(), image_seq_length=70)
+
+
 def _mistral3(tokenizer: PreTrainedTokenizerFast, chat_template: str) -> Any:
     from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
@@ -299,6 +310,12 @@ GEMMA3_TEMPLATE = (  # the processor expands <start_of_image> into <start_of_ima
     "{{ '<start_of_turn>' + role + '\n' }}" + _parts("<start_of_image>") + "<end_of_turn>\n{% endfor %}"
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
+GEMMA4_TEMPLATE = (  # the processor expands <|image|> into <|image> <|image|> x soft tokens <image|>
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<|turn>' + role + '\n' }}" + _parts("<|image|>") + "<turn|>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|turn>model\n' }}{% endif %}"
+)
 MISTRAL3_TEMPLATE = (
     "{{ bos_token }}[SYSTEM_PROMPT]You are Mistral Small 3, a Large Language Model (LLM) created by Mistral AI."
     "[/SYSTEM_PROMPT]{% for message in messages %}{% if message['role'] == 'user' %}[INST]" + _parts("[IMG]")
@@ -335,6 +352,12 @@ FAMILY_PROCESSORS: dict[str, FamilyProcessor] = {
         {PAD: "<pad>", BOS: "<bos>", EOS: "<end_of_turn>", IMAGE: "<image_soft_token>", MARKER_A: "<start_of_image>",
          MARKER_B: "<end_of_image>", 7: "<start_of_turn>", 8: "<eos>"}, GEMMA3_TEMPLATE, _gemma3,
         {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}),
+    # Gemma 4's strings as its tokenizer files and prompt-format guide write them; a turn ends with <turn|>
+    "gemma4": FamilyProcessor(
+        {PAD: "<pad>", BOS: "<bos>", EOS: "<turn|>", IMAGE: "<|image|>", MARKER_A: "<|image>", MARKER_B: "<image|>",
+         MARKER_C: "<|video|>", 7: "<|audio|>", 8: "<|audio>", 9: "<audio|>", 10: "<|turn>"}, GEMMA4_TEMPLATE, _gemma4,
+        {"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>", "audio_token": "<|audio|>",
+         "boa_token": "<|audio>", "eoa_token": "<audio|>"}),
     "mistral3": FamilyProcessor(
         {**_LLAMA, IMAGE: "[IMG]", MARKER_A: "[IMG_BREAK]", MARKER_B: "[IMG_END]", 7: "[INST]", 8: "[/INST]",
          9: "[SYSTEM_PROMPT]", 10: "[/SYSTEM_PROMPT]"}, MISTRAL3_TEMPLATE, _mistral3,
