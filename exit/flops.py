@@ -17,7 +17,10 @@ have their own head width and key/value heads, its last layers reuse an earlier 
 values (no k and v products: ``2g`` becomes 0) and may run a double-wide FFN, its full-attention
 layers may take the keys as values (``2g`` becomes ``g``), and each layer adds its per-layer input
 (``4 n d p``, ``p = hidden_size_per_layer_input``), after a projection of every position
-(``2 d L p``) before the first layer.
+(``2 d L p``) before the first layer. Qwen3.5's full-attention queries carry an output gate
+(``2h`` becomes ``3h``), and its linear-attention layers are counted by
+``LinearAttentionShape`` (projections, convolution and the chunked recurrence: linear in the
+tokens, no keys held).
 
 Prefill, general form: decoder layer ``l`` processes the ``n_l`` tokens still present, so
 ``n = m = n_l`` there and the prefill costs ``sum over l of layer(n_l, n_l)``
@@ -58,6 +61,7 @@ from typing import Any
 __all__ = [
     "DecoderShape",
     "LayerShape",
+    "LinearAttentionShape",
     "VisionShape",
     "decode_flops",
     "decode_flops_for_counts",
@@ -91,6 +95,10 @@ class LayerShape:
         intermediate: the FFN width one token runs through (``f``).
         other_per_token: FLOPs per token of the layer's further matrix products (Gemma 4's
             per-layer input gate and projection, ``4 d p``).
+        query_gate: the query projection also writes a gate of the output (``h`` more heads'
+            width: Qwen3.5's full-attention layers).
+        linear_attention: set where the layer is a linear-attention (Gated DeltaNet) layer, which
+            has no softmax attention: its sizes replace ``heads`` ... ``key_value_projections``.
     """
 
     heads: int
@@ -98,6 +106,48 @@ class LayerShape:
     head_dim: int
     intermediate: int
     other_per_token: int = 0
+    query_gate: bool = False
+    linear_attention: LinearAttentionShape | None = None
+
+
+@dataclass(frozen=True)
+class LinearAttentionShape:
+    """The sizes of a Gated DeltaNet layer (Qwen3.5's linear-attention layers).
+
+    Per token, projections ``2 d (2 a k + 2 b v + 2 b) + 2 b v d`` (queries, keys, values, the
+    output gate, the decay and update rates; the output) and the depthwise causal convolution
+    ``2 (2 a k + b v) w``. The recurrence runs in chunks of ``chunk`` tokens (the length padded up
+    to whole chunks, ``P``): ``b P (4 C k + 6 k v + 2 C v)``, the products of the chunked delta rule
+    (intra-chunk scores and updates, the state read and written once per chunk); one decoded token
+    updates and reads the state, ``6 b k v``.
+
+    Attributes:
+        key_heads: ``a``, query and key heads (``linear_num_key_heads``).
+        key_dim: ``k``, their width.
+        value_heads: ``b``, value heads (``linear_num_value_heads``).
+        value_dim: ``v``, their width.
+        conv_kernel: ``w``, the convolution's width.
+        chunk: ``C``, the tokens of one chunk of the prefill's recurrence.
+    """
+
+    key_heads: int
+    key_dim: int
+    value_heads: int
+    value_dim: int
+    conv_kernel: int
+    chunk: int = 64
+
+    def flops(self, hidden: int, queries: int) -> int:
+        """FLOPs of the layer's mixing for ``queries`` new tokens (one: a decoding step)."""
+        a, k, b, v = self.key_heads, self.key_dim, self.value_heads, self.value_dim
+        channels = 2 * a * k + b * v
+        projections = 2 * queries * hidden * (channels + b * v + 2 * b) + 2 * queries * b * v * hidden
+        convolution = 2 * queries * channels * self.conv_kernel
+        if queries == 1:
+            return projections + convolution + 6 * b * k * v
+        padded = math.ceil(queries / self.chunk) * self.chunk
+        recurrence = b * padded * (4 * self.chunk * k + 6 * k * v + 2 * self.chunk * v)
+        return projections + convolution + recurrence
 
 
 @dataclass(frozen=True)
@@ -175,25 +225,47 @@ def _layer_shape(text: Any, index: int, hidden: int) -> LayerShape:
     layer_types = getattr(text, "layer_types", None)
     values_are_keys = bool(getattr(text, "attention_k_eq_v", False)) and (
         layer_types is not None and layer_types[index] != "sliding_attention")
-    width = _active_ffn_width(text) * (2 if reuses and getattr(text, "use_double_wide_mlp", False) else 1)
+    width = _ffn_width(text, index) * (2 if reuses and getattr(text, "use_double_wide_mlp", False) else 1)
     if getattr(text, "enable_moe_block", False):  # Gemma 4: routed experts beside the dense FFN
         width += int(_field(text, "top_k_experts")) * int(_field(text, "moe_intermediate_size"))
     extra_width = int(getattr(text, "hidden_size_per_layer_input", None) or 0)
+    linear = None
+    if layer_types is not None and layer_types[index] == "linear_attention":
+        linear = LinearAttentionShape(
+            key_heads=int(_field(text, "linear_num_key_heads")), key_dim=int(_field(text, "linear_key_head_dim")),
+            value_heads=int(_field(text, "linear_num_value_heads")),
+            value_dim=int(_field(text, "linear_value_head_dim")), conv_kernel=int(_field(text, "linear_conv_kernel_dim")))
     return LayerShape(
         heads=heads,
         key_value_projections=0 if reuses else kv_heads * (1 if values_are_keys else 2),
         head_dim=head_dim,
         intermediate=width,
         other_per_token=4 * hidden * extra_width,
+        query_gate=getattr(text, "model_type", None) in QUERY_GATED_TYPES,
+        linear_attention=linear,
     )
+
+
+QUERY_GATED_TYPES = frozenset({"qwen3_5_text", "qwen3_5_moe_text"})
+"""Text configs whose full-attention query projection also writes an output gate (their configs
+carry no field that says so)."""
+
+
+def _ffn_width(text: Any, index: int) -> int:
+    """Layer ``index``'s FFN width: dense (``intermediate_size``) in the first
+    ``first_k_dense_replace`` layers (GLM-4.5V), in ``mlp_only_layers`` and off the
+    ``decoder_sparse_step`` (Qwen-MoE), the experts' (:func:`_active_ffn_width`) elsewhere."""
+    step = int(getattr(text, "decoder_sparse_step", None) or 1)
+    dense = (index < int(getattr(text, "first_k_dense_replace", None) or 0)
+             or index in (getattr(text, "mlp_only_layers", None) or ()) or (index + 1) % step != 0)
+    return int(_field(text, "intermediate_size")) if dense else _active_ffn_width(text)
 
 
 def _active_ffn_width(text: Any) -> int:
     """The FFN width one token runs through: ``intermediate_size``, or in a mixture-of-experts
     decoder the routed experts' (``num_experts_per_tok x moe_intermediate_size``) plus the shared
     experts' (``shared_expert_intermediate_size``, or ``n_shared_experts x moe_intermediate_size``).
-    The router's small product is left out, and so is a dense first layer (GLM-4.5V's
-    ``first_k_dense_replace``): every layer is counted at the experts' width."""
+    The router's small product is left out."""
     experts, width = getattr(text, "num_experts_per_tok", None), getattr(text, "moe_intermediate_size", None)
     if experts and width:
         shared = getattr(text, "shared_expert_intermediate_size", None) or (
@@ -206,9 +278,12 @@ def layer_flops(shape: DecoderShape, queries: int, keys: int, layer: int = 0) ->
     """FLOPs of decoder layer ``layer`` for ``queries`` tokens attending to ``keys`` keys (batch 1)."""
     sizes = shape.layer(layer)
     d, e = shape.hidden, sizes.head_dim
-    projections = 2 * queries * d * e * (2 * sizes.heads + sizes.key_value_projections)
-    attention = 4 * queries * keys * sizes.heads * e
     ffn = 6 * queries * d * sizes.intermediate
+    if sizes.linear_attention is not None:  # no keys held: the state carries them
+        return sizes.linear_attention.flops(d, queries) + ffn + queries * sizes.other_per_token
+    query_heads = sizes.heads * (3 if sizes.query_gate else 2)  # q (and its gate) and o
+    projections = 2 * queries * d * e * (query_heads + sizes.key_value_projections)
+    attention = 4 * queries * keys * sizes.heads * e
     return projections + attention + ffn + queries * sizes.other_per_token
 
 

@@ -174,3 +174,56 @@ def test_gemma4_prefill_and_decode_flops_match_the_flop_counter_layer_by_layer(e
         next_token = prefill.logits[:, -1:].argmax(-1)
         step = _counted(lambda: model(input_ids=next_token, attention_mask=mask, cache=prefill.past_key_values))
     _close(decode_flops(shape, tokens, image_tokens, exit_layer), step)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("exit_layer", [None, 0, 2])
+def test_qwen3_5_flops_match_the_flop_counter_with_its_linear_attention_layers(exit_layer):
+    # Gated DeltaNet layers (projections, convolution, the chunked recurrence) beside full-attention
+    # layers whose queries carry an output gate
+    from analysis.testing.families import RowSpec, tiny_family_batch, tiny_family_model
+
+    model = tiny_family_model("qwen3_5", attn_implementation="eager")
+    shape = DecoderShape.from_config(model.config)
+    recurrent = [layer.linear_attention for layer in shape.per_layer if layer.linear_attention is not None]
+    assert len(recurrent) == 2 and all(layer.query_gate for layer in shape.per_layer if layer.linear_attention is None)
+    batch = tiny_family_batch(model, [RowSpec(system=3, images=1, text=6)])
+    image_tokens = int((batch["input_ids"] == model.config.image_token_id).sum())
+    tokens = batch["input_ids"].shape[1]
+    images = {key: batch[key] for key in ("pixel_values", "image_grid_thw")}
+    vision = _counted(lambda: model.model.get_image_features(**images))
+
+    def generated(new_tokens: int) -> int:
+        return _counted(lambda: model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                               do_sample=False))
+
+    with visual_token_exit(model, exit_layers=[exit_layer]):
+        counted = _counted(lambda: model(**batch, use_cache=False)) - vision
+        _close(prefill_flops(shape, tokens, image_tokens, exit_layer, logits_positions=tokens), counted)
+        step = generated(2) - generated(1)
+    # the reference decoding step writes the state's update and read as elementwise products, which
+    # the counter does not see: 6 b k v per linear-attention layer
+    unseen = sum(6 * layer.value_heads * layer.key_dim * layer.value_dim for layer in recurrent)
+    _close(decode_flops(shape, tokens, image_tokens, exit_layer), step + unseen)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("model_type", ["qwen3_vl_moe", "qwen3_5_moe", "glm4v_moe"])
+def test_mixture_of_experts_layers_match_the_flop_counter_layer_by_layer(model_type):
+    # the experts run as a loop of matrix products (the counter does not see grouped_mm); GLM-4.5V's
+    # first layer is dense (first_k_dense_replace)
+    from analysis.testing.families import RowSpec, tiny_family_batch, tiny_family_model
+    from exit.flops import layer_flops
+
+    model = tiny_family_model(model_type, attn_implementation="eager")
+    model.set_experts_implementation("eager")
+    shape = DecoderShape.from_config(model.config)
+    batch = tiny_family_batch(model, [RowSpec(system=3, images=1, text=6)])
+    tokens = batch["input_ids"].shape[1]
+    with FlopCounterMode(display=False) as counter:
+        model(**batch, use_cache=False)
+    by_module = counter.get_flop_counts()
+    layers = model.model.language_model.layers
+    prefix = next(name for name in by_module if name.endswith("language_model.layers.0"))[:-1]
+    for index in range(len(layers)):
+        _close(layer_flops(shape, tokens, tokens, index), sum(by_module[f"{prefix}{index}"].values()))
