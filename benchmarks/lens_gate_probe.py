@@ -13,7 +13,8 @@
    trained on every (question, layer) row (AdamW, lr 1e-3, weight decay 0.01, batch 512, 30 epochs),
    three seeds; "shared-hidden+lens" adds the lens numbers.
 
-All trained on the train table's labels (``agreement,monotone``: every answer token's argmax kept
+All trained on the train table's labels of the questions ``dyvte-exit train`` learns from (its
+held-out 20 % left out, as for the per-layer gates) (``agreement,monotone``: every answer token's argmax kept
 from this layer on), then DyVTE's rule as lookups: each question exits after the first layer whose
 p(exit) > tau, tau chosen on the validation table (fewest FLOPs within 1 point,
 ``exit.frontier.choose_tau``), the test split's accuracy change (paired 95 % bootstrap), prefill
@@ -53,7 +54,7 @@ from exit.frontier import (
 )
 from exit.methods import STOCK_MODEL
 from exit.sweep import feature_shards, read_exit_answers, read_shard
-from exit.train import rule_labels
+from exit.train import TrainSettings, is_heldout, rule_labels
 
 TAUS = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999)
 LENS_COLUMNS = ("top1", "margin", "entropy", "same_top1", "run", "p_previous_top1", "kl_previous")
@@ -198,13 +199,21 @@ def main() -> None:
     train_ids, train_x = lens["train"]
     if states["train"][0] != train_ids:
         raise SystemExit("expected the hidden features and the lens in the same order")
-    keep = [i for i, sample in enumerate(train_ids) if sample in labels]
-    y = torch.stack([labels[train_ids[i]] for i in keep])
+    # the questions dyvte-exit train learns from: its held-out share (same fraction, the seed as
+    # its split seed) left out
+    holdout = TrainSettings().holdout_fraction
+
+    def training_rows(seed: int) -> tuple[list[int], torch.Tensor]:
+        keep = [i for i, sample in enumerate(train_ids) if sample in labels and not is_heldout(sample, holdout, seed)]
+        return keep, torch.stack([labels[train_ids[i]] for i in keep])
+
+    keep, y = training_rows(args.seed)
     answers = {split: read_exit_answers(tables[split]) for split in ("val", "test")}
     print(f"# {' '.join(sys.argv)}")
-    print(f"# train: {len(keep)} questions x {train_x.shape[1]} layers ({float(y.float().mean()):.1%} labelled safe, "
-          f"{args.label_rule}); tau chosen on {answers['val']['sample_id'].nunique()} validation questions; "
-          f"test: {answers['test']['sample_id'].nunique()} questions; lens features {', '.join(LENS_COLUMNS)}")
+    print(f"# train: {len(keep)} questions (seed {args.seed}; dyvte-exit train's {holdout:.0%} held out) x "
+          f"{train_x.shape[1]} layers ({float(y.float().mean()):.1%} labelled safe, {args.label_rule}); tau chosen on "
+          f"{answers['val']['sample_id'].nunique()} validation questions; test: {answers['test']['sample_id'].nunique()} "
+          f"questions; lens features {', '.join(LENS_COLUMNS)}")
     sets = {}
     for name, width in (("lens-logistic", 0), ("lens-mlp64", 64)):
         classifier = train_classifier(with_layer(train_x[keep]).flatten(0, 1), y.flatten(), width, args.epochs, args.seed)
@@ -218,7 +227,8 @@ def main() -> None:
     for kind, inputs in shared_inputs.items():
         seeds = [int(seed) for seed in args.seeds.split(",")] if kind == "shared-hidden" else [args.seed]
         for seed in seeds:
-            classifier = train_shared(inputs("train")[keep], y, seed)
+            seed_keep, seed_y = training_rows(seed)
+            classifier = train_shared(inputs("train")[seed_keep], seed_y, seed)
             with torch.no_grad():
                 sets[f"{kind}-s{seed}"] = {split: probabilities_frame(lens[split][0], classifier(inputs(split)))
                                            for split in ("val", "test")}
