@@ -247,11 +247,15 @@ def _train(args: argparse.Namespace, settings: Any, progress: bool) -> tuple[Any
     from exit.train import feature_shards, read_shard, train_offline, train_online_on_questions
 
     if args.online:
+        if args.shared:
+            raise UsageError("expected --shared with offline training (its input scale comes from the sweep's "
+                             "features), found --online")
         if args.questions is None or args.image_folder is None:
             raise UsageError("expected --questions and --image-folder with --online, found them missing")
         questions = read_questions(args.questions, limit=args.limit)
         model, processor = load_model(args.model, dtype="float32", device=local_device(args.device), attention="sdpa")
-        config = GateConfig(inputs=args.features or "hidden", hidden_width=args.hidden_width, tau=args.tau, seed=args.seed)
+        config = GateConfig(inputs=args.features or "hidden", hidden_width=args.hidden_width, tau=args.tau, seed=args.seed,
+                            dropout=args.dropout)
         gates = DyVTEGates.for_model(model, config)
         bar = (lambda items: tqdm(items, desc="train (online)", unit="step")) if progress else None
         rule = LabelRule(args.min_agreement, args.max_ce_ratio)
@@ -260,7 +264,8 @@ def _train(args: argparse.Namespace, settings: Any, progress: bool) -> tuple[Any
         raise UsageError("expected --sweep (a folder written by `dyvte-exit sweep`) or --online, found neither")
     model, _ = load_model(args.model, dtype="float32", device="cpu", attention="sdpa")
     kind = args.features or read_shard(feature_shards(args.sweep)[0])[3]
-    gates = DyVTEGates.for_model(model, GateConfig(inputs=kind, hidden_width=args.hidden_width, tau=args.tau, seed=args.seed))
+    gates = DyVTEGates.for_model(model, GateConfig(inputs=kind, hidden_width=args.hidden_width, tau=args.tau, seed=args.seed,
+                                                   shared=args.shared, dropout=args.dropout))
     del model
     _warn_about_the_plan(gates, args.sweep, settings)
     bar = (lambda items: tqdm(items, desc="train", unit="epoch")) if progress else None
@@ -486,6 +491,11 @@ def _add_train(commands: Any) -> None:
                        help="offline: the labels to learn: 'cached' (the sweep's own, default), or paper, agreement, "
                             "ce+0.05, ce+0.2, answer (needs a sweep with --answers), each optionally ',monotone'")
     train.add_argument("--hidden-width", type=positive_int, default=2048, help="gate hidden width (default 2048, the paper's)")
+    train.add_argument("--shared", action="store_true",
+                       help="offline: one gate for every layer (the layer's one-hot appended, inputs standardised) "
+                            "instead of one per layer")
+    train.add_argument("--dropout", type=tau_value, default=0.0,
+                       help="dropout on the gates' hidden layer while training, in [0, 1) (default 0)")
     train.add_argument("--tau", type=tau_value, default=0.5, help="exit when p(exit) > tau, in [0, 1) (default 0.5)")
     train.add_argument("--lr", type=float, default=6e-5, help="AdamW learning rate (default 6e-5, the paper's)")
     train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")

@@ -28,7 +28,7 @@ hidden size, heads); ``DyVTEGates.load(folder, model)`` refuses gates made for a
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -72,12 +72,19 @@ class GateConfig:
         hidden_width: width of each gate's hidden layer (the paper uses 2048).
         tau: a row exits when p(exit) > tau.
         seed: seed of the xavier initialisation.
+        shared: one network for every layer instead of one per layer: its input is the layer's
+            features and the layer's one-hot, standardised with the training features' mean and
+            deviation (``DyVTEGates.fit_input_scale``), so every layer's gate learns from every
+            layer's rows.
+        dropout: dropout on the gates' hidden layer while training (0: none, the paper's).
     """
 
     inputs: str = "hidden"
     hidden_width: int = 2048
     tau: float = 0.5
     seed: int = 0
+    shared: bool = False
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.inputs not in GATE_INPUTS:
@@ -86,6 +93,8 @@ class GateConfig:
             raise UsageError(f"expected a positive hidden width, found {self.hidden_width}")
         if not 0.0 <= self.tau <= 1.0:
             raise UsageError(f"expected tau in [0, 1], found {self.tau}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UsageError(f"expected a dropout in [0, 1), found {self.dropout}")
 
 
 @dataclass(frozen=True)
@@ -224,7 +233,8 @@ def _gate(features: int, width: int, generator: torch.Generator) -> nn.Sequentia
 
 
 class DyVTEGates(nn.Module):
-    """One gate per decoder layer of the model described by ``signature``."""
+    """One gate per decoder layer of the model described by ``signature`` (or, with
+    ``GateConfig.shared``, one gate that every layer asks with its one-hot appended)."""
 
     def __init__(self, config: GateConfig, signature: ModelSignature) -> None:
         super().__init__()
@@ -232,7 +242,12 @@ class DyVTEGates(nn.Module):
         self.signature = signature
         generator = torch.Generator().manual_seed(config.seed)
         size = feature_size(config, signature)
-        self.gates = nn.ModuleList(_gate(size, config.hidden_width, generator) for _ in range(signature.num_layers))
+        if config.shared:
+            size += signature.num_layers
+            self.register_buffer("input_mean", torch.zeros(size))
+            self.register_buffer("input_scale", torch.ones(size))
+        count = 1 if config.shared else signature.num_layers
+        self.gates = nn.ModuleList(_gate(size, config.hidden_width, generator) for _ in range(count))
 
     @classmethod
     def for_model(cls, model: nn.Module, config: GateConfig = GateConfig()) -> DyVTEGates:
@@ -240,12 +255,43 @@ class DyVTEGates(nn.Module):
         gates = cls(config, ModelSignature.of(model))
         return gates.to(next(model.parameters()).device)
 
+    def _shared_input(self, layer: int | torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The shared gate's input: ``features`` and the one-hot of ``layer``, standardised."""
+        one_hot = nn.functional.one_hot(torch.as_tensor(layer, device=features.device).expand(features.shape[0]),
+                                        self.signature.num_layers).to(features.dtype)
+        return (torch.cat([features, one_hot], dim=-1) - self.input_mean) / self.input_scale
+
+    @torch.no_grad()
+    def fit_input_scale(self, rows: Iterable[torch.Tensor]) -> None:
+        """Set a shared gate's standardisation from training features: ``rows`` yields
+        (samples, layers, features) blocks; every (sample, layer) row counts once."""
+        if not self.config.shared:
+            raise UsageError("expected shared gates (GateConfig.shared) to fit an input scale, found per-layer gates")
+        total, total_sq, count = None, None, 0
+        for block in rows:
+            samples, layers = block.shape[:2]
+            flat = torch.cat([block.reshape(samples * layers, -1).double(),
+                              torch.eye(layers, dtype=torch.float64).repeat(samples, 1)], dim=-1)
+            total = flat.sum(0) if total is None else total + flat.sum(0)
+            total_sq = (flat ** 2).sum(0) if total_sq is None else total_sq + (flat ** 2).sum(0)
+            count += len(flat)
+        if not count:
+            raise UsageError("expected training features to fit the shared gate's input scale, found none")
+        mean = total / count
+        deviation = (total_sq / count - mean ** 2).clamp_min(0.0).sqrt()
+        self.input_mean.copy_(mean.float())
+        self.input_scale.copy_(deviation.clamp_min(1e-4).float())
+
     def forward(self, layer: int, features: torch.Tensor) -> torch.Tensor:
         """(batch, 2) logits of gate ``layer``; index 1 = exit."""
-        if not 0 <= layer < len(self.gates):
-            raise IndexError(f"expected a layer in 0..{len(self.gates) - 1}, found {layer}")
-        weight = self.gates[layer][0].weight
-        return self.gates[layer](features.to(weight.device, weight.dtype))
+        if not 0 <= layer < self.signature.num_layers:
+            raise IndexError(f"expected a layer in 0..{self.signature.num_layers - 1}, found {layer}")
+        gate = self.gates[0 if self.config.shared else layer]
+        inputs = features.to(gate[0].weight.device, gate[0].weight.dtype)
+        if self.config.shared:
+            inputs = self._shared_input(layer, inputs)
+        hidden = gate[1](gate[0](inputs))
+        return gate[2](nn.functional.dropout(hidden, self.config.dropout, self.training))
 
     def p_exit(self, layer: int, features: torch.Tensor) -> torch.Tensor:
         """(batch,) probability that exiting after ``layer`` is safe."""

@@ -236,6 +236,8 @@ def train_offline(
         raise SweepError(f"expected features of kind {gates.config.inputs!r} (or 'both') for these gates, "
                          f"found {kind!r} in {folder}")
     examples, total = offline_plan(folder, settings)
+    if gates.config.shared:  # the shared gate's standardisation: the training rows' mean and deviation
+        gates.fit_input_scale(features for features, _ in _split(folder, settings, heldout=False, gates=gates))
     generator = torch.Generator().manual_seed(settings.seed)
     optimizer = torch.optim.AdamW(gates.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = _schedule(optimizer, total, settings.warmup_fraction)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from PIL import Image
 
 from analysis.testing.tiny import TinyLlavaSpec, save_tiny_llava
 from exit import DyVTEGates, GateConfig, ModelSignature, feature_size
 from exit.sweep import LabelRule, SweepError, SweepResult, SweepWriter, teacher_forced_inputs
-from exit.train import TAU_GRID, TrainSettings, _replay_dyvte, is_heldout, online_step, train_offline
+from exit.train import TAU_GRID, TrainSettings, _replay_dyvte, _split, is_heldout, online_step, train_offline
 
 
 def synthetic_sweep(folder, samples=240, layers=3, hidden=4, shards=3, kind="hidden"):
@@ -52,6 +53,21 @@ def test_offline_training_learns_and_is_seeded(tmp_path):
     assert [point["tau"] for point in report.tau_curve] == list(TAU_GRID)
     shares = [point["exited_share"] for point in report.tau_curve]
     assert shares == sorted(shares, reverse=True), "a higher threshold never makes more rows exit"
+
+
+def test_a_shared_gate_learns_every_layer_from_the_training_rows_scale(tmp_path):
+    # one network for the three layers: the label at layer l is sign(feature l), so it must read
+    # the layer's one-hot to know which feature decides
+    signature = synthetic_sweep(tmp_path)
+    settings = TrainSettings(lr=1e-2, epochs=30, batch_size=32, seed=7)
+    gates = DyVTEGates(GateConfig(hidden_width=32, seed=7, shared=True, dropout=0.1), signature)
+    report = train_offline(gates, tmp_path, settings)
+    assert len(gates.gates) == 1
+    rows = torch.cat([torch.cat([features, torch.eye(3).expand(len(features), 3, 3)], dim=-1)
+                      for features, _ in _split(tmp_path, settings, heldout=False, gates=gates)]).flatten(0, 1)
+    assert torch.allclose(gates.input_mean, rows.mean(0), atol=1e-5)
+    assert torch.allclose(gates.input_scale, rows.std(0, correction=0), atol=1e-5)
+    assert min(report.layer_accuracy) >= 0.85, report.layer_accuracy  # a chance gate scores about 0.5
 
 
 def test_dyvte_replay_has_known_exits_and_unsafe_counts():
@@ -169,3 +185,19 @@ def test_the_sweep_lists_bad_questions_and_goes_on(tmp_path, capsys):
     errors = read_errors(tmp_path / "sweep").set_index("sample_id")
     assert "question 'q2': expected a readable image at" in errors.loc["q2", "reason"]
     assert "question 'q4': expected an image at" in errors.loc["q4", "reason"]
+
+
+def test_a_shared_gate_trained_online_is_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import analysis.loading
+    from exit.cli import main
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(analysis.loading, "load_model", no_weights)
+    assert main(["train", "--online", "--shared", "--model", "demo", "--out", str(tmp_path / "gates")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "expected --shared with offline training" in err
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--sweep", str(tmp_path), "--model", "demo", "--dropout", "1.5", "--out", str(tmp_path / "g")])
+    assert stopped.value.code == 2 and "--dropout: expected a number in [0, 1), found 1.5" in capsys.readouterr().err

@@ -55,9 +55,36 @@ def test_gate_structure_and_seeded_xavier_init(tiny_models):
         GateConfig(inputs="pixels")
 
 
+def test_a_shared_gate_is_one_network_asked_with_the_layers_one_hot(tmp_path, tiny_models):
+    model = tiny_models("gqa")
+    gates = DyVTEGates.for_model(model, GateConfig(hidden_width=8, seed=3, shared=True, dropout=0.5))
+    layers, size = gates.signature.num_layers, feature_size(gates.config, gates.signature)
+    assert len(gates.gates) == 1 and gates.gates[0][0].in_features == size + layers
+    features = torch.randn(5, layers, size, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    gates.fit_input_scale([features[:2], features[2:]])
+    rows = torch.cat([features, torch.eye(layers).expand(5, layers, layers)], dim=-1).flatten(0, 1)
+    assert torch.allclose(gates.input_mean, rows.mean(0), atol=1e-5)
+    assert torch.allclose(gates.input_scale, rows.std(0, correction=0), atol=1e-5)
+    first, act, second = gates.gates[0]
+    gates.eval()
+    for layer in range(layers):
+        one_hot = torch.nn.functional.one_hot(torch.full((5,), layer), layers).float()
+        standardised = (torch.cat([features[:, layer], one_hot], dim=-1) - rows.mean(0)) / rows.std(0, correction=0)
+        assert torch.allclose(gates(layer, features[:, layer]), second(act(first(standardised))), atol=1e-5)
+    assert not torch.allclose(gates(0, features[:, 0]), gates(1, features[:, 0]))  # the layer is part of the input
+    gates.train()  # dropout acts while training only
+    assert not torch.allclose(gates(0, features[:, 0]), gates(0, features[:, 0]))
+    gates.eval()
+    loaded = DyVTEGates.load(gates.save(tmp_path / "shared"), model)
+    assert loaded.config == gates.config and torch.equal(loaded.input_scale, gates.input_scale)
+    assert torch.equal(loaded(2, features[:, 2]), gates(2, features[:, 2]))
+    with pytest.raises(UsageError, match="expected shared gates"):
+        DyVTEGates.for_model(model, GateConfig(hidden_width=8)).fit_input_scale([features])
+
+
 def test_bad_gate_settings_are_toolkit_errors():
     for settings, message in (({"inputs": "pixels"}, "expected gate inputs"), ({"hidden_width": 0}, "positive hidden width"),
-                              ({"tau": 1.5}, r"tau in \[0, 1\]")):
+                              ({"tau": 1.5}, r"tau in \[0, 1\]"), ({"dropout": 1.0}, r"dropout in \[0, 1\)")):
         with pytest.raises(UsageError, match=message) as error:
             GateConfig(**settings)
         assert isinstance(error.value, DyVTEError) and isinstance(error.value, ValueError)
@@ -193,7 +220,7 @@ def test_history_features_built_online_equal_those_taken_from_cached_features(ti
     assert torch.allclose(text_image, per_head[..., 1].mean(-1), atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["hidden", "history", "hidden+history", "averaged hidden"])
+@pytest.mark.parametrize("kind", ["hidden", "history", "hidden+history", "averaged hidden", "shared hidden"])
 def test_gated_prefill_exits_where_the_cached_features_say(tiny_models, processor, kind):
     """DyVTE by lookup (first layer whose p(exit) on the cached features passes tau) exits where the
     gated prefill does, for every input kind and for an averaged set (three seeds; its p(exit) is the
@@ -210,11 +237,14 @@ def test_gated_prefill_exits_where_the_cached_features_say(tiny_models, processo
     with torch.no_grad(), gate_recording(model, layout, "both") as recording:
         model(**inputs)
     cached = torch.stack([gate_features(r, "both") for r in recording.records], dim=1)
-    averaged = kind.startswith("averaged ")
-    kind = kind.removeprefix("averaged ")
-    members = [DyVTEGates.for_model(model, GateConfig(inputs=kind, hidden_width=16, seed=seed)) for seed in (3, 4, 5)]
+    averaged, shared = kind.startswith("averaged "), kind.startswith("shared ")
+    kind = kind.removeprefix("averaged ").removeprefix("shared ")
+    members = [DyVTEGates.for_model(model, GateConfig(inputs=kind, hidden_width=16, seed=seed, shared=shared))
+               for seed in (3, 4, 5)]
     gates = AveragedGates(members) if averaged else members[0]
     features = select_features(cached, "both", kind, gates.signature)
+    if shared:  # a scale that is not the identity, saved and loaded with the gate
+        gates.fit_input_scale([features])
     layers = gates.signature.num_layers
     with torch.no_grad():
         p = torch.stack([gates.p_exit(layer, features[:, layer]) for layer in range(layers)], dim=1)  # batch layer
