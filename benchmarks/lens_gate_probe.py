@@ -19,13 +19,17 @@ from this layer on), then DyVTE's rule as lookups: each question exits after the
 p(exit) > tau, tau chosen on the validation table (fewest FLOPs within 1 point,
 ``exit.frontier.choose_tau``), the test split's accuracy change (paired 95 % bootstrap), prefill
 FLOPs and share of the oracle's saving at every tau. With ``--gates`` the same lookups for trained
-gate sets of the toolkit (``dyvte-exit train``) beside them, in the same run. A probe, not a method
-of the toolkit: no gated prefill runs these.
+gate sets of the toolkit (``dyvte-exit train``, per-layer or ``--shared``) beside them, in the
+same run. The probe's own classifiers are probes (no gated prefill runs them); the toolkit's shared
+gate (``GateConfig.shared``) is the method that came out of the second.
 
 Run after the exit tables have hidden features (``dyvte-exit features --features hidden``)::
 
     .venv/bin/python benchmarks/lens_gate_probe.py runs/exit-demo --model demo \\
+        --gates per-layer-s0=runs/exit-demo/gates-hidden-agreement --gates toolkit-shared-s0=runs/exit-demo/gates-shared-s0 \\
         > benchmarks/results/gate-variants/lens_shared_probe.txt
+
+(the results file lists every gate set it looked up and the commands that trained them).
 """
 
 from __future__ import annotations
