@@ -21,7 +21,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -226,18 +228,23 @@ class StatisticsWriter:
         return self.out_dir / shard_file_name(table, self.tag, self._shard, ext)
 
     def write(self, statistics: pa.Table, samples: pa.Table) -> None:
-        """Append one batch: one row group in each of the current statistics and samples shards."""
+        """Append one batch: one row group in each of the current statistics and samples shards.
+
+        Ctrl-C and SIGTERM wait until both row groups are written: a stop between them would
+        commit the batch's statistics without its samples, and ``--resume`` would write them twice.
+        """
         for table_name, table in (("statistics", statistics), ("samples", samples)):
             validate_arrow_schema(table.schema, f"{table_name} batch", table_name)
-        if not self._shards:
-            self._shards = {
-                name: ParquetShard(self._path(name), arrow_schema(name, self.provenance)) for name in DUMP_TABLES
-            }
-        for table_name, table in (("statistics", statistics), ("samples", samples)):
-            self._shards[table_name].write(table, row_group_size=max(1, table.num_rows))
-        self.rows_written += statistics.num_rows
-        self.samples_written += samples.num_rows
-        self._count_batch()
+        with signals_held():
+            if not self._shards:
+                self._shards = {
+                    name: ParquetShard(self._path(name), arrow_schema(name, self.provenance)) for name in DUMP_TABLES
+                }
+            for table_name, table in (("statistics", statistics), ("samples", samples)):
+                self._shards[table_name].write(table, row_group_size=max(1, table.num_rows))
+            self.rows_written += statistics.num_rows
+            self.samples_written += samples.num_rows
+            self._count_batch()
 
     def record_error(self, entry: dict[str, Any]) -> None:
         """List one failed sample (a JSON-serialisable dict with at least ``sample_id`` and ``reason``)."""
@@ -283,6 +290,28 @@ class StatisticsWriter:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
+
+
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block ends, then deliver the first that came, so that the
+    block runs whole. (Python-level: the handlers are swapped; a signal mask would not hold a
+    signal that another thread receives.) Outside the main thread it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = {number: signal.signal(number, lambda number, frame: arrived.append(number)) for number in HELD_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        if arrived:
+            signal.raise_signal(arrived[0])
 
 
 def shard_files(out_dir: str | Path) -> list[tuple[Path, str, str, int]]:

@@ -51,7 +51,7 @@ from torch import nn
 from analysis.adapters import ModelAdapter, resolve_adapter
 from analysis.errors import DyVTEError
 from analysis.hooks import Hook, attached
-from analysis.io import AtomicFile, ParquetShard, parse_shard_file, read_table, shard_file_name
+from analysis.io import AtomicFile, ParquetShard, parse_shard_file, read_table, shard_file_name, signals_held
 from analysis.layout import IMAGE, PADDING, TokenLayout, token_layout
 from analysis.schema import EXIT_ANSWERS, EXIT_SWEEP, SchemaError, validate_arrow_schema
 from exit.answers import CacheBuffers, answers_table, check_answerable, exit_answer_ids, generation_position_ids
@@ -704,18 +704,20 @@ class SweepWriter:
 
     def write(self, result: SweepResult, sample_ids: list[str], answers: pa.Table | None = None) -> None:
         """Append one batch: a row group of the table, with features one feature file, and with
-        ``answers`` (``exit.answers.answers_table``) a row group of the ``exit_answers`` shard."""
+        ``answers`` (``exit.answers.answers_table``) a row group of the ``exit_answers`` shard.
+        Ctrl-C and SIGTERM wait until the batch is written whole (``analysis.io.signals_held``)."""
         table = sweep_table(result, sample_ids)
-        self._table.write(table)
-        if answers is not None:
-            if self._answers is None:
-                name = shard_file_name(EXIT_ANSWERS.name, self.tag, self.shard)
-                self._answers = ParquetShard(self.out_dir / name, EXIT_ANSWERS.arrow_schema(self.provenance))
-            self._answers.write(answers.replace_schema_metadata(self._answers.schema.metadata))
-        if result.features is not None:
-            self.files.append(self._write_features(result, sample_ids))
-        self.batches += 1
-        self.rows_written += table.num_rows
+        with signals_held():
+            self._table.write(table)
+            if answers is not None:
+                if self._answers is None:
+                    name = shard_file_name(EXIT_ANSWERS.name, self.tag, self.shard)
+                    self._answers = ParquetShard(self.out_dir / name, EXIT_ANSWERS.arrow_schema(self.provenance))
+                self._answers.write(answers.replace_schema_metadata(self._answers.schema.metadata))
+            if result.features is not None:
+                self.files.append(self._write_features(result, sample_ids))
+            self.batches += 1
+            self.rows_written += table.num_rows
 
     def _write_features(self, result: SweepResult, sample_ids: list[str]) -> Path:
         assert result.features is not None

@@ -84,6 +84,34 @@ def test_interrupted_writer_keeps_finished_shards_and_leaves_no_partial_file(tmp
     assert read_statistics(tmp_path)["sample_id"].nunique() == 6
 
 
+@pytest.mark.parametrize("number", ["SIGINT", "SIGTERM"])
+def test_a_stop_between_a_batchs_statistics_and_samples_waits_for_both(tmp_path, recorded, monkeypatch, number):
+    # the stop lands right after the statistics row group is written: committed alone, the batch's
+    # rows would be in the statistics shard without its samples, and --resume would write them twice
+    import signal
+
+    from analysis.io import ParquetShard, finished_samples
+    from analysis.options import _sigterm_as_keyboard_interrupt
+
+    recording, layout = recorded
+    write = ParquetShard.write
+
+    def stop_after_statistics(self, table, row_group_size=None):
+        write(self, table, row_group_size)
+        if "statistics" in self.path.name:
+            signal.raise_signal(getattr(signal, number))
+
+    monkeypatch.setattr(ParquetShard, "write", stop_after_statistics)
+    with _sigterm_as_keyboard_interrupt(), pytest.raises(KeyboardInterrupt):
+        with StatisticsWriter(tmp_path, {}, batches_per_shard=1000) as writer:
+            for b in range(3):
+                ids = [f"{b}-a", f"{b}-b"]
+                writer.write(recording.to_table(ids), samples_table(layout, ids, ids, [["x"], ["y"]], ["", ""]))
+    assert finished_samples(tmp_path) == {"0-a", "0-b"}  # the stop came in the first batch, after all of it
+    assert set(read_statistics(tmp_path)["sample_id"]) == {"0-a", "0-b"}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are back
+
+
 def test_writer_rejects_a_table_of_another_schema(tmp_path, recorded):
     recording, layout = recorded
     bad = recording.to_table(["a", "b"]).drop_columns(["entropy"])
