@@ -23,17 +23,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from exit.frontier import (
-    choose_tau,
-    dyvte_lookups,
-    exit_table_layers,
-    frontier_summary,
-    gate_probabilities,
-    lookup_rows,
-    static_exits,
-)
+from exit.frontier import choose_tau, dyvte_tau_summary, gate_probabilities
 from exit.gates import DyVTEGates
-from exit.methods import STOCK_MODEL
 from exit.sweep import read_exit_answers
 
 TAUS = (0.9, 0.95, 0.98, 0.99, 0.993, 0.995, 0.997, 0.998, 0.999, 0.9995)
@@ -48,13 +39,8 @@ def mean_probabilities(table: Path, folders: list[Path], samples: list[str]) -> 
 
 def report(name: str, answers: pd.DataFrame, probabilities: pd.DataFrame, chosen: float) -> list[str]:
     """One line per tau: the accuracy change against the full model (paired interval) and the FLOPs."""
-    num_layers = exit_table_layers(answers)
-    lookups = dyvte_lookups(answers, probabilities, TAUS, name)
-    rows = {STOCK_MODEL: lookup_rows(answers, STOCK_MODEL, static_exits(answers, num_layers - 1)), **lookups}
-    summary = frontier_summary(rows, num_layers).set_index("method")
     lines = []
-    for tau, method in zip(TAUS, lookups):
-        line = summary.loc[method]
+    for tau, line in dyvte_tau_summary(answers, probabilities, TAUS, name).iterrows():
         mark = "  <- tau chosen on validation" if abs(tau - chosen) < 1e-12 else ""
         lines.append(f"{name:>10} tau {tau:<7g} {100 * line['difference']:+5.1f} points "
                      f"({100 * line['difference_low']:+.1f} to {100 * line['difference_high']:+.1f})  "

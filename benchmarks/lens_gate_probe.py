@@ -45,18 +45,7 @@ from torch import nn
 
 from analysis.adapters import resolve_adapter
 from analysis.loading import load_model
-from exit.frontier import (
-    ORACLE,
-    choose_tau,
-    dyvte_lookups,
-    exit_table_layers,
-    frontier_summary,
-    gate_probabilities,
-    lookup_rows,
-    oracle_exits,
-    static_exits,
-)
-from exit.methods import STOCK_MODEL
+from exit.frontier import choose_tau, dyvte_tau_summary, gate_probabilities
 from exit.sweep import feature_shards, read_exit_answers, read_shard
 from exit.train import TrainSettings, is_heldout, rule_labels
 
@@ -65,45 +54,52 @@ LENS_COLUMNS = ("top1", "margin", "entropy", "same_top1", "run", "p_previous_top
 
 
 @torch.no_grad()
-def lens_features(folder: Path, norm: nn.Module, head: nn.Module, hidden: int) -> tuple[list[str], torch.Tensor]:
-    """(sample ids, (samples, layers, len(LENS_COLUMNS)) float32) from the last prompt token's state
-    in a table's cached "hidden" features ([text mean | last], ``exit.gates``)."""
+def states_and_lens(folder: Path, norm: nn.Module, head: nn.Module,
+                    hidden: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(sample ids, the paper's gate input (samples, layers, 2 hidden), the lens (samples, layers,
+    len(LENS_COLUMNS))) from a table's cached "hidden" features ([text mean | last], ``exit.gates``),
+    read once; the lens from the last prompt token's state."""
     ids: list[str] = []
-    blocks = []
+    states, lenses = [], []
     for path in feature_shards(folder):
         features, _, shard_ids, kind = read_shard(path)
         if kind not in ("hidden", "both"):
             raise SystemExit(f"expected hidden gate features in {path}, found {kind!r}")
-        last = features[..., hidden:2 * hidden].float()
-        log_p = torch.log_softmax(head(norm(last)).float(), dim=-1)  # (batch, layers, vocab)
-        p = log_p.exp()
-        top = p.topk(2, dim=-1)
-        top1 = top.indices[..., 0]
-        entropy = -(p * log_p).sum(-1)
-        previous = torch.cat([top1[:, :1], top1[:, :-1]], dim=1)
-        same = (top1 == previous).float()
-        same[:, 0] = 0.0
-        run = torch.zeros_like(same)
-        for layer in range(1, same.shape[1]):
-            run[:, layer] = (run[:, layer - 1] + 1) * same[:, layer]
-        p_previous_top1 = p.gather(-1, previous[..., None])[..., 0]
-        log_p_before = torch.cat([log_p[:, :1], log_p[:, :-1]], dim=1)
-        kl = (p * (log_p - log_p_before)).sum(-1)
-        blocks.append(torch.stack([top.values[..., 0], top.values[..., 0] - top.values[..., 1], entropy, same,
-                                   run / same.shape[1], p_previous_top1, kl], dim=-1))
+        states.append(features[..., :2 * hidden].float())
+        lenses.append(_lens(states[-1][..., hidden:], norm, head))
         ids.extend(shard_ids)
-    return ids, torch.cat(blocks)
+    return ids, torch.cat(states), torch.cat(lenses)
 
 
-def hidden_features(folder: Path, hidden: int) -> tuple[list[str], torch.Tensor]:
-    """(sample ids, (samples, layers, 2 hidden)) the paper's gate input from a table's cached features."""
-    ids: list[str] = []
-    blocks = []
-    for path in feature_shards(folder):
-        features, _, shard_ids, _ = read_shard(path)
-        blocks.append(features[..., :2 * hidden].float())
-        ids.extend(shard_ids)
-    return ids, torch.cat(blocks)
+def _lens(last: torch.Tensor, norm: nn.Module, head: nn.Module) -> torch.Tensor:
+    """(batch, layers, len(LENS_COLUMNS)) from the last prompt token's states (batch, layers, hidden)."""
+    log_p = torch.log_softmax(head(norm(last)).float(), dim=-1)  # (batch, layers, vocab)
+    p = log_p.exp()
+    top = p.topk(2, dim=-1)
+    top1 = top.indices[..., 0]
+    entropy = -(p * log_p).sum(-1)
+    previous = torch.cat([top1[:, :1], top1[:, :-1]], dim=1)
+    same = (top1 == previous).float()
+    same[:, 0] = 0.0
+    run = torch.zeros_like(same)
+    for layer in range(1, same.shape[1]):
+        run[:, layer] = (run[:, layer - 1] + 1) * same[:, layer]
+    p_previous_top1 = p.gather(-1, previous[..., None])[..., 0]
+    log_p_before = torch.cat([log_p[:, :1], log_p[:, :-1]], dim=1)
+    kl = (p * (log_p - log_p_before)).sum(-1)
+    return torch.stack([top.values[..., 0], top.values[..., 0] - top.values[..., 1], entropy, same,
+                        run / same.shape[1], p_previous_top1, kl], dim=-1)
+
+
+class Standardised(nn.Module):
+    """p(exit) of a trained body on inputs standardised by the training rows' mean and deviation."""
+
+    def __init__(self, body: nn.Module, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.body, self.mean, self.std = body, mean, std
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.body((inputs - self.mean) / self.std)[..., 0])
 
 
 def train_shared(x: torch.Tensor, y: torch.Tensor, seed: int, width: int = 256, epochs: int = 30) -> nn.Module:
@@ -122,12 +118,7 @@ def train_shared(x: torch.Tensor, y: torch.Tensor, seed: int, width: int = 256, 
             nn.functional.binary_cross_entropy_with_logits(body(z[batch])[:, 0], targets[batch]).backward()
             optimiser.step()
     body.eval()
-
-    class Standardised(nn.Module):
-        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-            return torch.sigmoid(body((inputs - mean) / std)[..., 0])
-
-    return Standardised()
+    return Standardised(body, mean, std)
 
 
 def with_layer(features: torch.Tensor) -> torch.Tensor:
@@ -150,12 +141,7 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, width: int, epochs: int, 
         loss = nn.functional.binary_cross_entropy_with_logits(body(z)[:, 0], target)
         loss.backward()
         optimiser.step()
-
-    class Standardised(nn.Module):
-        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-            return torch.sigmoid(body((inputs - mean) / std)[..., 0])
-
-    return Standardised()
+    return Standardised(body, mean, std)
 
 
 def probabilities_frame(ids: list[str], p: torch.Tensor) -> pd.DataFrame:
@@ -165,15 +151,9 @@ def probabilities_frame(ids: list[str], p: torch.Tensor) -> pd.DataFrame:
 
 
 def report(name: str, answers: pd.DataFrame, probabilities: pd.DataFrame, chosen: float) -> list[str]:
-    """One line per tau: accuracy change against the full model (paired interval), FLOPs, mean exit layer."""
-    num_layers = exit_table_layers(answers)
-    lookups = dyvte_lookups(answers, probabilities, TAUS, name)
-    rows = {STOCK_MODEL: lookup_rows(answers, STOCK_MODEL, static_exits(answers, num_layers - 1)),
-            ORACLE: lookup_rows(answers, ORACLE, oracle_exits(answers)), **lookups}
-    summary = frontier_summary(rows, num_layers).set_index("method")
+    """One line per tau: accuracy change against the full model (paired interval), FLOPs, share of the oracle's saving."""
     lines = []
-    for tau, method in zip(TAUS, lookups):
-        line = summary.loc[method]
+    for tau, line in dyvte_tau_summary(answers, probabilities, TAUS, name).iterrows():
         mark = "  <- tau chosen on validation" if abs(tau - chosen) < 1e-12 else ""
         lines.append(f"{name:>14} tau {tau:<6g} {100 * line['difference']:+5.1f} points "
                      f"({100 * line['difference_low']:+.1f} to {100 * line['difference_high']:+.1f})  "
@@ -197,12 +177,11 @@ def main() -> None:
     norm, head = adapter.final_norm(model), model.get_output_embeddings()
     hidden = int(model.config.get_text_config().hidden_size)
     tables = {split: args.runs / f"{split}-table" for split in ("train", "val", "test")}
-    lens = {split: lens_features(path, norm, head, hidden) for split, path in tables.items()}
-    states = {split: hidden_features(path, hidden) for split, path in tables.items()}
+    read = {split: states_and_lens(path, norm, head, hidden) for split, path in tables.items()}
+    lens = {split: (ids, lensed) for split, (ids, _, lensed) in read.items()}
+    states = {split: (ids, hidden_states) for split, (ids, hidden_states, _) in read.items()}
     labels = rule_labels(tables["train"], args.label_rule)
     train_ids, train_x = lens["train"]
-    if states["train"][0] != train_ids:
-        raise SystemExit("expected the hidden features and the lens in the same order")
     # the questions dyvte-exit train learns from: its held-out share (same fraction, the seed as
     # its split seed) left out
     holdout = TrainSettings().holdout_fraction

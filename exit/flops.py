@@ -201,7 +201,7 @@ class DecoderShape:
             layers=layers,
             hidden=hidden,
             heads=first.heads,
-            kv_heads=int(_layer_config(text, 0).num_key_value_heads or first.heads),
+            kv_heads=int(getattr(_layer_config(text, 0), "num_key_value_heads", None) or first.heads),
             head_dim=first.head_dim,
             intermediate=first.intermediate,
             vocab=int(_field(text, "vocab_size")),

@@ -532,6 +532,18 @@ def dyvte_lookups(answers: pd.DataFrame, probabilities: pd.DataFrame, taus: Sequ
             for tau in taus}
 
 
+def dyvte_tau_summary(answers: pd.DataFrame, probabilities: pd.DataFrame, taus: Sequence[float],
+                      name: str = "dyvte") -> pd.DataFrame:
+    """:func:`frontier_summary` of DyVTE at each tau (:func:`dyvte_lookups`), against the full model
+    and the oracle: one line per tau, in the order of ``taus``, indexed by tau."""
+    num_layers = exit_table_layers(answers)
+    lookups = dyvte_lookups(answers, probabilities, taus, name)
+    rows = {STOCK_MODEL: lookup_rows(answers, STOCK_MODEL, static_exits(answers, num_layers - 1)),
+            ORACLE: lookup_rows(answers, ORACLE, oracle_exits(answers)), **lookups}
+    summary = frontier_summary(rows, num_layers).set_index("method")
+    return summary.loc[list(lookups)].set_index(pd.Index(list(taus), name="tau"))
+
+
 def choose_tau(answers: pd.DataFrame, probabilities: pd.DataFrame, taus: Sequence[float], max_drop: float = 1.0) -> float:
     """The tau of ``taus`` with the fewest prefill FLOPs whose accuracy is within ``max_drop``
     points of the full model's on ``answers`` (a validation exit table: never the test split);

@@ -20,6 +20,8 @@ from exit.frontier import (  # noqa: E402
     FRONTIER_FILE,
     LABEL_RULES,
     bootstrap_interval,
+    dyvte_lookups,
+    dyvte_tau_summary,
     exit_table_layers,
     first_exit_over,
     frontier_methods,
@@ -161,6 +163,20 @@ def test_first_exit_over_is_strict_and_falls_back_to_no_exit():
     assert first_exit_over(frame[frame["layer"] != 1], 0.5, L).to_dict() == {"s1": 2, "s2": 4, "s3": 2}
     with pytest.raises(UsageError, match=r"in 0..3, found \[4\]"):
         first_exit_over(frame, 0.5, L - 1)
+
+
+def test_the_tau_summary_is_the_frontier_summary_of_each_taus_lookup(answers):
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame([{"sample_id": s, "layer": k, "p_exit": float(rng.random())} for s in QUESTIONS for k in range(L)])
+    taus = (0.3, 0.9, 0.6)
+    found = dyvte_tau_summary(answers, frame, taus, "g")
+    assert list(found.index) == list(taus) and found.index.name == "tau"
+    rows = {"none": lookup_rows(answers, "none", static_exits(answers, L - 1)),
+            "oracle": lookup_rows(answers, "oracle", oracle_exits(answers)), **dyvte_lookups(answers, frame, taus, "g")}
+    expected = frontier_summary(rows, L).set_index("method").loc[[f"g:{tau:g}" for tau in taus]]
+    pd.testing.assert_frame_equal(found.reset_index(drop=True), expected.reset_index(drop=True), check_exact=True)
+    assert found["share_of_oracle_saving"].notna().all()  # measured against the oracle
+    assert found.loc[0.3, "mean_exit_layer"] < found.loc[0.9, "mean_exit_layer"]  # a lower tau exits earlier here
 
 
 def test_monotone_labels_are_safe_from_that_layer_on():
