@@ -21,7 +21,20 @@ import pandas as pd
 
 from analysis.demo.model import DEMO_WEIGHTS_FILE, sha256_of_file
 from analysis.io import read_provenance
-from exit.frontier import FRONTIER_FILE, LABEL_STUDY_FILE, exit_table_layers, frontier_summary, paired_difference_interval
+from exit.frontier import (
+    CATEGORY_ORACLE,
+    CATEGORY_STATIC,
+    FRONTIER_FILE,
+    LABEL_STUDY_FILE,
+    ORACLE,
+    chance_agreement,
+    exit_table_layers,
+    frontier_summary,
+    informed_oracle_exits,
+    lookup_rows,
+    oracle_exits,
+    paired_difference_interval,
+)
 from exit.plots import read_evaluation
 from exit.sweep import read_exit_answers
 
@@ -61,6 +74,61 @@ def targets_markdown(rows: pd.DataFrame, chosen_tau: dict[str, float], num_layer
     return lines
 
 
+CATEGORY_RULES = {
+    CATEGORY_STATIC: "one static exit layer per question type, the layers chosen on the validation table within 1 point "
+                     "(a baseline that knows the task type)",
+    CATEGORY_ORACLE: "the same rule with the layers chosen on this table (the most a rule that sees only the question "
+                     "type saves within 1 point)",
+}
+
+
+def category_markdown(rows: pd.DataFrame, num_layers: int, layers_by_method: dict[str, dict[str, int]]) -> list[str]:
+    """One line per category-static method of the frontier: accuracy against the full model
+    (paired interval), FLOPs, share of the oracle's cut, and its layers (``layers_by_method``, from
+    the frontier's provenance)."""
+    summary = frontier_summary({m: f for m, f in rows.groupby("method", sort=False)}, num_layers).set_index("method")
+    lines = [f"- `{method}`, {what}: {100 * summary.loc[method, 'accuracy_overall']:.1f} % "
+             f"({100 * summary.loc[method, 'difference']:+.1f}, paired 95 % {100 * summary.loc[method, 'difference_low']:+.1f} "
+             f"to {100 * summary.loc[method, 'difference_high']:+.1f}) at {summary.loc[method, 'relative_prefill_flops']:.2f} "
+             f"of the prefill FLOPs, {100 * summary.loc[method, 'share_of_oracle_saving']:.0f} % of the oracle's cut; layers "
+             + ", ".join(f"{category} {layer}" for category, layer in layers_by_method.get(method, {}).items()) + "."
+             for method, what in CATEGORY_RULES.items() if method in summary.index]
+    return ["## Task-type static exits", "", *lines, ""] if lines else []
+
+
+CHANCE_LAYERS = (0, 6, 12, 17, 20, 21, 22, 23)
+INFORMED_MARGINS = (0.0, 0.05, 0.1, 0.2)
+
+
+def chance_markdown(answers: pd.DataFrame) -> list[str]:
+    """How much of the oracle's cut an answer that ignores the image would also get: per category,
+    the share of questions whose exit answer equals the full model's beside the share two
+    independent answers would agree (``exit.frontier.chance_agreement``), at a few layers; then the
+    oracle restricted to cells above chance by a margin (``informed_oracle_exits``) at several margins."""
+    cells = chance_agreement(answers).set_index(["category", "layer"])
+    layers = [k for k in CHANCE_LAYERS if k in cells.index.get_level_values("layer")]
+    lines = ["## How much of the oracle's cut is coincidence", "",
+             "Per question type, the share of questions whose answer after exit layer k equals the full model's, "
+             "and (after the slash) the share expected if the two answers were independent draws from their "
+             "answer distributions in that type. Where they are equal the exit's answer ignores the image (a prior "
+             "such as \"red\" or \"small\") and the oracle's exit there keeps the answer by coincidence, which no "
+             "gate reading that layer can foresee.", "",
+             "| type | " + " | ".join(f"k={k}" for k in layers) + " |", "|" + "---|" * (len(layers) + 1)]
+    for category in sorted(set(cells.index.get_level_values("category"))):
+        lines.append(f"| {category} | " + " | ".join(
+            f"{cells.loc[(category, k), 'same_as_full']:.2f} / {cells.loc[(category, k), 'chance']:.2f}" for k in layers) + " |")
+    oracle = lookup_rows(answers, ORACLE, oracle_exits(answers))
+    lines += ["", f"The oracle: {oracle['relative_prefill_flops'].mean():.2f} of the prefill FLOPs. The oracle that exits "
+              "only where the type's answers at that layer agree with the full model's more than chance by a margin "
+              "(`oracle[informed]`; the frontier above uses 0.05), by margin:", "",
+              "| margin | prefill FLOPs | mean exit layer |", "|---|---|---|"]
+    for margin in INFORMED_MARGINS:
+        exits = informed_oracle_exits(answers, margin)
+        rows = lookup_rows(answers, f"{ORACLE}[informed]", exits)
+        lines.append(f"| {margin:g} | {rows['relative_prefill_flops'].mean():.2f} | {exits.mean():.1f} |")
+    return [*lines, ""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("table", type=Path, help="the exit table folder (dyvte-exit sweep --answers)")
@@ -94,6 +162,8 @@ def main() -> None:
         (args.frontier / FRONTIER_FILE).read_text(encoding="utf-8"),
         *(targets_markdown(rows, frontier.get("chosen_tau", {}), exit_table_layers(answers))
           if frontier.get("chosen_tau") else []),
+        *category_markdown(rows, exit_table_layers(answers), frontier.get("category_layers", {})),
+        *chance_markdown(answers),
         "## Label rules: the earliest layer each rule calls safe",
         "",
         (args.frontier / LABEL_STUDY_FILE).read_text(encoding="utf-8"),

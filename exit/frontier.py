@@ -19,6 +19,16 @@ exit-layer rule                the layer each question's image tokens leave afte
 :func:`rule_exits`             the earliest layer a label rule of :data:`LABEL_RULES` calls safe
                                (``oracle[RULE]``), optionally with monotone labels ("safe from
                                this layer on", ``oracle[RULE,monotone]``)
+:func:`informed_oracle_exits`  the earliest layer whose answer equals the full model's where that
+                               layer's answers in the question's category agree with the full
+                               model's more often than chance (:func:`chance_agreement`) by a
+                               margin (``oracle[informed]``): the oracle without the exits that
+                               an answer independent of the image would have matched as often
+:func:`category_static_exits`  one static layer per question category, the layers of
+                               :func:`category_static_layers`: chosen on a validation table
+                               (``static[category]``, a baseline that knows the task type) or on
+                               the table itself (``oracle[category]``, the most any rule that
+                               sees only the category can save)
 =============================  ==============================================================
 
 The label rules need the teacher-forced sweep (``exit_sweep``) beside the exit table; join them
@@ -36,7 +46,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +79,14 @@ __all__ = [
     "ORACLE",
     "ORACLE_KEEPS",
     "UNTIMED",
+    "CATEGORY_ORACLE",
+    "CATEGORY_STATIC",
     "bootstrap_interval",
+    "category_static_exits",
+    "chance_agreement",
+    "informed_oracle_exits",
+    "INFORMED_ORACLE",
+    "category_static_layers",
     "exit_table_layers",
     "first_exit_over",
     "frontier_markdown",
@@ -109,6 +126,12 @@ ORACLE_KEEPS: dict[str, tuple[str, str]] = {
     "correct": ("correct", f"{ORACLE}[correct]"),
 }
 """keep -> (the exit-table column that must be true at the exit layer, the lookup method's name)."""
+CATEGORY_STATIC = "static[category]"
+"""One static exit layer per question category, the layers chosen on a validation exit table."""
+INFORMED_ORACLE = f"{ORACLE}[informed]"
+"""The oracle restricted to (category, layer) cells whose answers agree with the full model's more than chance."""
+CATEGORY_ORACLE = f"{ORACLE}[category]"
+"""One static exit layer per question category, the layers chosen on the table looked up itself."""
 
 _PAPER = LabelRule()
 LabelFunction = Callable[[pd.DataFrame], pd.Series]
@@ -262,6 +285,101 @@ def rule_exits(frame: pd.DataFrame, rule: str, monotone_labels: bool = False) ->
     num_layers = exit_table_layers(frame)
     labels = _labels(frame, LABEL_RULES[rule](frame))
     return _earliest(monotone(labels) if monotone_labels else labels, _samples(frame), num_layers)
+
+
+def chance_agreement(answers: pd.DataFrame) -> pd.DataFrame:
+    """Per question category and exit layer: ``same_as_full``, the share of questions whose answer
+    after that exit equals the full model's, and ``chance``, the share expected if the two answers
+    were drawn independently from their distributions in that category (sum over answers a of
+    P(exit answer = a) P(full answer = a)). Where the two are equal, the exit's answers carry no
+    information about the full model's (a prior, e.g. always "red"), and an exit there keeps the
+    answer by coincidence: no gate reading that layer can tell which questions it will keep.
+    Columns: category, layer, questions, same_as_full, chance, above_chance."""
+    _require_columns(answers, ["category", "prediction", "same_as_full", *KEYS], "an exit table (exit_answers)")
+    num_layers = exit_table_layers(answers)
+    table = answers.assign(layer=answers["layer"].astype("int64"), prediction=answers["prediction"].astype(str))
+    full = table[table["layer"] == num_layers - 1].set_index("sample_id")["prediction"]
+    table = table.assign(full=table["sample_id"].map(full))
+    rows = []
+    for (category, layer), cell in table.groupby(["category", "layer"], sort=True):
+        exit_share = cell["prediction"].value_counts(normalize=True)
+        full_share = cell["full"].value_counts(normalize=True).reindex(exit_share.index, fill_value=0.0)
+        same = float(cell["same_as_full"].astype(bool).mean())
+        chance = float((exit_share * full_share).sum())
+        rows.append({"category": str(category), "layer": int(layer), "questions": len(cell),
+                     "same_as_full": same, "chance": chance, "above_chance": same - chance})
+    return pd.DataFrame(rows)
+
+
+def informed_oracle_exits(answers: pd.DataFrame, margin: float = 0.05) -> pd.Series:
+    """Per sample the earliest layer whose answer equals the full model's at a (category, layer)
+    cell whose ``same_as_full`` exceeds :func:`chance_agreement`'s ``chance`` by more than
+    ``margin``; L-1 where there is none. The full model's own layer always counts."""
+    _require_columns(answers, [*KEYS, "category", "same_as_full"], "an exit table (exit_answers)")
+    num_layers = exit_table_layers(answers)
+    cells = chance_agreement(answers)
+    informed = cells.loc[cells["above_chance"] > margin, ["category", "layer"]].assign(informed=True)
+    table = answers[[*KEYS, "category", "same_as_full"]].assign(layer=answers["layer"].astype("int64"),
+                                                                category=answers["category"].astype(str))
+    flagged = table.merge(informed, on=["category", "layer"], how="left")["informed"].fillna(False).astype(bool).to_numpy()
+    keep = table["same_as_full"].astype(bool).to_numpy() & (flagged | (table["layer"].to_numpy() == num_layers - 1))
+    return _earliest(_labels(table, keep), _samples(answers), num_layers)
+
+
+def category_static_layers(answers: pd.DataFrame, max_drop: float = 1.0) -> dict[str, int]:
+    """Per question category of the exit table, the static exit layer such that, all categories
+    together, the prefill FLOPs are fewest with the accuracy within ``max_drop`` points of the full
+    model's on ``answers``. Exact: a knapsack over the number of correct answers (each category
+    picks one layer; the array is indexed by correct answers so far and holds the fewest FLOPs),
+    so its cost is categories x layers x questions. Ties keep the lower layer.
+
+    This is what a rule that sees only the task type can do: chosen on a validation table it is a
+    baseline (:data:`CATEGORY_STATIC`), chosen on the table it is applied to it is that rule's
+    ceiling (:data:`CATEGORY_ORACLE`)."""
+    _require_columns(answers, ["category", "correct", "relative_prefill_flops", *KEYS], "an exit table (exit_answers)")
+    if max_drop < 0:
+        raise UsageError(f"expected max_drop >= 0 points, found {max_drop}")
+    num_layers = exit_table_layers(answers)
+    per = (answers.assign(layer=answers["layer"].astype("int64"), correct=answers["correct"].astype("int64"))
+           .groupby(["category", "layer"], sort=True)
+           .agg(correct=("correct", "sum"), flops=("relative_prefill_flops", "sum")))
+    questions = int(_samples(answers).size)
+    full_correct = int(per.xs(num_layers - 1, level="layer")["correct"].sum())
+    needed = max(0, math.ceil(full_correct - max_drop / 100 * questions - 1e-9))
+    fewest = np.full(questions + 1, np.inf)
+    fewest[0] = 0.0
+    picks: list[tuple[str, np.ndarray, dict[int, int]]] = []
+    for category, rows in per.groupby(level="category", sort=True):
+        after = np.full(questions + 1, np.inf)
+        pick = np.full(questions + 1, -1, dtype=np.int64)
+        correct_at = {}
+        for (_, layer), (correct, flops) in rows.iterrows():
+            correct = int(correct)
+            correct_at[int(layer)] = correct
+            shifted = np.full(questions + 1, np.inf)
+            shifted[correct:] = fewest[:questions + 1 - correct] + flops
+            better = shifted < after
+            after[better], pick[better] = shifted[better], int(layer)
+        fewest = after
+        picks.append((str(category), pick, correct_at))
+    total = needed + int(np.argmin(fewest[needed:]))
+    layers = {}
+    for category, pick, correct_at in reversed(picks):
+        layers[category] = int(pick[total])
+        total -= correct_at[layers[category]]
+    return dict(sorted(layers.items()))
+
+
+def category_static_exits(answers: pd.DataFrame, layers: Mapping[str, int]) -> pd.Series:
+    """Per sample of the exit table the static layer of its category in ``layers``
+    (:func:`category_static_layers`); no exit (L-1) for a category ``layers`` lacks."""
+    _require_columns(answers, ["category", *KEYS], "an exit table (exit_answers)")
+    num_layers = exit_table_layers(answers)
+    outside = sorted({f"{c}: {k}" for c, k in layers.items() if not 0 <= int(k) < num_layers})
+    if outside:
+        raise UsageError(f"expected category exit layers in 0..{num_layers - 1}, found {outside}")
+    category = answers.groupby("sample_id", sort=False)["category"].first().reindex(_samples(answers)).astype(str)
+    return category.map(lambda c: int(layers.get(c, num_layers - 1))).astype("int64").rename("exit_layer")
 
 
 def rule_method_name(rule: str, monotone_labels: bool = False) -> str:
@@ -570,22 +688,28 @@ class TableFrontier:
         methods: the frontier's methods -> their evaluation rows.
         study: the label study's methods (none, the oracle, each label rule plain and monotone).
         chosen_tau: per gate set, the tau a validation table chose (empty without one).
+        category_layers: per category-static method (``oracle[category]``, and with a validation
+            table ``static[category]``), its exit layer per question category.
     """
 
     answers: pd.DataFrame
     methods: dict[str, pd.DataFrame]
     study: dict[str, pd.DataFrame]
     chosen_tau: dict[str, float]
+    category_layers: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def frontier_of_tables(table: str | Path, gates: Mapping[str, Any] | None = None, taus: Sequence[float] = DEFAULT_TAUS,
                        tau_table: str | Path | None = None, vtw_layer: int | None = None) -> TableFrontier:
     """Every lookup of one exit table folder (``dyvte-exit sweep --answers``).
 
-    The frontier: none, static at every K, both oracles, ``vtw:K`` when ``vtw_layer`` (calibrated
-    elsewhere, on validation questions) is given, and for each gate set ``gates[name]`` DyVTE at
-    every tau of ``taus`` (``dyvte[name]:tau``); with a validation exit table ``tau_table``, the
-    tau each gate set would choose there (:func:`choose_tau`). The label study: the earliest layer
+    The frontier: none, static at every K, both oracles, the informed oracle
+    (:data:`INFORMED_ORACLE`), the category oracle (one static layer per
+    question category, chosen on this table: :data:`CATEGORY_ORACLE`), ``vtw:K`` when
+    ``vtw_layer`` (calibrated elsewhere, on validation questions) is given, and for each gate set
+    ``gates[name]`` DyVTE at every tau of ``taus`` (``dyvte[name]:tau``); with a validation exit
+    table ``tau_table``, the tau each gate set would choose there (:func:`choose_tau`) and the
+    category layers chosen there (:data:`CATEGORY_STATIC`), each within 1 point. The label study: the earliest layer
     each label rule of :data:`LABEL_RULES` calls safe, plain and monotone, beside none and the oracle.
     """
     from exit.sweep import read_exit_answers, read_sweep
@@ -599,12 +723,18 @@ def frontier_of_tables(table: str | Path, gates: Mapping[str, Any] | None = None
         methods[f"vtw:{vtw_layer}"] = lookup_rows(answers, f"vtw:{vtw_layer}", static_exits(answers, vtw_layer))
     chosen = {}
     validation = read_exit_answers(tau_table) if tau_table is not None else None
+    methods[INFORMED_ORACLE] = lookup_rows(answers, INFORMED_ORACLE, informed_oracle_exits(answers))
+    category_layers = {CATEGORY_ORACLE: category_static_layers(answers)}
+    if validation is not None:
+        category_layers[CATEGORY_STATIC] = category_static_layers(validation)
+    for name, layers in category_layers.items():
+        methods[name] = lookup_rows(answers, name, category_static_exits(answers, layers))
     for name, gate_set in (gates or {}).items():
         probabilities = gate_probabilities(table, gate_set, list(_samples(answers)))
         if validation is not None:
             chosen[name] = choose_tau(validation, gate_probabilities(tau_table, gate_set, list(_samples(validation))), taus)
         methods.update(dyvte_lookups(answers, probabilities, taus, f"dyvte[{name}]"))
-    return TableFrontier(answers, methods, study, chosen)
+    return TableFrontier(answers, methods, study, chosen, category_layers)
 
 
 def write_frontier(table: str | Path, out_dir: str | Path, figures: str | Path | None, provenance: Mapping[str, Any],
@@ -617,7 +747,7 @@ def write_frontier(table: str | Path, out_dir: str | Path, figures: str | Path |
 
     found = frontier_of_tables(table, **options)
     num_layers = exit_table_layers(found.answers)
-    base = {**provenance, "exit_table": str(table), "chosen_tau": found.chosen_tau}
+    base = {**provenance, "exit_table": str(table), "chosen_tau": found.chosen_tau, "category_layers": found.category_layers}
     paths = write_frontier_folder(out_dir, found.methods, base, num_layers)
     study_md = Path(out_dir) / LABEL_STUDY_FILE
     study_md.write_text(frontier_markdown(frontier_summary(found.study, num_layers), reference=STOCK_MODEL), encoding="utf-8")

@@ -4,6 +4,7 @@ the two exit-table figures of exit.plots."""
 
 from __future__ import annotations
 
+import math
 import os
 
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -20,12 +21,16 @@ from exit.frontier import (  # noqa: E402
     FRONTIER_FILE,
     LABEL_RULES,
     bootstrap_interval,
+    category_static_exits,
+    category_static_layers,
+    chance_agreement,
     dyvte_lookups,
     dyvte_tau_summary,
     exit_table_layers,
     first_exit_over,
     frontier_methods,
     frontier_summary,
+    informed_oracle_exits,
     join_exit_tables,
     lookup_rows,
     monotone,
@@ -152,6 +157,81 @@ def test_oracle_correct_picks_the_earliest_correct_layer_or_the_last(answers):
     assert rows["correct"].tolist() == [True, True, False, True]
     with pytest.raises(UsageError, match="keep"):
         oracle_exits(answers, "best")
+
+
+def test_category_static_layers_take_the_cheapest_layers_within_the_drop(answers):
+    # full model: q1 and q4 right (2 of 4). Colour is 2 right at layer 2 only; count 1 right from layer 2.
+    # Within 1 point 2 answers must stay right: colour at 2 with count at 0 (FLOPs 2 x 0.68 + 2 x 0.36)
+    # beats colour at 1 with count at 2 (2 x 0.52 + 2 x 0.68); colour at 0 cannot reach 2.
+    assert category_static_layers(answers) == {"colour": 2, "count": 0}
+    assert category_static_layers(answers, max_drop=100) == {"colour": 0, "count": 0}
+    assert category_static_layers(answers, max_drop=25) == {"colour": 1, "count": 0}  # 1 right is enough
+    with pytest.raises(UsageError, match="max_drop >= 0"):
+        category_static_layers(answers, max_drop=-1)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_category_static_layers_equal_a_search_of_every_combination(seed):
+    import itertools
+
+    rng = np.random.default_rng(seed)
+    layers, categories = 4, ["a", "b", "c"]
+    rows = [{"sample_id": f"q{q}", "layer": k, "category": categories[q % 3], "correct": bool(rng.random() < 0.3 + 0.15 * k),
+             "relative_prefill_flops": float(rng.uniform(0.1, 0.3) * (k + 1))}
+            for q in range(14) for k in range(layers)]
+    table = pd.DataFrame(rows)
+    for drop in (0.0, 1.0, 10.0, 30.0):
+        full = table[table["layer"] == layers - 1]["correct"].sum()
+        best = math.inf
+        for choice in itertools.product(range(layers), repeat=3):
+            picked = table[table["layer"] == table["category"].map(dict(zip(categories, choice)))]
+            if picked["correct"].sum() >= full - drop / 100 * 14 - 1e-9:
+                best = min(best, picked["relative_prefill_flops"].sum())
+        found = category_static_layers(table, max_drop=drop)
+        picked = table[table["layer"] == table["category"].map(found)]
+        assert picked["correct"].sum() >= full - drop / 100 * 14 - 1e-9
+        assert picked["relative_prefill_flops"].sum() == pytest.approx(best, abs=1e-12)
+
+
+def test_category_static_exits_apply_the_layers_and_keep_unknown_categories_whole(answers):
+    exits = category_static_exits(answers, {"colour": 1})
+    assert exits.to_dict() == {"q1": 1, "q2": 1, "q3": L - 1, "q4": L - 1}
+    rows = lookup_rows(answers, "static[category]", exits)
+    assert rows["prediction"].tolist() == ["red", "green", "3", "4"]
+    with pytest.raises(UsageError, match="category exit layers in 0..4"):
+        category_static_exits(answers, {"colour": L})
+
+
+def _prior_table() -> pd.DataFrame:
+    """Three layers. Size: layer 0 always says "small" (a prior: it agrees with the full answer as
+    often as chance), layer 1 reads the image for s3 only. Colour: layer 0 already answers right."""
+    predictions = {"s1": ("size", ["small", "small", "small"]), "s2": ("size", ["small", "small", "small"]),
+                   "s3": ("size", ["small", "large", "large"]), "s4": ("size", ["small", "small", "large"]),
+                   "c1": ("colour", ["red", "red", "red"]), "c2": ("colour", ["blue", "blue", "blue"])}
+    return pd.DataFrame([{"sample_id": s, "layer": k, "category": c, "prediction": p, "same_as_full": p == ps[-1]}
+                         for s, (c, ps) in predictions.items() for k, p in enumerate(ps)])
+
+
+def test_chance_agreement_is_the_agreement_of_independent_answers():
+    cells = chance_agreement(_prior_table()).set_index(["category", "layer"])
+    # size, layer 0: always "small"; full answers half small -> chance 1 x 0.5, observed 2 of 4
+    assert cells.loc[("size", 0), ["same_as_full", "chance", "above_chance"]].tolist() == [0.5, 0.5, 0.0]
+    # size, layer 1: small 3/4, large 1/4 against full small 1/2, large 1/2 -> chance 0.5; observed 3 of 4
+    assert cells.loc[("size", 1), ["same_as_full", "chance"]].tolist() == [0.75, 0.5]
+    # colour, layer 0: red and blue, each matching itself -> chance 0.5, observed 1
+    assert cells.loc[("colour", 0), ["same_as_full", "chance", "above_chance"]].tolist() == [1.0, 0.5, 0.5]
+    assert cells["questions"].tolist() == [2, 2, 2, 4, 4, 4]
+
+
+def test_the_informed_oracle_skips_exits_that_agree_only_by_chance():
+    table = _prior_table()
+    plain = oracle_exits(table.assign(correct=True))
+    informed = informed_oracle_exits(table)
+    assert plain.to_dict() == {"s1": 0, "s2": 0, "s3": 1, "s4": 2, "c1": 0, "c2": 0}
+    # size's layer 0 is at chance: s1 and s2 exit at layer 1 (above chance by 0.25) instead
+    assert informed.to_dict() == {"s1": 1, "s2": 1, "s3": 1, "s4": 2, "c1": 0, "c2": 0}
+    # a margin above every cell's excess leaves only the full model's layer
+    assert informed_oracle_exits(table, margin=0.6).to_dict() == {s: 2 for s in plain.index}
 
 
 def test_first_exit_over_is_strict_and_falls_back_to_no_exit():

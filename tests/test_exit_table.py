@@ -215,15 +215,19 @@ def test_the_frontier_command_looks_up_every_method_of_an_exit_table(tmp_path, s
     assert code == 0
     rows, summary = read_evaluation(tmp_path / "frontier")
     layers = spec.num_layers
-    expected = {"none", "oracle", "oracle[correct]", "vtw:2", "dyvte[history]:0.3", "dyvte[history]:0.6",
-                *(f"static:{k}" for k in range(layers - 1))}
+    from analysis.io import read_provenance  # what make frontier reads back (the chosen tau to time DyVTE at)
+    expected = {"none", "oracle", "oracle[correct]", "oracle[informed]", "oracle[category]", "static[category]", "vtw:2",
+                "dyvte[history]:0.3", "dyvte[history]:0.6", *(f"static:{k}" for k in range(layers - 1))}
     assert set(summary["method"]) == expected
+    from exit.frontier import category_static_layers
+
+    made = read_provenance(tmp_path / "frontier" / "summary.parquet")  # the same table validates: both pick alike
+    assert made["category_layers"]["oracle[category]"] == made["category_layers"]["static[category]"] == \
+        category_static_layers(read_exit_answers(tmp_path / "table"))
     answers = read_exit_answers(tmp_path / "table").set_index(["sample_id", "layer"])
     for _, row in rows[rows["method"] == "static:1"].iterrows():  # a lookup reads the table's own answer
         assert row["prediction"] == answers.loc[(row["question_id"], 1), "prediction"]
     assert (tmp_path / "frontier" / "label_rules.md").read_text().count("oracle[") >= 8
-    from analysis.io import read_provenance  # what make frontier reads back to time DyVTE at the chosen tau
-
     assert read_provenance(tmp_path / "frontier" / "summary.parquet")["chosen_tau"]["history"] in (0.3, 0.6)
     for name in ("frontier.png", "exit_histogram.png", "accuracy_by_exit_layer.png", "oracle_exit_layers.png"):
         assert (tmp_path / "figures" / name).stat().st_size > 0
