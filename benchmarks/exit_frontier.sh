@@ -111,23 +111,50 @@ rm -rf "$OUT/frontier"
     --out "$OUT/frontier" --figures "$FIGURES"
 
 if [ "$TIMED_QUESTIONS" -gt 0 ]; then  # wall times, FastV and DyVTE + FastV: real runs, at the tau validation chose
-    TAU=$("$BIN/python" -c "import sys; from analysis.io import read_provenance; \
-print(read_provenance(sys.argv[1])['chosen_tau']['hidden-agreement'])" "$OUT/frontier/summary.parquet")
-    "$BIN/dyvte-exit" eval --model demo --questions "$OUT/test-questions.jsonl" --image-folder "$SHAPES/test" \
-        --limit "$TIMED_QUESTIONS" --gates "$OUT/gates-hidden-agreement" --out "$OUT/timed" --resume \
-        --method none,static:23,vtw:"$VTW",fastv:2:0.5,fastv:2:0.75,dyvte:"$TAU",dyvte+fastv:2:0.5:"$TAU" --no-progress
-    "$BIN/python" - "$OUT/timed" "$FIGURES/exit_timed_results.md" <<'PY'
+    tau() { "$BIN/python" -c "import sys; from analysis.io import read_provenance; \
+print(read_provenance(sys.argv[1])['chosen_tau'][sys.argv[2]])" "$OUT/frontier/summary.parquet" "$1"; }
+    TAU=$(tau hidden-agreement) SHARED_TAU=$(tau hidden-shared-avg3)
+    SHARED_GATES=$(IFS=,; echo "${SHARED[*]}")
+    timed() {  # folder, batch size, gate folder(s), methods
+        "$BIN/dyvte-exit" eval --model demo --questions "$OUT/test-questions.jsonl" --image-folder "$SHAPES/test" \
+            --limit "$TIMED_QUESTIONS" --batch-size "$2" --gates "$3" --out "$OUT/$1" --resume --method "$4" --no-progress
+    }
+    # batches of the questions about one image (at most 8): a batch runs at full length until its last row exits
+    timed timed 8 "$OUT/gates-hidden-agreement" \
+        none,static:23,vtw:"$VTW",fastv:2:0.5,fastv:2:0.75,dyvte:"$TAU",dyvte+fastv:2:0.5:"$TAU"
+    timed timed-shared 8 "$SHARED_GATES" dyvte:"$SHARED_TAU",dyvte+fastv:2:0.5:"$SHARED_TAU"
+    # one question per batch: each row pays its own exit
+    timed timed-batch1 1 "$OUT/gates-hidden-agreement" none,static:23,dyvte:"$TAU"
+    timed timed-batch1-shared 1 "$SHARED_GATES" dyvte:"$SHARED_TAU"
+    "$BIN/python" - "$FIGURES/exit_timed_results.md" "$OUT" <<'PY'
 import sys
 from pathlib import Path
+import pandas as pd
 from analysis.io import read_provenance
 from exit.plots import read_evaluation, results_markdown
-rows, summary = read_evaluation(sys.argv[1])
-made = read_provenance(Path(sys.argv[1]) / "summary.parquet")
-Path(sys.argv[2]).write_text(
-    f"# Timed runs on the first {rows['question_id'].nunique()} test questions (`dyvte-exit eval`, real runs)\n\n"
-    f"Weights sha256: {made.get('weights_sha256')}; git {made.get('git_revision')}; {made.get('device')}, "
-    f"{made.get('dtype')}, {made.get('attention_path')}.\n\n" + results_markdown(summary), encoding="utf-8")
-print(f"wrote {sys.argv[2]}")
+out, runs = Path(sys.argv[1]), Path(sys.argv[2])
+made = read_provenance(runs / "timed" / "summary.parquet")
+questions = read_evaluation(runs / "timed")[0]["question_id"].nunique()
+text = [f"# Timed runs on the first {questions} test questions (`dyvte-exit eval`, real runs)", "",
+        f"Weights sha256: {made.get('weights_sha256')}; git {made.get('git_revision')}; {made.get('device')}, "
+        f"{made.get('dtype')}, {made.get('attention_path')}. One run per method, one after another (make frontier's "
+        "timed stage). DyVTE: the per-layer hidden agreement gates, and `(shared)` the shared hidden gates with their "
+        "three seeds' p(exit) averaged, each at the tau validation chose. `prefill time vs none` is the method's "
+        "prefill seconds over none's in the same table.", ""]
+for title, per_layer, shared in (("batches of the questions about one image, at most 8 (a batch runs at full length "
+                                  "until its last row exits)", "timed", "timed-shared"),
+                                 ("one question per batch (each row pays its own exit)", "timed-batch1",
+                                  "timed-batch1-shared")):
+    first, second = read_evaluation(runs / per_layer)[1], read_evaluation(runs / shared)[1]
+    summary = pd.concat([first, second.assign(method=second["method"] + " (shared)")], ignore_index=True)
+    none = float(summary.loc[summary["method"] == "none", "prefill_seconds"].iloc[0])
+    table = results_markdown(summary).splitlines()
+    ratios = summary["prefill_seconds"] / none
+    table = [table[0] + " prefill time vs none |", table[1] + "---|",
+             *(line + f" {ratio:.3f} |" for line, ratio in zip(table[2:], ratios))]
+    text += [f"## {title}", "", *table, ""]
+out.write_text("\n".join(text), encoding="utf-8")
+print(f"wrote {out}")
 PY
 fi
 
