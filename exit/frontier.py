@@ -81,12 +81,12 @@ __all__ = [
     "UNTIMED",
     "CATEGORY_ORACLE",
     "CATEGORY_STATIC",
+    "INFORMED_ORACLE",
     "bootstrap_interval",
     "category_static_exits",
+    "category_static_layers",
     "chance_agreement",
     "informed_oracle_exits",
-    "INFORMED_ORACLE",
-    "category_static_layers",
     "exit_table_layers",
     "first_exit_over",
     "frontier_markdown",
@@ -704,13 +704,13 @@ def frontier_of_tables(table: str | Path, gates: Mapping[str, Any] | None = None
     """Every lookup of one exit table folder (``dyvte-exit sweep --answers``).
 
     The frontier: none, static at every K, both oracles, the informed oracle
-    (:data:`INFORMED_ORACLE`), the category oracle (one static layer per
-    question category, chosen on this table: :data:`CATEGORY_ORACLE`), ``vtw:K`` when
-    ``vtw_layer`` (calibrated elsewhere, on validation questions) is given, and for each gate set
-    ``gates[name]`` DyVTE at every tau of ``taus`` (``dyvte[name]:tau``); with a validation exit
-    table ``tau_table``, the tau each gate set would choose there (:func:`choose_tau`) and the
-    category layers chosen there (:data:`CATEGORY_STATIC`), each within 1 point. The label study: the earliest layer
-    each label rule of :data:`LABEL_RULES` calls safe, plain and monotone, beside none and the oracle.
+    (:data:`INFORMED_ORACLE`), the category oracle (one static layer per question category,
+    chosen on this table: :data:`CATEGORY_ORACLE`), ``vtw:K`` when ``vtw_layer`` (calibrated
+    elsewhere, on validation questions) is given, and for each gate set ``gates[name]`` DyVTE at
+    every tau of ``taus`` (``dyvte[name]:tau``); with a validation exit table ``tau_table``, the
+    tau each gate set would choose there (:func:`choose_tau`) and the category layers chosen there
+    (:data:`CATEGORY_STATIC`), each within 1 point. The label study: the earliest layer each label
+    rule of :data:`LABEL_RULES` calls safe, plain and monotone, beside none and the oracle.
     """
     from exit.sweep import read_exit_answers, read_sweep
 
