@@ -13,12 +13,16 @@
 #      hidden gate shared by every layer (--shared), three seeds and their average;
 #   3. VTW's exit layer, calibrated on validation questions;
 #   4. the frontier by lookup (`dyvte-exit frontier`): none, every static K, both oracles, VTW,
-#      every gate set at several tau, the label-rule study, and the figures in figures/;
-#   5. wall times from real runs on the first $TIMED_QUESTIONS test questions (`dyvte-exit eval`),
-#      with FastV and DyVTE + FastV, which remove tokens in ways no exit table holds.
+#      every gate set at several tau, the label-rule study;
+#   5. FastV (K=2, R in $FASTV_RATIOS) and DyVTE + FastV (both hidden gate sets, each at the tau
+#      validation chose), which remove tokens in ways no exit table holds: real runs
+#      (`dyvte-exit eval`) over the same test questions, one folder per method, joining the
+#      frontier (`frontier --runs`), which is written again with them, and the figures in figures/;
+#   6. wall times from real runs on the first $TIMED_QUESTIONS test questions (`dyvte-exit eval`).
 #
 #   bash benchmarks/exit_frontier.sh                       # = make frontier (hours on 2 cores; resumable)
 #   TEST_QUESTIONS=120 TRAIN_QUESTIONS=300 VAL_QUESTIONS=60 TIMED_QUESTIONS=24 bash benchmarks/exit_frontier.sh
+#   TIMED_QUESTIONS=0 bash benchmarks/exit_frontier.sh    # without the timed stage (its file is left as it is)
 #
 # Every stage keeps what it finished: stop it at any time and run the same command again; each
 # exit table resumes (`--resume`) and a finished stage is skipped.
@@ -32,6 +36,7 @@ TEST_QUESTIONS=${TEST_QUESTIONS:-0}        # 0: the whole test split (1,146 ques
 VAL_QUESTIONS=${VAL_QUESTIONS:-300}
 TRAIN_QUESTIONS=${TRAIN_QUESTIONS:-2000}
 TIMED_QUESTIONS=${TIMED_QUESTIONS:-120}
+FASTV_RATIOS=${FASTV_RATIOS:-0.5,0.75,0.25}  # FastV's R on the whole test split (real runs), in this order
 VTW_SAMPLES=${VTW_SAMPLES:-16}             # validation questions VTW's KL calibration reads (31 forwards each)
 BATCH=${BATCH:-4}
 TAUS=${TAUS:-0.5,0.8,0.9,0.95,0.98,0.99,0.995,0.999}  # DyVTE thresholds looked up; validation picks one per gate set
@@ -106,15 +111,35 @@ if [ ! -f "$OUT/vtw/summary.parquet" ]; then  # VTW's K: calibrated on validatio
 fi
 VTW=$("$BIN/python" -c "import pandas as pd, sys; print(pd.read_parquet(sys.argv[1])['method'][0].split(':')[1])" "$OUT/vtw/summary.parquet")
 
+# the lookups first: the taus validation chose, at which the real runs below run DyVTE + FastV
+rm -rf "$OUT/frontier-lookups"
+"$BIN/dyvte-exit" frontier --table "$OUT/test-table" --tau-table "$OUT/val-table" --vtw-layer "$VTW" "${GATES[@]}" --taus "$TAUS" \
+    --out "$OUT/frontier-lookups"
+tau() { "$BIN/python" -c "import sys; from analysis.io import read_provenance; \
+print(read_provenance(sys.argv[1])['chosen_tau'][sys.argv[2]])" "$OUT/frontier-lookups/summary.parquet" "$1"; }
+TAU=$(tau hidden-agreement) SHARED_TAU=$(tau hidden-shared-avg3)
+SHARED_GATES=$(IFS=,; echo "${SHARED[*]}")
+
+# FastV and DyVTE + FastV over the same test questions: real runs, one folder per method (each resumes)
+RUNS=()
+full_run() {  # folder name, gate folder(s), method, the frontier's name for the run ("" keeps the method's)
+    "$BIN/dyvte-exit" eval --model demo --questions "$OUT/test-questions.jsonl" --image-folder "$SHAPES/test" \
+        --batch-size 8 --gates "$2" --out "$OUT/full-runs/$1" --resume --method "$3" --no-progress
+    RUNS+=(--runs "${4:+$4=}$OUT/full-runs/$1")
+}
+IFS=, read -ra RATIOS <<< "$FASTV_RATIOS"
+full_run "fastv-${RATIOS[0]}" "$OUT/gates-hidden-agreement" fastv:2:"${RATIOS[0]}" ""
+full_run dyvte+fastv-hidden-agreement "$OUT/gates-hidden-agreement" dyvte+fastv:2:0.5:"$TAU" hidden-agreement
+full_run dyvte+fastv-hidden-shared-avg3 "$SHARED_GATES" dyvte+fastv:2:0.5:"$SHARED_TAU" hidden-shared-avg3
+for ratio in "${RATIOS[@]:1}"; do
+    full_run "fastv-$ratio" "$OUT/gates-hidden-agreement" fastv:2:"$ratio" ""
+done
+
 rm -rf "$OUT/frontier"
 "$BIN/dyvte-exit" frontier --table "$OUT/test-table" --tau-table "$OUT/val-table" --vtw-layer "$VTW" "${GATES[@]}" --taus "$TAUS" \
-    --out "$OUT/frontier" --figures "$FIGURES"
+    "${RUNS[@]}" --out "$OUT/frontier" --figures "$FIGURES"
 
-if [ "$TIMED_QUESTIONS" -gt 0 ]; then  # wall times, FastV and DyVTE + FastV: real runs, at the tau validation chose
-    tau() { "$BIN/python" -c "import sys; from analysis.io import read_provenance; \
-print(read_provenance(sys.argv[1])['chosen_tau'][sys.argv[2]])" "$OUT/frontier/summary.parquet" "$1"; }
-    TAU=$(tau hidden-agreement) SHARED_TAU=$(tau hidden-shared-avg3)
-    SHARED_GATES=$(IFS=,; echo "${SHARED[*]}")
+if [ "$TIMED_QUESTIONS" -gt 0 ]; then  # wall times (FastV and DyVTE + FastV too): real runs, at the tau validation chose
     timed() {  # folder, batch size, gate folder(s), methods
         "$BIN/dyvte-exit" eval --model demo --questions "$OUT/test-questions.jsonl" --image-folder "$SHAPES/test" \
             --limit "$TIMED_QUESTIONS" --batch-size "$2" --gates "$3" --out "$OUT/$1" --resume --method "$4" --no-progress

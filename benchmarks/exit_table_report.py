@@ -3,7 +3,8 @@
 Writes one markdown file: which weights made the exit table (the sha256 of the committed demo
 weights file and of every weight file of the model folder, from the table's provenance), the
 command lines, how many questions, then the frontier (``frontier.md`` of ``dyvte-exit
-frontier --out``) and the label-rule study (``label_rules.md``).
+frontier --out``, real runs such as FastV included), the targets, DyVTE + FastV against FastV
+alone, and the label-rule study (``label_rules.md``).
 
 Run::
 
@@ -142,6 +143,33 @@ def chance_markdown(answers: pd.DataFrame) -> list[str]:
     return [*lines, ""]
 
 
+def fastv_markdown(rows: pd.DataFrame, num_layers: int) -> list[str]:
+    """Each DyVTE + FastV run of the frontier against FastV alone at the same K and R (real runs over
+    the same questions): the paired accuracy difference, and both methods' FLOPs."""
+    by_method = {method: frame for method, frame in rows.groupby("method", sort=False)}
+    pairs = []
+    for method in by_method:
+        kind, *settings = method.split(":")
+        if kind.split("[")[0] == "dyvte+fastv" and len(settings) == 3 and f"fastv:{settings[0]}:{settings[1]}" in by_method:
+            pairs.append((method, f"fastv:{settings[0]}:{settings[1]}"))
+    if not pairs:
+        return []
+    summary = frontier_summary({m: by_method[m] for m in {name for pair in pairs for name in pair} | {"none"}
+                                if m in by_method}, num_layers).set_index("method")
+    lines = ["## DyVTE + FastV against FastV alone (real runs, the same questions)", "",
+             "| DyVTE + FastV | accuracy | its prefill FLOPs | FastV alone | accuracy | its prefill FLOPs "
+             "| difference (paired 95 %) |", "|" + "---|" * 7]
+    for method, alone in pairs:
+        a = by_method[method].set_index("question_id")["correct"].astype(float)
+        b = by_method[alone].set_index("question_id")["correct"].astype(float).reindex(a.index)
+        low, high = paired_difference_interval(a.to_numpy(), b.to_numpy())
+        lines.append(f"| {method} | {100 * summary.loc[method, 'accuracy_overall']:.1f} % | "
+                     f"{summary.loc[method, 'relative_prefill_flops']:.2f} | {alone} | "
+                     f"{100 * summary.loc[alone, 'accuracy_overall']:.1f} % | {summary.loc[alone, 'relative_prefill_flops']:.2f} "
+                     f"| {100 * (a.mean() - b.mean()):+.1f} ({100 * low:+.1f} to {100 * high:+.1f}) |")
+    return [*lines, ""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("table", type=Path, help="the exit table folder (dyvte-exit sweep --answers)")
@@ -175,6 +203,7 @@ def main() -> None:
         (args.frontier / FRONTIER_FILE).read_text(encoding="utf-8"),
         *(targets_markdown(rows, frontier.get("chosen_tau", {}), exit_table_layers(answers))
           if frontier.get("chosen_tau") else []),
+        *fastv_markdown(rows, exit_table_layers(answers)),
         *category_markdown(rows, exit_table_layers(answers), frontier.get("category_layers", {})),
         *chance_markdown(answers),
         "## Label rules: the earliest layer each rule calls safe",

@@ -5,8 +5,8 @@ frontier as much as any setting. This averages p(exit) of several gate sets (a l
 tables' cached features, no model run), chooses tau on the validation table as every gate set's tau
 is chosen (fewest FLOPs within 1 point, ``exit.frontier.choose_tau``), and prints the test split's
 accuracy change (paired 95 % bootstrap interval) and prefill FLOPs at every tau, beside the same
-lookups for each set alone. A probe, not a method of the toolkit: ``dyvte-exit eval`` cannot run an
-averaged gate set.
+lookups for each set alone. The averaging is the toolkit's own (``exit.gates.AveragedGates``, which
+``dyvte-exit eval --gates A,B,C`` runs); this probe only looks it up on the tables.
 
 Run after ``bash benchmarks/gate_variants.sh``::
 
@@ -24,17 +24,16 @@ from pathlib import Path
 import pandas as pd
 
 from exit.frontier import choose_tau, dyvte_tau_summary, gate_probabilities
-from exit.gates import DyVTEGates
+from exit.gates import load_gate_set
 from exit.sweep import read_exit_answers
 
 TAUS = (0.9, 0.95, 0.98, 0.99, 0.993, 0.995, 0.997, 0.998, 0.999, 0.9995)
-KEY = ["sample_id", "layer"]
 
 
 def mean_probabilities(table: Path, folders: list[Path], samples: list[str]) -> pd.DataFrame:
-    """p(exit) averaged over the gate sets in ``folders``, per (sample_id, layer) of ``table``."""
-    frames = [gate_probabilities(table, DyVTEGates.load(folder), samples).set_index(KEY)["p_exit"] for folder in folders]
-    return (sum(frames) / len(frames)).rename("p_exit").reset_index()
+    """p(exit) averaged over the gate sets in ``folders`` (``AveragedGates``), per (sample_id, layer) of ``table``;
+    the tau passed only lets sets saved with different taus be averaged (probabilities do not depend on it)."""
+    return gate_probabilities(table, load_gate_set(",".join(map(str, folders)), tau=0.5), samples)
 
 
 def report(name: str, answers: pd.DataFrame, probabilities: pd.DataFrame, chosen: float) -> list[str]:

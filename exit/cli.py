@@ -71,6 +71,7 @@ FRONTIER_EXAMPLES = [
     "dyvte-exit frontier --table runs/test-table --gates hidden=runs/gates-hidden --gates history=runs/gates-history \\",
     "    --tau-table runs/val-table --vtw-layer 20 --out runs/frontier",
     "dyvte-exit frontier --table runs/test-table --gates seeds=runs/gates-s0,runs/gates-s1,runs/gates-s2 --out runs/f2",
+    "dyvte-exit frontier --table runs/test-table --runs runs/eval-fastv --runs shared=runs/eval-shared --out runs/f3",
 ]
 GENERATE_EXAMPLES = [
     "dyvte-exit generate --model demo --gates runs/gates --image .cache/shapesvqa/val/images/000000.png \\",
@@ -572,10 +573,18 @@ def _cmd_frontier(args: argparse.Namespace) -> int:
         if not separator or not name or not folder:
             raise UsageError(f"expected --gates NAME=FOLDER, found {entry!r}")
         folders[name] = folder
+    runs = []
+    for entry in args.runs:
+        name, separator, folder = entry.partition("=")
+        if not separator:
+            name, folder = "", entry
+        elif not (name and folder):
+            raise UsageError(f"expected --runs FOLDER or --runs NAME=FOLDER, found {entry!r}")
+        runs.append((name or None, folder))
     gates = {name: load_gate_set(folder) for name, folder in folders.items()}
     provenance = {"command": "dyvte-exit " + " ".join(sys.argv[1:]), "gates": folders}
     paths = write_frontier(args.table, args.out, args.figures, provenance, gates=gates, taus=args.taus or list(DEFAULT_TAUS),
-                           tau_table=args.tau_table, vtw_layer=args.vtw_layer)
+                           tau_table=args.tau_table, vtw_layer=args.vtw_layer, runs=runs)
     for path in paths:
         print(f"wrote {path}")
     return 0
@@ -609,6 +618,9 @@ def _add_frontier(commands: Any) -> None:
     frontier.add_argument("--tau-table", type=Path, default=None,
                           help="a validation exit table: report the tau each gate set would choose there")
     frontier.add_argument("--vtw-layer", type=int, default=None, help="VTW's exit layer, calibrated on validation questions")
+    frontier.add_argument("--runs", action="append", default=[], metavar="[NAME=]FOLDER",
+                          help="an `eval --out` folder over the table's questions (real runs: FastV, DyVTE + FastV, ...) whose "
+                               "methods join the frontier, labelled with NAME if given (fastv[NAME]:2:0.5); repeatable")
     frontier.set_defaults(run=_cmd_frontier)
 
 

@@ -40,6 +40,11 @@ with :func:`join_exit_tables`. :func:`frontier_methods` builds the usual set of 
 
 A lookup row is not timed: its ``batch`` and the other timing columns of the ``evaluation`` table
 are -1 (integers) or NaN (floats), and so are the summary's times.
+
+Methods that remove tokens in ways no exit table holds (FastV, DyVTE + FastV) come from real runs:
+:func:`run_methods` reads an evaluation folder (``dyvte-exit eval --out``) over the table's
+questions, and ``frontier_of_tables(runs=...)`` puts its methods beside the lookups (their rows keep
+their own times; the summary shows none, as for a lookup).
 """
 
 from __future__ import annotations
@@ -96,8 +101,10 @@ __all__ = [
     "lookup_rows",
     "monotone",
     "oracle_exits",
+    "named_method",
     "paired_difference_interval",
     "rule_exits",
+    "run_methods",
     "rule_method_name",
     "static_exits",
     "write_frontier_folder",
@@ -565,10 +572,11 @@ def _markdown(table: pd.DataFrame) -> list[str]:
     return lines
 
 
-def frontier_markdown(summary: pd.DataFrame, reference: str = STOCK_MODEL) -> str:
+def frontier_markdown(summary: pd.DataFrame, reference: str = STOCK_MODEL, real_runs: Sequence[str] = ()) -> str:
     """:func:`frontier_summary` as Markdown: the results table (accuracy with its 95 % interval,
     the difference to ``reference`` in points with its paired interval, exit statistics, FLOPs and
-    the share of the oracle's saving), then the accuracy per category (%)."""
+    the share of the oracle's saving), then the accuracy per category (%). ``real_runs``: the
+    methods whose rows come from real runs (:func:`run_methods`), named as such in the notes."""
     percent = 100 * summary[["accuracy_overall", *FRONTIER_COLUMNS[:5]]]
     table = pd.DataFrame({
         "method": summary["method"], "questions": summary["questions"], "accuracy": percent["accuracy_overall"],
@@ -579,17 +587,23 @@ def frontier_markdown(summary: pd.DataFrame, reference: str = STOCK_MODEL) -> st
         "prefill FLOPs": summary["relative_prefill_flops"], "share of oracle saving": 100 * summary["share_of_oracle_saving"],
     })
     by_category = (100 * category_accuracy(summary.drop(columns=list(FRONTIER_COLUMNS)))).reset_index()
+    source = "Rows are lookups in the exit table (not timed)"
+    if real_runs:
+        source += (f", except {', '.join(real_runs)}: real runs (`dyvte-exit eval`) over the same questions, with "
+                   "their own answers and FLOPs (their times are not shown here)")
     notes = [f"Accuracy (exact match) with 95 % bootstrap intervals over questions; difference = accuracy - "
-             f"{reference}'s, in points, paired. Rows are lookups in the exit table (not timed).", ""]
+             f"{reference}'s, in points, paired. {source}.", ""]
     return "\n".join([*notes, *_markdown(table), "", "Accuracy per category (%):", "", *_markdown(by_category)]) + "\n"
 
 
 def write_frontier_folder(out_dir: str | Path, rows_by_method: Mapping[str, pd.DataFrame], provenance: Mapping[str, Any],
-                          num_layers: int, rounds: int = 2000, seed: int = 0) -> list[Path]:
+                          num_layers: int, rounds: int = 2000, seed: int = 0,
+                          real_runs: Mapping[str, str | Path] | None = None) -> list[Path]:
     """Write the lookups as an evaluation folder: ``eval-<method>.parquet`` per method and
     ``summary.parquet`` (``exit.evaluate``'s writers and tables, so ``exit.plots.read_evaluation``
     and ``make_exit_figures`` read it), and ``frontier.md`` (:func:`frontier_markdown`). Returns
-    the paths written.
+    the paths written. ``real_runs``: method -> the evaluation folder its rows were read from (a
+    real run, not a lookup), said in that method's provenance and in the Markdown.
 
     Raises:
         UsageError: a folder that holds an evaluation already, rows whose ``method`` is not their
@@ -601,12 +615,56 @@ def write_frontier_folder(out_dir: str | Path, rows_by_method: Mapping[str, pd.D
             raise UsageError(f"expected the rows of {name!r} to be of method {name!r}, found {found}")
     EvaluationFolder(out_dir, "new").check(list(rows_by_method))
     summary = frontier_summary(rows_by_method, num_layers, rounds=rounds, seed=seed)
+    real_runs = dict(real_runs or {})
     base = {**provenance, "rows": "lookup in the exit table (exit.frontier), not timed"}
-    paths = [write_evaluation_rows(frame, out_dir, base) for frame in rows_by_method.values()]
+    paths = [write_evaluation_rows(frame, out_dir, base if name not in real_runs else
+                                   {**base, "rows": f"real run (dyvte-exit eval) read from {real_runs[name]}"})
+             for name, frame in rows_by_method.items()]
     paths.append(write_evaluation_summary(summary.drop(columns=list(FRONTIER_COLUMNS)), out_dir, base))
     markdown = Path(out_dir) / FRONTIER_FILE
-    markdown.write_text(frontier_markdown(summary), encoding="utf-8")
+    markdown.write_text(frontier_markdown(summary, real_runs=list(real_runs)), encoding="utf-8")
     return [*paths, markdown]
+
+
+# real runs beside the lookups --------------------------------------------------------------------
+
+def named_method(method: str, name: str | None) -> str:
+    """``method`` labelled with a run's name, in brackets after the method's kind as the gate sets'
+    lookups are (``dyvte[NAME]:tau``): ``dyvte+fastv:2:0.5:0.99`` of run ``shared`` is
+    ``dyvte+fastv[shared]:2:0.5:0.99``. Without a name the method keeps its own."""
+    if not name:
+        return method
+    kind, separator, settings = method.partition(":")
+    return f"{kind}[{name}]{separator}{settings}"
+
+
+def run_methods(folder: str | Path, samples: Sequence[str], name: str | None = None) -> dict[str, pd.DataFrame]:
+    """The methods of an evaluation folder (``dyvte-exit eval --out``: real runs, for what no exit
+    table holds, such as FastV and DyVTE + FastV) as frontier rows: method (:func:`named_method`
+    with ``name``) -> its ``evaluation`` rows, which must answer exactly ``samples`` (the exit
+    table's questions), each once.
+
+    Raises:
+        UsageError: a method that answered other questions (or some twice), as such; as
+            ``exit.plots.read_evaluation`` for a folder that is no evaluation.
+    """
+    from exit.plots import read_evaluation
+
+    rows, summary = read_evaluation(folder)
+    wanted = {str(sample) for sample in samples}
+    methods = {}
+    for method in summary["method"]:
+        frame = rows[rows["method"] == method]
+        found = set(frame["question_id"].astype(str))
+        if found != wanted or len(frame) != len(found):
+            missing, others = sorted(wanted - found), sorted(found - wanted)
+            raise UsageError(
+                f"expected {method!r} in {folder} to answer the exit table's {len(wanted)} questions once each, found "
+                f"{len(frame)} rows ({len(missing)} of the table's questions missing, e.g. {missing[:3]}; {len(others)} "
+                f"others, e.g. {others[:3]}); finish it with `dyvte-exit eval --resume` on the table's question file")
+        label = named_method(method, name)
+        methods[label] = frame.assign(method=label)[list(ROW_ORDER)].reset_index(drop=True)
+    return methods
 
 
 # gates, by lookup ---------------------------------------------------------------------------------
@@ -690,6 +748,7 @@ class TableFrontier:
         chosen_tau: per gate set, the tau a validation table chose (empty without one).
         category_layers: per category-static method (``oracle[category]``, and with a validation
             table ``static[category]``), its exit layer per question category.
+        real_runs: per method read from an evaluation folder (:func:`run_methods`), that folder.
     """
 
     answers: pd.DataFrame
@@ -697,10 +756,12 @@ class TableFrontier:
     study: dict[str, pd.DataFrame]
     chosen_tau: dict[str, float]
     category_layers: dict[str, dict[str, int]] = field(default_factory=dict)
+    real_runs: dict[str, str] = field(default_factory=dict)
 
 
 def frontier_of_tables(table: str | Path, gates: Mapping[str, Any] | None = None, taus: Sequence[float] = DEFAULT_TAUS,
-                       tau_table: str | Path | None = None, vtw_layer: int | None = None) -> TableFrontier:
+                       tau_table: str | Path | None = None, vtw_layer: int | None = None,
+                       runs: Sequence[tuple[str | None, str | Path]] = ()) -> TableFrontier:
     """Every lookup of one exit table folder (``dyvte-exit sweep --answers``).
 
     The frontier: none, static at every K, both oracles, the informed oracle
@@ -709,12 +770,20 @@ def frontier_of_tables(table: str | Path, gates: Mapping[str, Any] | None = None
     elsewhere, on validation questions) is given, and for each gate set ``gates[name]`` DyVTE at
     every tau of ``taus`` (``dyvte[name]:tau``); with a validation exit table ``tau_table``, the
     tau each gate set would choose there (:func:`choose_tau`) and the category layers chosen there
-    (:data:`CATEGORY_STATIC`), each within 1 point. The label study: the earliest layer each label
-    rule of :data:`LABEL_RULES` calls safe, plain and monotone, beside none and the oracle.
+    (:data:`CATEGORY_STATIC`), each within 1 point. ``runs``: (name or None, evaluation folder)
+    pairs whose real runs over the table's questions join the frontier (:func:`run_methods`). The
+    label study: the earliest layer each label rule of :data:`LABEL_RULES` calls safe, plain and
+    monotone, beside none and the oracle.
+
+    Raises:
+        UsageError: a run's method named like a lookup or another run's (name the run), or as
+            :func:`run_methods`.
     """
     from exit.sweep import read_exit_answers, read_sweep
 
     answers = read_exit_answers(table)
+    # the runs first: a folder that does not fit the table is refused before any lookup is computed
+    run_rows = [(folder, run_methods(folder, list(_samples(answers)), name)) for name, folder in runs]
     everything = frontier_methods(answers, read_sweep(table))
     rules = {rule_method_name(rule, flag) for rule in LABEL_RULES for flag in (False, True)}
     methods = {name: rows for name, rows in everything.items() if name not in rules}
@@ -734,7 +803,14 @@ def frontier_of_tables(table: str | Path, gates: Mapping[str, Any] | None = None
         if validation is not None:
             chosen[name] = choose_tau(validation, gate_probabilities(tau_table, gate_set, list(_samples(validation))), taus)
         methods.update(dyvte_lookups(answers, probabilities, taus, f"dyvte[{name}]"))
-    return TableFrontier(answers, methods, study, chosen, category_layers)
+    real_runs = {}
+    for folder, found in run_rows:
+        for method, rows in found.items():
+            if method in methods:
+                raise UsageError(f"expected the methods of {folder} to be named unlike the frontier's others, found "
+                                 f"{method!r} twice; name the run (--runs NAME={folder})")
+            methods[method], real_runs[method] = rows, str(folder)
+    return TableFrontier(answers, methods, study, chosen, category_layers, real_runs)
 
 
 def write_frontier(table: str | Path, out_dir: str | Path, figures: str | Path | None, provenance: Mapping[str, Any],
@@ -747,8 +823,9 @@ def write_frontier(table: str | Path, out_dir: str | Path, figures: str | Path |
 
     found = frontier_of_tables(table, **options)
     num_layers = exit_table_layers(found.answers)
-    base = {**provenance, "exit_table": str(table), "chosen_tau": found.chosen_tau, "category_layers": found.category_layers}
-    paths = write_frontier_folder(out_dir, found.methods, base, num_layers)
+    base = {**provenance, "exit_table": str(table), "chosen_tau": found.chosen_tau, "category_layers": found.category_layers,
+            "real_runs": found.real_runs}
+    paths = write_frontier_folder(out_dir, found.methods, base, num_layers, real_runs=found.real_runs)
     study_md = Path(out_dir) / LABEL_STUDY_FILE
     study_md.write_text(frontier_markdown(frontier_summary(found.study, num_layers), reference=STOCK_MODEL), encoding="utf-8")
     paths.append(study_md)

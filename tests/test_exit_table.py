@@ -255,6 +255,56 @@ def test_the_frontier_command_looks_up_every_method_of_an_exit_table(tmp_path, s
     assert {q: (layers - 1 if k < 0 else k) for q, k in found.items()} == {q: int(k) for q, k in expected_exits.items()}
 
 
+def test_real_runs_join_the_frontier_beside_the_lookups(tmp_path, shapes_split, capsys):
+    """An evaluation folder over the table's questions (what no table holds: FastV) joins the frontier;
+    a real static exit there equals the table's lookup of it, answer for answer and in FLOPs."""
+    from analysis.data import read_questions
+    from analysis.io import read_provenance
+    from exit.cli import main
+    from exit.evaluate import evaluate_methods
+    from exit.methods import parse_method
+    from exit.plots import read_evaluation
+    from exit.sweep import run_sweep
+
+    spec = TinyLlavaSpec(num_kv_heads=2, seed=3)
+    model, processor = tiny_llava(spec).eval(), tiny_processor(spec.image_size)
+    with torch.no_grad():
+        model.model.multi_modal_projector.linear_2.weight.mul_(3)
+    questions = read_questions(shapes_split / "questions.jsonl")
+    run_sweep(model, processor, questions, shapes_split, tmp_path / "table", features=None,
+              provenance={"model": "tiny"}, batch_size=3, progress=False, answers=NEW_TOKENS)
+    methods = [parse_method(text, spec.num_layers) for text in ("static:1", "fastv:1:0.5")]
+    evaluate_methods(model, processor, questions, shapes_split, methods, tmp_path / "runs", max_new_tokens=NEW_TOKENS,
+                     batch_size=2, provenance={"model": "tiny"})
+    table = ["frontier", "--table", str(tmp_path / "table")]
+    # unnamed, its static:1 is named like the lookup's: refused, and nothing is written
+    assert main([*table, "--out", str(tmp_path / "clash"), "--runs", str(tmp_path / "runs")]) == 2
+    assert "found 'static:1' twice; name the run (--runs NAME=" in capsys.readouterr().err
+    assert not (tmp_path / "clash" / "summary.parquet").exists()
+    assert main([*table, "--out", str(tmp_path / "frontier"), "--runs", f"real={tmp_path / 'runs'}"]) == 0
+    rows, summary = read_evaluation(tmp_path / "frontier")
+    assert {"static[real]:1", "fastv[real]:1:0.5", "static:1", "none"} <= set(summary["method"])
+    by_method = {m: f.set_index("question_id").sort_index() for m, f in rows.groupby("method")}
+    real, lookup = by_method["static[real]:1"], by_method["static:1"]
+    assert real["prediction"].tolist() == lookup["prediction"].tolist()
+    np.testing.assert_allclose(real["relative_prefill_flops"], lookup["relative_prefill_flops"], rtol=1e-12)
+    assert (real["prefill_seconds"] > 0).all() and (lookup["prefill_seconds"].isna()).all()  # rows keep their times
+    fastv = summary.set_index("method").loc["fastv[real]:1:0.5"]
+    assert fastv["relative_prefill_flops"] < 1 and np.isnan(fastv["prefill_seconds"])  # the summary shows no times
+    made = read_provenance(tmp_path / "frontier" / "eval-fastv[real]_1_0.5.parquet")
+    assert made["rows"] == f"real run (dyvte-exit eval) read from {tmp_path / 'runs'}"
+    assert read_provenance(tmp_path / "frontier" / "summary.parquet")["real_runs"]["fastv[real]:1:0.5"] == str(tmp_path / "runs")
+    assert "except static[real]:1, fastv[real]:1:0.5: real runs" in (tmp_path / "frontier" / "frontier.md").read_text()
+    # a run over other questions than the table's is refused before any lookup
+    evaluate_methods(model, processor, questions[:2], shapes_split, methods[1:], tmp_path / "few", batch_size=2,
+                     provenance={"model": "tiny"})
+    with pytest.raises(Exception, match="to answer the exit table's"):
+        from exit.frontier import frontier_of_tables
+        frontier_of_tables(tmp_path / "table", runs=[(None, tmp_path / "few")])
+    assert main([*table, "--out", str(tmp_path / "bad"), "--runs", "=x"]) == 2
+    assert "expected --runs FOLDER or --runs NAME=FOLDER, found '=x'" in capsys.readouterr().err
+
+
 def test_answers_of_a_family_the_table_cannot_decode_stop_before_the_model_loads(tmp_path, monkeypatch, capsys):
     import analysis.loading
     from exit.cli import main
