@@ -160,6 +160,26 @@ def fused_kernel_name(device: torch.device | str) -> str | None:
     return f"{kind}:flash_attention_with_logsumexp" if kind in FUSED_KERNELS else None
 
 
+def fused_kernel_inputs(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                        key_membership: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """What :func:`fused_group_sums` hands the fused kernel, in fp32: the query with zero columns,
+    the values [keys | key-group indicators] (also the kernel's keys: the zeros leave every score
+    unchanged) and the additive mask (None: plain causal). Arguments as :func:`fused_group_sums`."""
+    batch, heads, num_queries, _ = query.shape
+    key = key.float()
+    indicators = key_membership.float()[:, None].expand(batch, key.shape[1], -1, -1)
+    width = indicators.shape[-1]
+    # Zero columns on the query make any extra key columns add exactly 0 to every score, so the keys
+    # widened to the values' width can be the values themselves: [K | indicators], once per KV head.
+    value = torch.cat([key, indicators], dim=-1)
+    padded_query = torch.cat([query.float(), key.new_zeros(()).expand(batch, heads, num_queries, width)], dim=-1)
+    mask = None
+    if attention_mask is not None:
+        mask = (torch.zeros(attention_mask.shape, device=key.device).masked_fill_(~attention_mask, -math.inf)
+                if attention_mask.dtype == torch.bool else attention_mask.float())
+    return padded_query, value, mask
+
+
 def fused_group_sums(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -185,18 +205,8 @@ def fused_group_sums(
             for a plain causal mask.
         query_membership: (batch, q, query_group); key_membership: (batch, k, key_group).
     """
-    batch, heads, num_queries, dim = query.shape
-    key = key.float()
-    indicators = key_membership.float()[:, None].expand(batch, key.shape[1], -1, -1)
-    width = indicators.shape[-1]
-    # Zero columns on the query make any extra key columns add exactly 0 to every score, so the keys
-    # widened to the values' width can be the values themselves: [K | indicators], once per KV head.
-    value = torch.cat([key, indicators], dim=-1)
-    padded_query = torch.cat([query.float(), key.new_zeros(()).expand(batch, heads, num_queries, width)], dim=-1)
-    mask = None
-    if attention_mask is not None:
-        mask = (torch.zeros(attention_mask.shape, device=key.device).masked_fill_(~attention_mask, -math.inf)
-                if attention_mask.dtype == torch.bool else attention_mask.float())
+    dim = query.shape[-1]
+    padded_query, value, mask = fused_kernel_inputs(query, key, attention_mask, key_membership)
     output, logsumexp = FUSED_KERNELS[query.device.type](padded_query, value, value, mask, scaling)
     row_mass = output[..., dim:]
     row_entropy = logsumexp - scaling * torch.einsum("bhqd,bhqd->bhq", query.float(), output[..., :dim])

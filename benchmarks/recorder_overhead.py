@@ -5,7 +5,7 @@ What it measures
 One prefill (``logits_to_keep=1``, fp32, CPU, ``torch.no_grad``) of a tiny random LLaVA whose
 decoder is LLaMA-shaped (256 wide, 8 layers, 4 heads, 4 KV heads, intermediate 688 by default)
 on a 336 x 336 image (576 image tokens) and a chat prompt with 64 non-image tokens after the
-image, run four ways:
+image, run six ways:
 
   (a) plain      the model under SDPA, no recorder: the baseline;
   (b) fast       ``with record_attention(model, layout, attention="sdpa"): model(...)``
@@ -19,7 +19,11 @@ image, run four ways:
                  ``model.set_attn_implementation("eager")`` and back is done outside the timing,
                  as such a model is loaded eager once;
   (d) eager      ``record_attention(model, layout, attention="eager")``: eager decoder attention,
-                 weights reduced in a forward hook.
+                 weights reduced in a forward hook;
+  (f) floor      (a) followed by the fused statistics kernel alone, once per decoder layer on the
+                 first layer's recorded query and key (``analysis.stats.fused_kernel_inputs``):
+                 what (b) would cost if the recorder did nothing but the kernel call, the floor of
+                 the fused design on this machine.
 
 Time: after a warm-up, ``--rounds`` rounds each run every variant once, interleaved (the order
 rotates from round to round so that no variant always follows the same one); the median wall time
@@ -87,6 +91,7 @@ from analysis.adapters import resolve_adapter  # noqa: E402
 from analysis.hooks import OBSERVED_SDPA, Hook, attached  # noqa: E402
 from analysis.layout import IMAGE, SYSTEM, TEXT, TokenLayout, token_layout  # noqa: E402
 from analysis.recorder import default_query_chunk, observed_group_sums, record_attention  # noqa: E402
+from analysis.stats import FUSED_KERNELS, fused_kernel_inputs  # noqa: E402
 from analysis.testing.tiny import TinyLlavaSpec, tiny_llava, tiny_processor  # noqa: E402
 
 TIME_TARGETS = {"tiny": 1.2, "demo": 1.1}
@@ -188,8 +193,22 @@ def make_variants(model: Any, inputs: dict[str, torch.Tensor], layout: TokenLayo
             raise RuntimeError("expected one attention map per decoder layer from output_attentions=True")
         del out
 
+    # The floor of the fused design: the plain forward plus the statistics kernel alone, once per
+    # layer at the recorded shapes (every layer's are the first's), with nothing else of the recorder.
+    query, key, mask, scaling = capture_first_layer(model, inputs)
+    kernel_args = fused_kernel_inputs(query, key, mask, layout.to(query.device).key_membership())
+    kernel = FUSED_KERNELS[query.device.type]
+
+    def floor() -> None:
+        plain()
+        with torch.no_grad():
+            for _ in range(num_layers):
+                out = kernel(kernel_args[0], kernel_args[1], kernel_args[1], kernel_args[2], scaling)
+        del out
+
     return [
         Variant("a", "plain SDPA forward", plain),
+        Variant("f", "floor: (a) + kernel alone", floor),
         Variant("b", "fast recorder (fused kernel)", recorded("sdpa")),
         Variant("b2", "fast recorder (recomputed)", recorded("sdpa", fused=False)),
         Variant(
