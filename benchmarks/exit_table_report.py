@@ -154,19 +154,17 @@ def fastv_markdown(rows: pd.DataFrame, num_layers: int) -> list[str]:
             pairs.append((method, f"fastv:{settings[0]}:{settings[1]}"))
     if not pairs:
         return []
-    summary = frontier_summary({m: by_method[m] for m in {name for pair in pairs for name in pair} | {"none"}
-                                if m in by_method}, num_layers).set_index("method")
     lines = ["## DyVTE + FastV against FastV alone (real runs, the same questions)", "",
              "| DyVTE + FastV | accuracy | its prefill FLOPs | FastV alone | accuracy | its prefill FLOPs "
              "| difference (paired 95 %) |", "|" + "---|" * 7]
-    for method, alone in pairs:
-        a = by_method[method].set_index("question_id")["correct"].astype(float)
-        b = by_method[alone].set_index("question_id")["correct"].astype(float).reindex(a.index)
-        low, high = paired_difference_interval(a.to_numpy(), b.to_numpy())
-        lines.append(f"| {method} | {100 * summary.loc[method, 'accuracy_overall']:.1f} % | "
-                     f"{summary.loc[method, 'relative_prefill_flops']:.2f} | {alone} | "
-                     f"{100 * summary.loc[alone, 'accuracy_overall']:.1f} % | {summary.loc[alone, 'relative_prefill_flops']:.2f} "
-                     f"| {100 * (a.mean() - b.mean()):+.1f} ({100 * low:+.1f} to {100 * high:+.1f}) |")
+    for method, alone in pairs:  # the frontier's summary with FastV alone as the reference gives the paired difference
+        pair = frontier_summary({method: by_method[method], alone: by_method[alone]}, num_layers,
+                                reference=alone).set_index("method")
+        both, line = pair.loc[alone], pair.loc[method]
+        lines.append(f"| {method} | {100 * line['accuracy_overall']:.1f} % | {line['relative_prefill_flops']:.2f} | {alone} | "
+                     f"{100 * both['accuracy_overall']:.1f} % | {both['relative_prefill_flops']:.2f} | "
+                     f"{100 * line['difference']:+.1f} ({100 * line['difference_low']:+.1f} to "
+                     f"{100 * line['difference_high']:+.1f}) |")
     return [*lines, ""]
 
 
