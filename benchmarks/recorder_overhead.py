@@ -30,6 +30,14 @@ rotates from round to round so that no variant always follows the same one); the
 per variant and its ratio over (a) are printed. Targets (issue 17): fast <= 1.2x on the tiny LLaVA,
 <= 1.1x on the demo model.
 
+Kernel floors: then three calls of the fused kernel alone on the first layer's recorded query and key,
+timed interleaved: at the model's own head width (the model's attention call, and the least an exact
+entropy costs beside it: values = keys), the fast recorder's statistics call ([keys | indicators]) and
+one shared call that would replace the model's ([V | K | indicators], q and k zero-padded to that
+width, since the CPU kernel needs equal widths). Each design's kernel time per forward is printed
+against the budget the time target leaves (``kernel_floors``): a design over it cannot meet the
+target on this machine, whatever the code around the kernel does.
+
 Peak extra memory: torch has no peak-memory counter for CPU, so the peak is read from the
 profiler. Under ``torch.profiler.profile(profile_memory=True)`` PyTorch's CPU allocator
 (``c10::ProfiledCPUMemoryReporter``) reports every allocation and free of a tensor storage made
@@ -422,6 +430,70 @@ def breakdown(model: Any, inputs: dict[str, torch.Tensor], layout: TokenLayout, 
 
 
 # --------------------------------------------------------------------------------------------
+# kernel floors
+
+
+def kernel_floors(model: Any, inputs: dict[str, torch.Tensor], layout: TokenLayout, num_layers: int,
+                  plain_seconds: float, time_target: float, rounds: int = 20) -> None:
+    """What the statistics cost at least with this kernel, whatever the recorder does around it.
+
+    Three calls of the fused kernel alone on the first layer's recorded query and key, timed
+    interleaved (median of ``rounds``):
+      model width   q, k, v of the model's head width: the model's own attention call, and the
+                    least an exact entropy costs beside it (it needs every score once more: values
+                    = keys, no group columns);
+      statistics    the fast recorder's call: values [keys | key-group indicators], q zero-padded;
+      shared        one call for the model's output and the statistics: values [V | K | indicators];
+                    the kernel needs equal head widths, so q and k are zero-padded to that width too.
+                    It would replace the model's own call (and change its output's last bits).
+    Each design's extra per forward is set against the budget the time target leaves over the plain
+    forward: a design whose kernel calls alone exceed it cannot meet the target on this machine.
+    The key stands in for V (same shape, so the same cost).
+    """
+    query, key, mask, scaling = capture_first_layer(model, inputs)
+    kernel = FUSED_KERNELS[query.device.type]
+    statistics_query, statistics_values, kernel_mask = fused_kernel_inputs(
+        query, key, mask, layout.to(query.device).key_membership())
+    width = statistics_values.shape[-1]
+    shared_values = torch.cat([key.float(), statistics_values], dim=-1)
+    shared_query = torch.cat([query.float(), query.new_zeros(()).float().expand(*query.shape[:3], width)], dim=-1)
+    calls = {
+        f"model width ({query.shape[-1]})": lambda: kernel(query.float(), key.float(), key.float(), kernel_mask, scaling),
+        f"statistics ({width})": lambda: kernel(statistics_query, statistics_values, statistics_values, kernel_mask,
+                                                scaling),
+        f"shared ({shared_values.shape[-1]})": lambda: kernel(shared_query, shared_values, shared_values, kernel_mask,
+                                                              scaling),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    with torch.no_grad():
+        for call in calls.values():  # warm-up
+            call()
+        for r in range(rounds):
+            names = list(calls)
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                start = time.perf_counter()
+                calls[name]()
+                samples[name].append(time.perf_counter() - start)
+    model_ms, statistics_ms, shared_ms = (statistics.median(samples[name]) * 1000 for name in calls)
+    plain_ms = plain_seconds * 1000
+    budget = (time_target - 1) * plain_ms
+    print(f"\nkernel calls alone, one layer at the recorded shapes (median of {rounds} interleaved rounds):")
+    for name in calls:
+        print(f"  {name:<20} {statistics.median(samples[name]) * 1000:7.2f} ms")
+    print(f"  the target {time_target}x leaves {budget:.1f} ms per forward beyond the plain forward "
+          f"({plain_ms:.1f} ms, {num_layers} layers); the kernel calls alone of each design, per forward:")
+    designs = {
+        "statistics call beside the model's (the fast recorder)": statistics_ms,
+        "entropy alone beside the model's (no group columns)": model_ms,
+        "shared call instead of the model's (minus the model's)": shared_ms - model_ms,
+    }
+    for label, per_layer in designs.items():
+        extra = per_layer * num_layers
+        print(f"    {label:<56} {extra:7.1f} ms = at least {1 + extra / plain_ms:.2f}x "
+              f"({'within' if extra <= budget else 'over'} the budget)")
+
+
+# --------------------------------------------------------------------------------------------
 # report
 
 
@@ -495,6 +567,7 @@ def benchmark(
         model.set_attn_implementation("sdpa")
         switch.append(time.perf_counter() - start)
     print(f"  (switching eager and back, excluded from (c): {statistics.median(switch) * 1000:.2f} ms)")
+    kernel_floors(model, inputs, layout, num_layers, medians["a"], time_target)
 
     print("\npeak memory (CPU tensor storage via the profiler's allocation events; see the docstring):")
     valid = validate_memory_method(model, variants[0])
