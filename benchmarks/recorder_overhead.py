@@ -62,10 +62,18 @@ variant - peak of (a). Target: fast extra <= one layer's head x query x key fp32
 ``--demo`` repeats the measurement on ``analysis.demo.model.load_demo_model()`` when it loads
 (skipped with a message otherwise).
 
+``--device`` and ``--dtype`` run the models elsewhere and in another type (GPU timings wait for the
+device before each clock read; GPU peaks come from the CUDA allocator's own counter), and
+``--preset llava-1.5-7b`` shapes the random model's decoder as LLaVA-1.5-7B's (issue 17's GPU
+figure: bf16, target <= 1.1x). A device without a fused statistics kernel in
+``analysis.stats.FUSED_KERNELS`` runs the recomputed path; the script prints which kernel ran and
+leaves out the kernel floors there.
+
 Run::
 
     .venv/bin/python benchmarks/recorder_overhead.py
     .venv/bin/python benchmarks/recorder_overhead.py --breakdown --demo
+    python benchmarks/recorder_overhead.py --preset llava-1.5-7b --device cuda --dtype bfloat16
 
 Threads: torch's default (printed).
 """
@@ -102,8 +110,16 @@ from analysis.recorder import default_query_chunk, observed_group_sums, record_a
 from analysis.stats import FUSED_KERNELS, fused_kernel_inputs  # noqa: E402
 from analysis.testing.tiny import TinyLlavaSpec, tiny_llava, tiny_processor  # noqa: E402
 
-TIME_TARGETS = {"tiny": 1.2, "demo": 1.1}
+TIME_TARGETS = {"tiny": 1.2, "demo": 1.1, "llava-1.5-7b": 1.1}
 """The fast recorder's time targets over a plain SDPA forward, per benchmarked model."""
+PRESETS = {
+    # The decoder of LLaVA-1.5-7B (Vicuna-7B) with 576 image tokens; the vision tower stays tiny: the
+    # recorder observes the decoder only, and a real tower's cost would only lower every ratio.
+    "llava-1.5-7b": {"hidden_size": 4096, "intermediate_size": 11008, "layers": 32, "heads": 32, "kv_heads": 32,
+                     "image_size": 336},
+}
+"""Decoder shapes of real checkpoints for the random model (``--preset``), as defaults of the shape flags."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FILLER = (
     "Look at the picture carefully and tell me which objects are in the foreground, which are in "
     "the background, what colours they have and where each of them is placed in the scene."
@@ -204,19 +220,23 @@ def make_variants(model: Any, inputs: dict[str, torch.Tensor], layout: TokenLayo
     # The floor of the fused design: the plain forward plus the statistics kernel alone, once per
     # layer at the recorded shapes (every layer's are the first's), with nothing else of the recorder.
     query, key, mask, scaling = capture_first_layer(model, inputs)
-    kernel_args = fused_kernel_inputs(query, key, mask, layout.to(query.device).key_membership())
-    kernel = FUSED_KERNELS[query.device.type]
+    floors = []
+    if query.device.type in FUSED_KERNELS:
+        kernel_args = fused_kernel_inputs(query, key, mask, layout.to(query.device).key_membership())
+        kernel = FUSED_KERNELS[query.device.type]
 
-    def floor() -> None:
-        plain()
-        with torch.no_grad():
-            for _ in range(num_layers):
-                out = kernel(kernel_args[0], kernel_args[1], kernel_args[1], kernel_args[2], scaling)
-        del out
+        def floor() -> None:
+            plain()
+            with torch.no_grad():
+                for _ in range(num_layers):
+                    out = kernel(kernel_args[0], kernel_args[1], kernel_args[1], kernel_args[2], scaling)
+            del out
+
+        floors.append(Variant("f", "floor: (a) + kernel alone", floor))
 
     return [
         Variant("a", "plain SDPA forward", plain),
-        Variant("f", "floor: (a) + kernel alone", floor),
+        *floors,
         Variant("b", "fast recorder (fused kernel)", recorded("sdpa")),
         Variant("b2", "fast recorder (recomputed)", recorded("sdpa", fused=False)),
         Variant(
@@ -230,26 +250,36 @@ def make_variants(model: Any, inputs: dict[str, torch.Tensor], layout: TokenLayo
     ]
 
 
-def check_recorder_leaves_logits(model: Any, inputs: dict[str, torch.Tensor], layout: TokenLayout) -> None:
+def check_recorder_leaves_logits(model: Any, inputs: dict[str, torch.Tensor], layout: TokenLayout) -> str:
+    """Raise unless the fast recorder leaves the logits bit-identical; return the statistics kernel it ran."""
     with torch.no_grad():
         plain = model(**inputs, logits_to_keep=1).logits
-        with record_attention(model, layout, attention="sdpa"):
+        with record_attention(model, layout, attention="sdpa") as recording:
             fast = model(**inputs, logits_to_keep=1).logits
     if not torch.equal(plain, fast):
         raise RuntimeError("the fast recorder changed the logits")
+    return str(recording.kernel)
+
+
+def wait_for(device: torch.device) -> None:
+    """Block until the device has finished the work queued so far (a GPU runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------------------------
 # time
 
 
-def time_variants(variants: list[Variant], rounds: int, warmup: int) -> dict[str, list[float]]:
+def time_variants(variants: list[Variant], rounds: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
     def once(variant: Variant) -> float:
         variant.setup()
         try:
             gc.collect()
+            wait_for(device)
             start = time.perf_counter()
             variant.run()
+            wait_for(device)
             return time.perf_counter() - start
         finally:
             variant.teardown()
@@ -282,9 +312,17 @@ def _allocation_events(prof: Any) -> list[Any]:
     return events
 
 
-def peak_bytes(fn: Callable[[], None]) -> int:
-    """Peak bytes of CPU tensor storage alive during ``fn`` over those alive when it began."""
+def peak_bytes(fn: Callable[[], None], device: torch.device = torch.device("cpu")) -> int:
+    """Peak bytes of tensor storage alive during ``fn`` over those alive when it began: on a GPU
+    from the CUDA allocator's own peak counter, on the CPU from the profiler (see the docstring)."""
     gc.collect()
+    if device.type == "cuda":
+        wait_for(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        wait_for(device)
+        return torch.cuda.max_memory_allocated(device) - before
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = _allocation_events(prof)
@@ -302,12 +340,12 @@ def peak_bytes(fn: Callable[[], None]) -> int:
     return max(peak_total, peak_sum)
 
 
-def measure_peak(variant: Variant, repeats: int = 2) -> int:
+def measure_peak(variant: Variant, device: torch.device, repeats: int = 2) -> int:
     peaks = []
     for _ in range(repeats):
         variant.setup()
         try:
-            peaks.append(peak_bytes(variant.run))
+            peaks.append(peak_bytes(variant.run, device))
         finally:
             variant.teardown()
     if len(set(peaks)) > 1:
@@ -338,9 +376,9 @@ def validate_memory_method(model: Any, plain: Variant) -> bool:
     def release(module: Any, args: Any, output: Any) -> None:
         held.clear()
 
-    plain_peak = measure_peak(plain)
+    plain_peak = measure_peak(plain, torch.device("cpu"))
     with attached(model, [Hook("", allocate, kind="forward_pre"), Hook("", release)]):
-        with_block = measure_peak(plain)
+        with_block = measure_peak(plain, torch.device("cpu"))
     extra = with_block - plain_peak
     ok &= extra == known
     print(
@@ -382,7 +420,7 @@ def observer_peak(model: Any, inputs: dict[str, torch.Tensor], layout: TokenLayo
         del sums
 
     run()
-    return peak_bytes(run)
+    return peak_bytes(run, query.device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,17 +486,22 @@ def kernel_floors(model: Any, inputs: dict[str, torch.Tensor], layout: TokenLayo
                     It would replace the model's own call (and change its output's last bits).
     Each design's extra per forward is set against the budget the time target leaves over the plain
     forward: a design whose kernel calls alone exceed it cannot meet the target on this machine.
-    The key stands in for V (same shape, so the same cost).
+    The key stands in for V (same shape, so the same cost). All three run in fp32, the recorder's
+    precision: under a bf16 or fp16 model the model's own call is cheaper than the first line.
     """
     query, key, mask, scaling = capture_first_layer(model, inputs)
+    if query.device.type not in FUSED_KERNELS:
+        print(f"\nkernel floors: no fused statistics kernel for {query.device.type} (analysis.stats.FUSED_KERNELS)")
+        return
     kernel = FUSED_KERNELS[query.device.type]
     statistics_query, statistics_values, kernel_mask = fused_kernel_inputs(
         query, key, mask, layout.to(query.device).key_membership())
     width = statistics_values.shape[-1]
-    shared_values = torch.cat([key.float(), statistics_values], dim=-1)
-    shared_query = torch.cat([query.float(), query.new_zeros(()).float().expand(*query.shape[:3], width)], dim=-1)
+    query, key = query.float(), key.float()
+    shared_values = torch.cat([key, statistics_values], dim=-1)
+    shared_query = torch.cat([query, query.new_zeros(()).expand(*query.shape[:3], width)], dim=-1)
     calls = {
-        f"model width ({query.shape[-1]})": lambda: kernel(query.float(), key.float(), key.float(), kernel_mask, scaling),
+        f"model width ({query.shape[-1]})": lambda: kernel(query, key, key, kernel_mask, scaling),
         f"statistics ({width})": lambda: kernel(statistics_query, statistics_values, statistics_values, kernel_mask,
                                                 scaling),
         f"shared ({shared_values.shape[-1]})": lambda: kernel(shared_query, shared_values, shared_values, kernel_mask,
@@ -471,8 +514,10 @@ def kernel_floors(model: Any, inputs: dict[str, torch.Tensor], layout: TokenLayo
         for r in range(rounds):
             names = list(calls)
             for name in names[r % len(names):] + names[: r % len(names)]:
+                wait_for(query.device)
                 start = time.perf_counter()
                 calls[name]()
+                wait_for(query.device)
                 samples[name].append(time.perf_counter() - start)
     model_ms, statistics_ms, shared_ms = (statistics.median(samples[name]) * 1000 for name in calls)
     plain_ms = plain_seconds * 1000
@@ -525,7 +570,10 @@ def benchmark(
     text_config = adapter.text_config(model)
     num_layers = len(adapter.decoder_layers(model))
     heads = text_config.num_attention_heads
+    parameter = next(model.parameters())
     inputs, question = build_inputs(processor, args.text_tokens, image_size)
+    inputs = {name: value.to(parameter.device, dtype=parameter.dtype if value.is_floating_point() else None)
+              for name, value in inputs.items()}
     layout = token_layout(inputs["input_ids"], inputs.get("attention_mask"), adapter.image_token_id(model))
     counts = layout_counts(layout)
     seq = counts["total"]
@@ -544,12 +592,13 @@ def benchmark(
     )
     print(f"one layer's head x query x key fp32 map: {heads} x {seq} x {seq} x 4 B = {layer_map} B ({mb(layer_map)})")
 
-    check_recorder_leaves_logits(model, inputs, layout)
+    kernel = check_recorder_leaves_logits(model, inputs, layout)
+    print(f"the fast recorder leaves the logits bit-identical; its statistics kernel: {kernel}")
     variants = make_variants(model, inputs, layout, num_layers)
 
     threads = torch.get_num_threads()
     print(f"\ntime (median of {rounds} interleaved rounds after {args.warmup} warm-up rounds; threads {threads}):")
-    times = time_variants(variants, rounds, args.warmup)
+    times = time_variants(variants, rounds, args.warmup, parameter.device)
     medians = {name: statistics.median(samples) for name, samples in times.items()}
     for variant in variants:
         samples = times[variant.name]
@@ -569,9 +618,14 @@ def benchmark(
     print(f"  (switching eager and back, excluded from (c): {statistics.median(switch) * 1000:.2f} ms)")
     kernel_floors(model, inputs, layout, num_layers, medians["a"], time_target)
 
-    print("\npeak memory (CPU tensor storage via the profiler's allocation events; see the docstring):")
-    valid = validate_memory_method(model, variants[0])
-    peaks = {variant.name: measure_peak(variant) for variant in variants}
+    on_gpu = parameter.device.type == "cuda"
+    if on_gpu:
+        print("\npeak memory (the CUDA allocator's peak counter, torch.cuda.max_memory_allocated):")
+        valid = True
+    else:
+        print("\npeak memory (CPU tensor storage via the profiler's allocation events; see the docstring):")
+        valid = validate_memory_method(model, variants[0])
+    peaks = {variant.name: measure_peak(variant, parameter.device) for variant in variants}
     for variant in variants:
         extra = peaks[variant.name] - peaks["a"]
         line = f"  ({variant.name}) {variant.label:<27} peak {mb(peaks[variant.name]):>12}   extra over (a) {mb(extra):>12}"
@@ -588,14 +642,23 @@ def benchmark(
     if not valid:
         print("  WARNING: the memory method failed its validation on this machine; treat the numbers above with care")
 
-    if args.breakdown:
+    if args.breakdown and on_gpu:
+        print("\nwhere the fast recorder's extra time goes: --breakdown profiles CPU time only, skipped on a GPU")
+    elif args.breakdown:
         print("\nwhere the fast recorder's extra time goes:")
         breakdown(model, inputs, layout, {v.name: v for v in variants}, args.top)
     return {"medians": medians, "peaks": peaks, "layer_map": layer_map}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    presets = argparse.ArgumentParser(add_help=False)
+    presets.add_argument("--preset", choices=sorted(PRESETS),
+                         help="the random model's decoder shaped as this checkpoint's (the shape flags still override it)")
+    preset = presets.parse_known_args(argv)[0].preset
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[presets])
+    parser.add_argument("--device", default="cpu", help="where the models run, e.g. cuda (GPU timings wait for the "
+                        "device before reading the clock)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the models' weights and inputs")
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--intermediate-size", type=int, default=688, help="LLaMA-like: about 8/3 x hidden, multiple of 16")
     parser.add_argument("--layers", type=int, default=8)
@@ -609,7 +672,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=12, help="ops listed by --breakdown")
     parser.add_argument("--demo", action="store_true", help="also measure the demo model (analysis.demo.model)")
     parser.add_argument("--demo-rounds", type=int, default=3)
+    if preset is not None:
+        parser.set_defaults(**PRESETS[preset])
     args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"expected a torch device such as cpu or cuda for --device, found {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("expected a usable GPU for --device cuda, found torch.cuda.is_available() False")
+    dtype = DTYPES[args.dtype]
 
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
@@ -624,9 +696,11 @@ def main(argv: list[str] | None = None) -> int:
         num_kv_heads=args.kv_heads,
         image_size=args.image_size,
     )
-    model = tiny_llava(spec, attn_implementation="sdpa").float()
+    model = tiny_llava(spec, attn_implementation="sdpa", device=device, dtype=dtype)
     processor = tiny_processor(args.image_size)
-    benchmark(f"tiny LLaVA {spec}", model, processor, args, args.rounds, args.image_size, TIME_TARGETS["tiny"])
+    title = f"random LLaVA, decoder shaped as {preset}" if preset else "tiny LLaVA"
+    benchmark(f"{title} {spec}", model, processor, args, args.rounds, args.image_size, TIME_TARGETS[preset or "tiny"])
+    del model
 
     if args.demo:
         try:
@@ -637,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             start = time.perf_counter()
             demo_model, demo_processor = load_demo_model(attn_implementation="sdpa")
-            demo_model = demo_model.float().eval()
+            demo_model = demo_model.to(device=device, dtype=dtype).eval()
             print(f"\n(demo model loaded in {time.perf_counter() - start:.1f} s)")
         except Exception as error:  # any failure to load is a skip, not a benchmark failure
             print(f"\n=== demo model: skipped, it did not load: {type(error).__name__}: {error} ===")

@@ -58,6 +58,12 @@ def tiny_spec(kind: str) -> TinyLlavaSpec:
 
 
 @pytest.fixture(scope="session")
+def tiny_specs():
+    """``tiny_specs(kind)``: the TinyLlavaSpec of tiny_models' model of that kind (to build another copy)."""
+    return tiny_spec
+
+
+@pytest.fixture(scope="session")
 def tiny_models():
     """Lazily built tiny models keyed by (kind, attn_implementation)."""
     cache: dict[tuple[str, str], torch.nn.Module] = {}

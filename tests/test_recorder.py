@@ -9,6 +9,7 @@ from analysis import KEY_GROUPS, QUERY_GROUPS, record_attention, resolve_adapter
 from analysis.hooks import Hook, attached, attached_count
 from analysis.recorder import RECOMPUTED, RecordingError
 from analysis.stats import group_means
+from analysis.testing.tiny import tiny_llava
 
 
 def layout_of(model, inputs):
@@ -57,6 +58,29 @@ def test_recording_leaves_logits_bit_identical(tiny_models, attention_kind, batc
             recorded = model(**batch.inputs).logits
     assert torch.equal(plain, recorded)
     assert resolve_adapter(model).attention_implementation(model) == path
+
+
+def test_a_model_built_in_bfloat16_records_without_changing_its_logits(tiny_specs, attention_kind, case_inputs):
+    """The benchmark's GPU set-up builds the random model in its dtype directly (tiny_llava's device and
+    dtype): the weights are that dtype, the default build is unchanged, and recording bf16 leaves the
+    logits bit-identical with statistics from the fp32 kernel (every text row's masses sum to 1)."""
+    spec = tiny_specs(attention_kind)
+    default, on_cpu = tiny_llava(spec), tiny_llava(spec, device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(default.parameters(), on_cpu.parameters(), strict=True))
+    model = tiny_llava(spec, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    inputs = {name: value.to(torch.bfloat16) if value.is_floating_point() else value
+              for name, value in case_inputs("batch2_left_padding").items()}
+    layout = layout_of(model, inputs)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        with record_attention(model, layout) as recording:
+            recorded = model(**inputs).logits
+    assert torch.equal(plain, recorded)
+    text = QUERY_GROUPS.index("text")
+    for record in recording.records:
+        assert record.mass.dtype == torch.float32
+        torch.testing.assert_close(record.mass[:, :, text].sum(-1), torch.ones_like(record.mass[:, :, text, 0]))
 
 
 def test_text_query_masses_sum_to_one_in_a_real_forward(tiny_models, batch):

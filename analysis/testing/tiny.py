@@ -89,8 +89,14 @@ def tiny_processor(image_size: int = 28) -> LlavaProcessor:
     )
 
 
-def tiny_llava(spec: TinyLlavaSpec = TinyLlavaSpec(), attn_implementation: str = "sdpa") -> LlavaForConditionalGeneration:
-    """A randomly initialised LLaVA of the given sizes, matching ``tiny_processor``'s vocabulary."""
+def tiny_llava(spec: TinyLlavaSpec = TinyLlavaSpec(), attn_implementation: str = "sdpa", *,
+               device: str | torch.device | None = None,
+               dtype: torch.dtype | None = None) -> LlavaForConditionalGeneration:
+    """A randomly initialised LLaVA of the given sizes, matching ``tiny_processor``'s vocabulary.
+
+    ``device`` and ``dtype`` build the weights there and in that type directly (a model of a real
+    checkpoint's shape on a GPU, without a float32 copy in host memory first); by default fp32 on the CPU.
+    """
     tokenizer = byte_level_tokenizer()
     text_config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -122,7 +128,11 @@ def tiny_llava(spec: TinyLlavaSpec = TinyLlavaSpec(), attn_implementation: str =
         projector_hidden_act="gelu",
     )
     torch.manual_seed(spec.seed)
-    model = LlavaForConditionalGeneration(config)
+    if device is None and dtype is None:
+        model = LlavaForConditionalGeneration(config)
+    else:
+        with torch.device(device or "cpu"):
+            model = LlavaForConditionalGeneration._from_config(config, dtype=dtype or torch.float32)
     model.set_attn_implementation(attn_implementation)
     return model.eval()
 
