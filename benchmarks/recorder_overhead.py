@@ -119,6 +119,9 @@ PRESETS = {
                      "image_size": 336},
 }
 """Decoder shapes of real checkpoints for the random model (``--preset``), as defaults of the shape flags."""
+FirstLayer = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None", float]
+"""(query, key, attention mask, scaling) that the decoder's first attention passes to the observers,
+captured once per benchmarked model (``capture_first_layer``); every layer's shapes are the first's."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FILLER = (
     "Look at the picture carefully and tell me which objects are in the foreground, which are in "
@@ -189,7 +192,8 @@ class Variant:
     teardown: Callable[[], None] = lambda: None  # untimed, after each run
 
 
-def make_variants(model: Any, inputs: dict[str, torch.Tensor], layout: TokenLayout, num_layers: int) -> list[Variant]:
+def make_variants(model: Any, inputs: dict[str, torch.Tensor], layout: TokenLayout, num_layers: int,
+                  first_layer: FirstLayer) -> list[Variant]:
     adapter = resolve_adapter(model)
     base = adapter.attention_implementation(model)
     if base != "sdpa":
@@ -219,7 +223,7 @@ def make_variants(model: Any, inputs: dict[str, torch.Tensor], layout: TokenLayo
 
     # The floor of the fused design: the plain forward plus the statistics kernel alone, once per
     # layer at the recorded shapes (every layer's are the first's), with nothing else of the recorder.
-    query, key, mask, scaling = capture_first_layer(model, inputs)
+    query, key, mask, scaling = first_layer
     floors = []
     if query.device.type in FUSED_KERNELS:
         kernel_args = fused_kernel_inputs(query, key, mask, layout.to(query.device).key_membership())
@@ -388,7 +392,7 @@ def validate_memory_method(model: Any, plain: Variant) -> bool:
     return bool(ok)
 
 
-def capture_first_layer(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Any, float]:
+def capture_first_layer(model: Any, inputs: dict[str, torch.Tensor]) -> FirstLayer:
     """Query, key, mask and scaling that the decoder's first attention passes to the observers."""
     captured: dict[str, Any] = {}
 
@@ -407,9 +411,9 @@ def capture_first_layer(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[to
     return captured["args"]
 
 
-def observer_peak(model: Any, inputs: dict[str, torch.Tensor], layout: TokenLayout) -> int:
+def observer_peak(first_layer: FirstLayer, layout: TokenLayout) -> int:
     """Peak bytes of ``observed_group_sums`` alone on the first layer's query and key."""
-    query, key, mask, scaling = capture_first_layer(model, inputs)
+    query, key, mask, scaling = first_layer
     on_device = layout.to(query.device)
     qm, km = on_device.query_membership(), on_device.key_membership()
     chunk = default_query_chunk(query.shape[2])
@@ -427,7 +431,7 @@ def observer_peak(model: Any, inputs: dict[str, torch.Tensor], layout: TokenLayo
 # breakdown
 
 
-def breakdown(model: Any, inputs: dict[str, torch.Tensor], layout: TokenLayout, variants: dict[str, Variant], top: int) -> None:
+def breakdown(model: Any, first_layer: FirstLayer, layout: TokenLayout, variants: dict[str, Variant], top: int) -> None:
     """Aten ops' self CPU time in the fast path minus in the plain forward; one layer's observer alone."""
 
     def self_times(variant: Variant, repeats: int = 3) -> dict[str, float]:
@@ -445,7 +449,7 @@ def breakdown(model: Any, inputs: dict[str, torch.Tensor], layout: TokenLayout, 
     for value, key in delta[:top]:
         print(f"    {key[:48]:<48} {plain.get(key, 0.0):8.2f} {fast.get(key, 0.0):8.2f} {value:8.2f}")
 
-    query, key, mask, scaling = capture_first_layer(model, inputs)
+    query, key, mask, scaling = first_layer
     adapter = resolve_adapter(model)
     on_device = layout.to(query.device)
     qm, km = on_device.query_membership(), on_device.key_membership()
@@ -471,8 +475,8 @@ def breakdown(model: Any, inputs: dict[str, torch.Tensor], layout: TokenLayout, 
 # kernel floors
 
 
-def kernel_floors(model: Any, inputs: dict[str, torch.Tensor], layout: TokenLayout, num_layers: int,
-                  plain_seconds: float, time_target: float, rounds: int = 20) -> None:
+def kernel_floors(first_layer: FirstLayer, layout: TokenLayout, num_layers: int, plain_seconds: float,
+                  time_target: float, rounds: int = 20) -> None:
     """What the statistics cost at least with this kernel, whatever the recorder does around it.
 
     Three calls of the fused kernel alone on the first layer's recorded query and key, timed
@@ -489,7 +493,7 @@ def kernel_floors(model: Any, inputs: dict[str, torch.Tensor], layout: TokenLayo
     The key stands in for V (same shape, so the same cost). All three run in fp32, the recorder's
     precision: under a bf16 or fp16 model the model's own call is cheaper than the first line.
     """
-    query, key, mask, scaling = capture_first_layer(model, inputs)
+    query, key, mask, scaling = first_layer
     if query.device.type not in FUSED_KERNELS:
         print(f"\nkernel floors: no fused statistics kernel for {query.device.type} (analysis.stats.FUSED_KERNELS)")
         return
@@ -594,7 +598,8 @@ def benchmark(
 
     kernel = check_recorder_leaves_logits(model, inputs, layout)
     print(f"the fast recorder leaves the logits bit-identical; its statistics kernel: {kernel}")
-    variants = make_variants(model, inputs, layout, num_layers)
+    first_layer = capture_first_layer(model, inputs)
+    variants = make_variants(model, inputs, layout, num_layers, first_layer)
 
     threads = torch.get_num_threads()
     print(f"\ntime (median of {rounds} interleaved rounds after {args.warmup} warm-up rounds; threads {threads}):")
@@ -616,7 +621,7 @@ def benchmark(
         model.set_attn_implementation("sdpa")
         switch.append(time.perf_counter() - start)
     print(f"  (switching eager and back, excluded from (c): {statistics.median(switch) * 1000:.2f} ms)")
-    kernel_floors(model, inputs, layout, num_layers, medians["a"], time_target)
+    kernel_floors(first_layer, layout, num_layers, medians["a"], time_target)
 
     on_gpu = parameter.device.type == "cuda"
     if on_gpu:
@@ -633,7 +638,7 @@ def benchmark(
         if variant.name == "b":
             line += f"   target <= 1 map ({mb(layer_map)}): {'MET' if extra <= layer_map else 'NOT MET'}"
         print(line)
-    alone = observer_peak(model, inputs, layout)
+    alone = observer_peak(first_layer, layout)
     print(
         f"  observed_group_sums alone on one layer (query chunk {default_query_chunk(seq)}): peak {mb(alone)} "
         f"= {alone / layer_map:.2f} x one layer's map (the fast path's side buffers; (b)'s extra is smaller when "
@@ -646,7 +651,7 @@ def benchmark(
         print("\nwhere the fast recorder's extra time goes: --breakdown profiles CPU time only, skipped on a GPU")
     elif args.breakdown:
         print("\nwhere the fast recorder's extra time goes:")
-        breakdown(model, inputs, layout, {v.name: v for v in variants}, args.top)
+        breakdown(model, first_layer, layout, {v.name: v for v in variants}, args.top)
     return {"medians": medians, "peaks": peaks, "layer_map": layer_map}
 
 

@@ -128,11 +128,8 @@ def tiny_llava(spec: TinyLlavaSpec = TinyLlavaSpec(), attn_implementation: str =
         projector_hidden_act="gelu",
     )
     torch.manual_seed(spec.seed)
-    if device is None and dtype is None:
-        model = LlavaForConditionalGeneration(config)
-    else:
-        with torch.device(device or "cpu"):
-            model = LlavaForConditionalGeneration._from_config(config, dtype=dtype or torch.float32)
+    with torch.device(device or "cpu"):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype or torch.float32)
     model.set_attn_implementation(attn_implementation)
     return model.eval()
 
